@@ -1,0 +1,122 @@
+"""LoRA: a trainable low-rank update beside each frozen (4-bit) linear layer, saved in PEFT's format."""
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
+
+
+class LoRAFactor(nn.Linear):
+    """A or B: an fp32 master weight used in the input's dtype (bf16). Under FSDP the weight already arrives as bf16;
+    unwrapped (tests, merging) the cast happens here, so both paths compute the same thing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + B(A(dropout(x))) * alpha / r   (Hu et al. 2021, "LoRA", https://arxiv.org/abs/2106.09685)
+
+    r is the rank of the update B @ A (A: in -> r, B: r -> out), so it adds r * (in + out) parameters instead of
+    in * out. alpha / r scales the update, so changing r does not change the effective learning rate much.
+    A starts Kaiming-uniform and B at zero: the update B @ A is exactly zero, and at step 0 the model is the base
+    model, bit for bit. A and B are fp32 master weights; under FSDP's mixed precision they compute in bf16.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = LoRAFactor(base.in_features, r, bias=False, dtype=torch.float32)
+        self.lora_B = LoRAFactor(r, base.out_features, bias=False, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT initialise
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+def matching_modules(model: nn.Module, targets: list[str], within: type[nn.Module]) -> dict[str, nn.Module]:
+    """Linear layers inside `within` (the decoder layers) whose name ends with, or fully matches, a target pattern.
+
+    Same rule as PEFT's target_modules, so the saved list selects the same layers when PEFT loads the adapter.
+    lm_head and the embeddings are outside the decoder layers, so they are never adapted.
+    """
+    inside = {id(m) for layer in model.modules() if isinstance(layer, within) for m in layer.modules()}
+    found = {}
+    for name, module in model.named_modules():
+        if id(module) in inside and hasattr(module, "in_features") and not isinstance(module, LoRALinear):
+            if any(name.split(".")[-1] == t or re.fullmatch(t, name) for t in targets):
+                found[name] = module
+    return found
+
+
+def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r: int, alpha: float,
+                dropout: float, device: torch.device | str) -> list[str]:
+    """Replace each matching linear with a LoRALinear around it; returns the adapted module names.
+
+    The A init draws from torch's global CPU generator: seed it identically on every rank (FSDP does not broadcast).
+    """
+    found = matching_modules(model, targets, within)
+    if not found:
+        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "in_features")})
+        raise ValueError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {linears}")
+    for name, base in found.items():
+        model.set_submodule(name, LoRALinear(base, r, alpha, dropout).to(device))
+    return list(found)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear by its plain model path, with FSDP / checkpoint wrapper prefixes removed."""
+    return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def clean_name(name: str) -> str:
+    return re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PEFT format: adapter_model.safetensors with keys "base_model.model.<path>.lora_A.weight", plus adapter_config.json
+
+
+def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: float, dropout: float,
+                 base_model: str) -> None:
+    """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" to full (unsharded) tensors."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    targets = sorted({k.split(".lora_")[0].split(".")[-1] for k in state})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """Copy a PEFT-format adapter into the LoRALinear modules of an unwrapped model (before FSDP)."""
+    tensors = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    modules = lora_modules(model)
+    expected = {f"{PEFT_PREFIX}{n}.{ab}.weight" for n in modules for ab in ("lora_A", "lora_B")}
+    if set(tensors) != expected:
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"adapter in {adapter_dir} does not fit this model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]} (different base model, rank or targets?)")
+    with torch.no_grad():
+        for name, module in modules.items():
+            for ab in ("lora_A", "lora_B"):
+                src = tensors[f"{PEFT_PREFIX}{name}.{ab}.weight"]
+                dst = getattr(module, ab).weight
+                if src.shape != dst.shape:
+                    raise ValueError(f"{name}.{ab} has shape {list(src.shape)} in the adapter, {list(dst.shape)} here")
+                dst.copy_(src)

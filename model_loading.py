@@ -1,0 +1,315 @@
+"""Load a causal LM from safetensors straight into 4-bit bitsandbytes layers, one tensor at a time.
+
+The path, top to bottom:
+  resolve_model_dir   a local folder, or a Hub repo id downloaded into the huggingface_hub cache
+  index_checkpoint    which file holds which tensor, validated against the model before any data is read
+  build_skeleton      the transformers model on the meta device (no memory), its decoder-layer linears swapped
+                      for Linear4bit shells
+  load_model          streams every tensor with safe_open, quantizes it on the rank's device, puts it in place
+
+Every rank runs this and builds the identical model: FSDP is later told not to broadcast (sync_module_states=False),
+and quantization is deterministic, so the same files give the same packed bytes on every rank.
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+QUANT_TYPES = ("nf4", "fp4", "none")
+BUILTIN_MODEL = "tiny"  # the embedded default: a tiny random Llama written to the cache on first use
+
+
+class CheckpointError(ValueError):
+    """A model folder or checkpoint that cannot be loaded; the message says what is wrong and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Where the files are
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local folder as is; `tiny` built into the cache; anything shaped like `org/name` from the Hub."""
+    if model == BUILTIN_MODEL:
+        return build_tiny_checkpoint()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json: point --model at a Hugging Face model folder")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise CheckpointError(f"--model {model!r}: no such folder, and not a Hub repo id of the form 'org/name'")
+    return _download(model)
+
+
+def _download(repo_id: str) -> Path:
+    # snapshot_download honours HF_HOME (cache location), HF_TOKEN (gated models) and HF_HUB_OFFLINE. Each rank calls it;
+    # huggingface_hub's file locks make concurrent downloads into one cache safe, so no rank waits at a barrier for it.
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except GatedRepoError as e:
+        raise CheckpointError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(f"{repo_id} is not on the Hub (or is private: set HF_TOKEN)") from e
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"cannot download {repo_id}: the Hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it where there is network "
+            f"(`hf download {repo_id}`) or pass a local folder to --model."
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What is in the files
+
+
+@dataclass
+class TensorEntry:
+    file: Path
+    shape: tuple[int, ...]
+
+
+def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
+    """Tensor name -> file and shape, from the safetensors headers only (no tensor data is read)."""
+    index_file, single_file = model_dir / "model.safetensors.index.json", model_dir / "model.safetensors"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        files = sorted({model_dir / f for f in weight_map.values()})
+    elif single_file.is_file():
+        files = [single_file]
+    else:
+        raise CheckpointError(
+            f"{model_dir} holds neither model.safetensors.index.json nor model.safetensors; only safetensors "
+            "checkpoints are supported (convert .bin weights with transformers' save_pretrained)"
+        )
+    entries: dict[str, TensorEntry] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"shard {file.name} is listed in {index_file.name} but missing from {model_dir}")
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    entries[name] = TensorEntry(file, tuple(f.get_slice(name).get_shape()))
+        except SafetensorError as e:
+            raise CheckpointError(f"{file} is truncated or corrupt ({e}); download it again") from e
+    return entries
+
+
+def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module) -> None:
+    """Every tensor the model needs is present with its shape, and nothing else: fail before reading any data."""
+    expected = _expected_shapes(model)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = sorted(set(expected) - set(entries) - tied)
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensors are missing from the checkpoint, first: {missing[:5]}")
+    for name, entry in entries.items():
+        if name not in expected:
+            if not _ignorable(name, model):
+                raise CheckpointError(f"unexpected tensor {name} in {entry.file.name}: the config does not describe it")
+        elif entry.shape != expected[name]:
+            raise CheckpointError(
+                f"tensor {name} in {entry.file.name} has shape {list(entry.shape)}, "
+                f"but the config expects {list(expected[name])}: the shard does not belong to this config.json"
+            )
+
+
+def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for name, module in model.named_modules():  # Linear4bit shells: the checkpoint holds the dense (out, in) weight
+        if _is_4bit(module):
+            shapes[f"{name}.weight"] = (module.out_features, module.in_features)
+    return shapes
+
+
+def _ignorable(name: str, model: nn.Module) -> bool:
+    # Older checkpoints carry rotary caches (rebuilt below anyway); transformers lists other harmless extras.
+    import re
+
+    patterns = (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []) + [r"rotary_emb\.inv_freq"]
+    return any(re.search(p, name) for p in patterns)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def decoder_layer_class(model: nn.Module) -> type[nn.Module]:
+    """The class FSDP wraps as one unit: transformers names it in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if len(classes) != 1:
+        raise CheckpointError(
+            f"{type(model).__name__} does not name exactly one decoder-layer class in _no_split_modules "
+            f"(found {sorted(c.__name__ for c in classes)}); this architecture cannot be wrapped layer by layer"
+        )
+    return classes.pop()
+
+
+def build_skeleton(config: PretrainedConfig, quant: str) -> nn.Module:
+    """The model on the meta device, with every nn.Linear inside the decoder layers replaced by a Linear4bit shell."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
+        raise CheckpointError(f"{config.model_type!r} is not a causal LM transformers can build: {e}") from e
+    layer_cls = decoder_layer_class(model)
+    if quant != "none":
+        for layer in (m for m in model.modules() if isinstance(m, layer_cls)):
+            for name, linear in list(layer.named_modules()):
+                if type(linear) is nn.Linear:
+                    layer.set_submodule(name, _linear4bit_shell(linear, quant))
+    return model
+
+
+def _linear4bit_shell(linear: nn.Linear, quant: str) -> nn.Module:
+    import bitsandbytes as bnb
+
+    shell = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=linear.bias is not None,
+        compute_dtype=torch.bfloat16,
+        compress_statistics=True,  # double quantization: the absmax scales are themselves 8-bit, ~0.4 bit/param saved
+        quant_type=quant,
+        quant_storage=torch.bfloat16,  # must equal FSDP's param_dtype, or FSDP casts the packed bytes (fsdp_wrap.py)
+        device="meta",
+    )
+    # CPU trap: with avx512_bf16, an eval-mode no-grad forward repacks the weight in place and training afterwards
+    # silently loses gradients. Keeping the portable CPU path costs nothing on GPU.
+    shell.support_avx512bf16_for_cpu = False
+    return shell
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit"
+
+
+def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str = "cpu",
+               progress: bool = True) -> nn.Module:
+    """Build the model from `model_dir`, streaming one tensor at a time onto `device`; all parameters frozen."""
+    if quant not in QUANT_TYPES:
+        raise CheckpointError(f"--quant {quant!r}: choose one of {QUANT_TYPES}")
+    device = torch.device(device)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"cannot read {model_dir / 'config.json'}: {e}") from e
+    model = build_skeleton(config, quant)
+    _init_nonpersistent_buffers(model, device)
+    entries = index_checkpoint(model_dir)
+    check_checkpoint(entries, model)
+
+    by_file: dict[Path, list[str]] = {}
+    for name, entry in entries.items():
+        by_file.setdefault(entry.file, []).append(name)
+    bar = tqdm(total=len(entries), desc="loading", unit="tensor", disable=not progress)
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:  # peak host memory: this one tensor
+                    if not _ignorable(name, model):
+                        _put(model, name, f.get_tensor(name), device)
+                    bar.update()
+        except SafetensorError as e:
+            raise CheckpointError(f"{file} is truncated or corrupt ({e}); download it again") from e
+    bar.close()
+    model.tie_weights()  # tied lm_head (Gemma, small Qwen/Llama) points at the loaded embedding again
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"these tensors were never loaded: {leftover[:5]}")
+    model.requires_grad_(False)
+    model.config.use_cache = False  # training: no KV cache
+    return model
+
+
+def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    tensor = tensor.to(device=device, dtype=torch.bfloat16)
+    if _is_4bit(module) and attr == "weight":
+        from bitsandbytes.nn import Params4bit
+
+        # `module=` makes bnb also keep quant_state on the Linear4bit: FSDP flattens the weight and drops the
+        # attribute from it, and Linear4bit.forward restores it from the module.
+        weight = Params4bit(tensor, requires_grad=False, quant_type=module.weight.quant_type,
+                            compress_statistics=module.weight.compress_statistics,
+                            quant_storage=torch.bfloat16, module=module)
+        module.weight = weight._quantize(device)  # quantized on the device it will live on
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _init_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
+    """Buffers not in the checkpoint (rotary inv_freq, Gemma's embed_scale) are recomputed by transformers' own init.
+
+    Runs while the parameters are still on meta, so the init that transformers also applies to them is a no-op.
+    inv_freq stays fp32 as transformers creates it: rounding it to bf16 shifts every rotary angle (logits moved by ~6e-3).
+    """
+    for owner in model.modules():
+        names = [n for n in owner._non_persistent_buffers_set if owner._buffers.get(n) is not None]
+        for attr in names:
+            owner._buffers[attr] = torch.empty_like(owner._buffers[attr], device=device)
+        if names:
+            model._init_weights(owner)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tiny checkpoints with random weights, written exactly as real ones are (the default model, and the tests)
+
+
+def write_random_checkpoint(config: PretrainedConfig, out_dir: Path, max_shard_size: str = "1MB", seed: int = 0,
+                            tokenizer=None, device: str = "cpu") -> Path:
+    """Random weights for a real architecture, saved by transformers as sharded safetensors (plus tokenizer).
+
+    device="cuda" initialises an 8B model in seconds instead of minutes.
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def build_tiny_checkpoint(cache_dir: Path | None = None) -> Path:
+    """The built-in model: a 4-layer Llama with a small BPE tokenizer, built once into the cache.
+
+    Every rank may get here at once: each writes into its own temporary folder and renames it into place, so
+    no rank waits for another and a half-written folder is never seen.
+    """
+    from transformers import LlamaConfig
+
+    from data import builtin_tokenizer
+
+    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fsdp_qlora"
+    target = cache_dir / "tiny-llama-v2"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = builtin_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        # Tied embeddings and a wide init give a random model logits sharp enough for LoRA alone to learn the task:
+        # with 0.02 and a separate lm_head, the built-in task's loss stalls near 3.3 after 60 steps; here it reaches ~0.1.
+        tie_word_embeddings=True, initializer_range=0.1,
+    )
+    tmp = cache_dir / f".tmp-{os.getpid()}"
+    write_random_checkpoint(config, tmp, max_shard_size="1MB", tokenizer=tokenizer)
+    try:
+        tmp.rename(target)
+    except OSError:  # another rank won the race; its files are identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,85 @@
+"""Our LoRA module and its PEFT-format adapters against PEFT itself."""
+import pytest
+import torch
+from conftest import ARCHS, DEVICE
+
+import lora
+from model_loading import decoder_layer_class, load_model
+from test_model_loading import TOKENS, reference_model
+
+
+def adapted(path, quant="none", r=4, alpha=8.0, targets=lora.DEFAULT_TARGETS):
+    model = load_model(path, quant=quant, device=DEVICE, progress=False)
+    names = lora.inject_lora(model, list(targets), decoder_layer_class(model), r, alpha, 0.0, DEVICE)
+    return model.eval(), names
+
+
+def randomize_b(model):
+    """B starts at zero; give it values so that the adapter changes the output."""
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.weight.normal_(std=0.05)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_lora_at_init_equals_base(checkpoints, quant):
+    """B = 0 at init, so the adapted model's logits are the base model's, exactly."""
+    path = checkpoints("qwen2")
+    base = load_model(path, quant=quant, device=DEVICE, progress=False).eval()
+    model, names = adapted(path, quant)
+    assert len(names) == 14
+    assert all(m.lora_A.weight.abs().sum() > 0 and m.lora_A.weight.dtype == torch.float32
+               for m in lora.lora_modules(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS).logits, base(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_targets_select_modules_and_never_lm_head(checkpoints):
+    model, names = adapted(checkpoints("llama"), targets=["q_proj", r".*mlp\.down_proj", "lm_head"])
+    assert sorted(n.split(".", 3)[-1] for n in names) == ["mlp.down_proj", "mlp.down_proj", "self_attn.q_proj",
+                                                          "self_attn.q_proj"]
+    assert type(model.lm_head) is torch.nn.Linear
+    with pytest.raises(ValueError, match="match no linear layer"):
+        adapted(checkpoints("llama"), targets=["query_key_value"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_loads_our_adapter_with_same_logits(checkpoints, tmp_path, arch):
+    """PEFT loads the saved adapter with no missing or unexpected LoRA keys and computes the same logits."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    path = checkpoints(arch)
+    model, _ = adapted(path)
+    randomize_b(model)
+    state = {f"{n}.{ab}.weight": getattr(m, ab).weight for n, m in lora.lora_modules(model).items()
+             for ab in ("lora_A", "lora_B")}
+    lora.save_adapter(state, tmp_path, r=4, alpha=8.0, dropout=0.0, base_model=str(path))
+
+    peft_model = PeftModel.from_pretrained(reference_model(path), tmp_path).eval()
+    peft_state = get_peft_model_state_dict(peft_model)
+    assert set(peft_state) == {lora.PEFT_PREFIX + k for k in state}
+    for key, value in state.items():
+        torch.testing.assert_close(peft_state[lora.PEFT_PREFIX + key], value, rtol=0, atol=0)
+    with torch.no_grad():
+        ours, theirs = model(TOKENS).logits, peft_model(TOKENS).logits
+        base = reference_model(path)(TOKENS).logits
+    assert (ours - base).abs().max() > 0.05  # the adapter matters, so the comparison below means something
+    # PEFT computes the LoRA path in fp32, we in bf16: equal up to bf16 rounding
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=2e-2)
+
+
+def test_our_loader_reads_our_adapter_back(checkpoints, tmp_path):
+    path = checkpoints("llama")
+    model, _ = adapted(path)
+    randomize_b(model)
+    state = {f"{n}.{ab}.weight": getattr(m, ab).weight for n, m in lora.lora_modules(model).items()
+             for ab in ("lora_A", "lora_B")}
+    lora.save_adapter(state, tmp_path, r=4, alpha=8.0, dropout=0.0, base_model=str(path))
+    torch.manual_seed(123)  # a different A init, and B zero
+    fresh, _ = adapted(path)
+    lora.load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(TOKENS).logits, model(TOKENS).logits, rtol=0, atol=0)
+    wrong_rank, _ = adapted(path, r=8)
+    with pytest.raises(ValueError, match="shape"):
+        lora.load_adapter(wrong_rank, tmp_path)

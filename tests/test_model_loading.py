@@ -1,0 +1,178 @@
+"""The streaming 4-bit loader against transformers' own loading and bitsandbytes' own dequantization."""
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ARCHS, DEVICE
+from safetensors.torch import load_file, save_file
+
+from model_loading import CheckpointError, load_model
+
+TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 250, 64, 11], [2, 9, 9, 120, 33, 4, 8, 15, 16, 23]], device=DEVICE)
+
+
+def reference_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+
+
+def test_linear4bit_matches_dequantized_linear():
+    """A 4-bit layer's forward and input gradient equal F.linear with bitsandbytes' dequantized weight."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    layer = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              quant_storage=torch.bfloat16)
+    layer.support_avx512bf16_for_cpu = False
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128, dtype=torch.bfloat16), requires_grad=False,
+                                     quant_type="nf4", quant_storage=torch.bfloat16, module=layer)._quantize(DEVICE)
+    layer.bias = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16, device=DEVICE), requires_grad=False)
+    w = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    x1 = torch.randn(5, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    grad_out = torch.randn(5, 64, dtype=torch.bfloat16, device=DEVICE)
+    y1, y2 = layer(x1), F.linear(x2, w, layer.bias)
+    (y1 * grad_out).sum().backward()
+    (y2 * grad_out).sum().backward()
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-2, atol=1e-2)
+    assert x1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["sharded", "single"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unquantized_logits_equal_from_pretrained(checkpoints, arch, layout):
+    """With --quant none, the streamed model is transformers' from_pretrained model, logit for logit."""
+    path = checkpoints(arch, layout)
+    ours = load_model(path, quant="none", device=DEVICE, progress=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, rtol=0, atol=0)
+    assert ours.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nf4_logits_equal_dense_model_with_dequantized_weights(checkpoints, arch):
+    """With nf4, the model equals a dense bf16 model holding bitsandbytes' dequantization of each packed weight."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    path = checkpoints(arch)
+    ours = load_model(path, quant="nf4", device=DEVICE, progress=False).eval()
+    ref = reference_model(path)
+    n = 0
+    for name, module in ours.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            dense = dequantize_4bit(module.weight.data, module.weight.quant_state)
+            ref.get_submodule(name).weight.data.copy_(dense)
+            n += 1
+    assert n == 7 * 2  # q k v o gate up down, in each of the 2 decoder layers; lm_head stays bf16
+    assert type(ours.lm_head) is torch.nn.Linear and ours.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        ours_logits, ref_logits = ours(TOKENS).logits, ref(TOKENS).logits
+    torch.testing.assert_close(ours_logits, ref_logits, rtol=1e-2, atol=1e-2)
+    assert all(not p.requires_grad for p in ours.parameters())
+
+
+def test_fp4_differs_from_nf4_and_both_approximate_the_weights(checkpoints):
+    from bitsandbytes.functional import dequantize_4bit
+
+    path = checkpoints("llama")
+    dense = reference_model(path).model.layers[0].mlp.up_proj.weight.float()
+    errors = {}
+    for quant in ("nf4", "fp4"):
+        layer = load_model(path, quant=quant, device=DEVICE, progress=False).model.layers[0].mlp.up_proj
+        assert layer.weight.quant_type == quant and layer.weight.quant_state.nested  # double quantization on
+        w = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        errors[quant] = ((w - dense).norm() / dense.norm()).item()
+    assert errors["nf4"] < 0.15 and errors["fp4"] < 0.25 and errors["nf4"] != errors["fp4"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad checkpoints: each a clear error naming the problem
+
+
+@pytest.fixture
+def broken(checkpoints, tmp_path):
+    """A fresh copy of the sharded llama checkpoint to damage."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(checkpoints("llama"), dst)
+    return dst
+
+
+def shards(path):
+    return sorted(path.glob("model-*.safetensors"))
+
+
+def test_missing_shard_file(broken):
+    shards(broken)[1].unlink()
+    with pytest.raises(CheckpointError, match="missing from"):
+        load_model(broken, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_shard(broken, damage):
+    shard = shards(broken)[2]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
+    with pytest.raises(CheckpointError, match=rf"{shard.name} is truncated or corrupt"):
+        load_model(broken, progress=False)
+
+
+def test_missing_tensor(broken):
+    shard = shards(broken)[0]
+    tensors = load_file(shard)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"missing from the checkpoint.*{dropped}"):
+        load_model(broken, progress=False)
+
+
+def test_unexpected_tensor(broken):
+    shard = shards(broken)[0]
+    tensors = load_file(shard)
+    tensors["model.layers.7.mlp.extra.weight"] = torch.zeros(2, 2)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"unexpected tensor model.layers.7.mlp.extra.weight in {shard.name}"):
+        load_model(broken, progress=False)
+
+
+def test_shape_mismatch_names_tensor_and_file(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] = 192
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.\d\.mlp\.\w+_proj\.weight in model-.* has shape"):
+        load_model(broken, progress=False)
+
+
+@pytest.mark.parametrize("model_type, message", [("not-a-model", "cannot read"), ("t5", "not a causal LM")])
+def test_unknown_or_unsupported_architecture(broken, model_type, message):
+    config = json.loads((broken / "config.json").read_text())
+    config["model_type"] = model_type
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(broken, progress=False)
+
+
+def test_folder_without_config_and_nonexistent_path(tmp_path):
+    from model_loading import resolve_model_dir
+
+    with pytest.raises(CheckpointError, match="no config.json"):
+        resolve_model_dir(str(tmp_path))
+    with pytest.raises(CheckpointError, match="no such folder"):
+        resolve_model_dir(str(tmp_path / "nope"))
+
+
+def test_offline_hub_download_says_so(tmp_path, monkeypatch):
+    """Hub ids go through huggingface_hub into HF_HOME; offline and uncached is a clear error, not a stack of retries."""
+    import huggingface_hub.constants
+
+    from model_loading import resolve_model_dir
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
+        resolve_model_dir("some-org/some-model")

@@ -1,0 +1,283 @@
+"""Fine-tune a causal LM with FSDP + 4-bit (QLoRA) + LoRA. The training loop, written out.
+
+    python train.py                                   # tiny built-in model and task, one process
+    torchrun --nproc_per_node 2 train.py              # the same, sharded over two ranks (GPUs, or CPU with gloo)
+    torchrun --nproc_per_node 8 train.py --model meta-llama/Llama-3.1-8B --dataset data.jsonl
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer
+
+import data
+import fsdp_wrap
+import lora
+import model_loading
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = field(default=model_loading.BUILTIN_MODEL, metadata={"help": "local folder, Hub repo id, or 'tiny'"})
+    dataset: str = field(default=data.BUILTIN_DATASET, metadata={"help": ".jsonl of {text} or {instruction, input, output}, or 'builtin'"})
+    output_dir: str = field(default="out", metadata={"help": "adapters, metrics.jsonl and checkpoints go here"})
+    seq_len: int = field(default=512, metadata={"help": "longest example in tokens; longer prompts are cut first"})
+    train_on_prompt: bool = field(default=False, metadata={"help": "also train on prompt tokens"})
+    # batch and length of training
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per rank"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 means run --epochs"})
+    epochs: int = field(default=1, metadata={"help": "passes over the data, when --max_steps is 0"})
+    # optimization
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW on the LoRA weights"})
+    lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"], "help": "decay after warmup"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup from 0"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm; 0 disables"})
+    # LoRA
+    lora_rank: int = field(default=16, metadata={"help": "rank r of each update"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "the update is scaled by alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: str = field(default=",".join(lora.DEFAULT_TARGETS), metadata={"help": "comma-separated module names or regexes"})
+    # memory and sharding
+    quant: str = field(default="nf4", metadata={"choices": list(model_loading.QUANT_TYPES), "help": "4-bit type of the base, or none (plain LoRA)"})
+    sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes"})
+    cpu_offload: bool = field(default=False, metadata={"help": "keep parameter shards in CPU memory (GPU only)"})
+    grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": list(fsdp_wrap.CHECKPOINTING), "help": "activation checkpointing of decoder layers"})
+    # bookkeeping
+    seed: int = field(default=0, metadata={"help": "data order and LoRA init"})
+    log_every: int = field(default=1, metadata={"help": "steps between progress-line updates"})
+    save_every: int = field(default=0, metadata={"help": "save adapters to output_dir/checkpoint-N every N steps; 0: only at the end"})
+    dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing"})
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """argparse generated from Config, so each flag, default and help is written once. Underscores or dashes."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kwargs = {"default": f.default, "help": f.metadata["help"] + " (default: %(default)s)"}
+        if f.type is bool:  # not type=bool: bool("False") is True
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(*flags, type=f.type, choices=f.metadata.get("choices"), **kwargs)
+    cfg = Config(**vars(parser.parse_args(argv)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Combinations that cannot work fail here, on every rank, before anything is loaded."""
+    positive = ["seq_len", "batch_size", "grad_accum", "lr", "lora_rank", "lora_alpha", "log_every", "dist_timeout"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ["max_steps", "epochs", "warmup_steps", "weight_decay", "max_grad_norm", "save_every"]:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_steps == 0 and cfg.epochs == 0:
+        raise ValueError("nothing to train: set --max_steps or --epochs")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ValueError(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.cpu_offload and not torch.cuda.is_available():
+        raise ValueError("--cpu_offload moves GPU shards to CPU memory; there is no GPU here")
+    if not [t for t in cfg.lora_targets.split(",") if t.strip()]:
+        raise ValueError("--lora_targets is empty")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
+    """rank, local rank, world size and device, from torchrun's environment; one process without torchrun."""
+    if "RANK" not in os.environ:  # plain `python train.py`: a process group of one, on a free local port
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    # Always a timeout: a rank that dies or diverges must turn into an error on the others, not an endless hang.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return rank, local_rank, world, device
+
+
+def print0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int) -> torch.nn.Module:
+    """Stream the 4-bit base onto the device, add LoRA (identically on every rank), then shard and checkpoint."""
+    model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0)
+    layer_cls = model_loading.decoder_layer_class(model)
+    torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    names = lora.inject_lora(model, targets, layer_cls, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, device)
+    torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"LoRA r={cfg.lora_rank} on {len(names)} layers: {n_lora / 1e6:.2f}M trainable parameters")
+    return fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing)
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Multiplier of --lr at each step: linear warmup, then cosine or linear decay to 0, or constant."""
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[cfg.lr_schedule]
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device: torch.device) -> dict:
+    """Token-weighted loss over all micro-batches and ranks: 2 micro-batches of 4 give the gradient of 1 batch of 8.
+
+    Each rank scales its summed token losses by world_size / (label tokens on all ranks): FSDP averages gradients
+    over ranks, so the result is the gradient of the mean loss over every label token of the step.
+    """
+    world = dist.get_world_size()
+    n_labels = sum((b["labels"][:, 1:] != data.IGNORE).sum() for b in micro_batches).to(device)
+    dist.all_reduce(n_labels)
+    n_labels = n_labels.clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last else model.no_sync():  # reduce-scatter gradients once, after the last micro-batch
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            # token t predicts token t+1; fp32 log-softmax over the vocabulary
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                   ignore_index=data.IGNORE, reduction="sum")
+            (loss * world / n_labels).backward()
+        loss_sum += loss.detach()
+    grad_norm = model.clip_grad_norm_(cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss_sum)
+    tokens = sum(b["attention_mask"].sum() for b in micro_batches).to(device)
+    dist.all_reduce(tokens)
+    return {"loss": (loss_sum / n_labels).item(), "grad_norm": grad_norm.item(), "tokens": int(tokens)}
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":  # reserved, not allocated: what the caching allocator holds is what can run out
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def save(model, cfg: Config, out_dir: Path, rank: int) -> None:
+    state = fsdp_wrap.gather_lora_state(model)  # collective: all ranks
+    if rank == 0:
+        lora.save_adapter(state, out_dir, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
+        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> list[dict]:
+    """The whole run; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
+    rank, _, world, device = init_distributed(cfg.dist_timeout)
+    try:
+        out_dir = Path(cfg.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"--output_dir {out_dir} is not writable")
+        model_dir = model_loading.resolve_model_dir(cfg.model)
+
+        # Data first: a bad dataset should fail in seconds, not after the model has loaded.
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        data.ensure_pad_token(tokenizer)
+        examples = data.load_examples(cfg.dataset, cfg.seed)
+        rows = [data.tokenize(ex, tokenizer, cfg.seq_len, cfg.train_on_prompt)
+                for ex in tqdm(examples, desc="tokenizing", disable=rank != 0)]
+        top_id, vocab = max(max(r.input_ids) for r in rows), AutoConfig.from_pretrained(model_dir).vocab_size
+        if top_id >= vocab:
+            raise ValueError(f"the tokenizer in {model_dir} produced token id {top_id}, but the model has only {vocab} "
+                             "embeddings: the tokenizer does not belong to this model")
+        loader = data.build_loader(rows, cfg.batch_size, tokenizer.pad_token_id, rank, world, cfg.seed)
+        per_step = cfg.batch_size * cfg.grad_accum * world
+        if len(loader) < cfg.grad_accum:
+            raise ValueError(f"{len(rows)} examples cannot fill one step of {per_step} (batch_size {cfg.batch_size} "
+                             f"x grad_accum {cfg.grad_accum} x {world} ranks): lower them or add data")
+        steps_per_epoch = len(loader) // cfg.grad_accum
+        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+        t0 = time.perf_counter()
+        model = build_model(cfg, model_dir, device, rank)
+        print0(f"model loaded, adapted and sharded in {time.perf_counter() - t0:.1f}s")
+        params = [p for p in model.parameters() if p.requires_grad]  # the LoRA flat parameters only
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+        print0(f"{len(rows)} examples, {per_step} per step, {total_steps} steps on {world} rank(s), {device.type}")
+
+        history, step, epoch = [], 0, 0
+        bar = tqdm(total=total_steps, desc="training", disable=rank != 0)
+        metrics_file = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
+        model.train()
+        while step < total_steps:
+            loader.sampler.set_epoch(epoch)
+            batches = iter(loader)
+            for _ in range(steps_per_epoch):
+                if step >= total_steps:
+                    break
+                t0 = time.perf_counter()
+                m = train_step(model, optimizer, [next(batches) for _ in range(cfg.grad_accum)], cfg, device)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                m.update(step=step, epoch=epoch, lr=lr, tokens_per_s=m["tokens"] / (time.perf_counter() - t0),
+                         peak_mem_gib=peak_memory_gib(device))
+                history.append(m)
+                if rank == 0:
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                    if step % cfg.log_every == 0 or step == total_steps:
+                        bar.set_postfix_str(f"loss {m['loss']:.4f} lr {lr:.2e} gnorm {m['grad_norm']:.3f} "
+                                            f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB")
+                bar.update()
+                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                    save(model, cfg, out_dir / f"checkpoint-{step}", rank)
+            epoch += 1
+        bar.close()
+        save(model, cfg, out_dir, rank)
+        print0(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; adapter saved to {out_dir}")
+        if metrics_file:
+            metrics_file.close()
+        return history
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    train(parse_config())
