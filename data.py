@@ -1,21 +1,37 @@
-"""Examples -> token ids with loss labels -> per-rank batches.
+"""Datasets -> token ids with loss labels -> per-rank batches: padded, grouped by length, or packed.
 
-An example is a dict: alpaca-style {instruction, input?, output}, or {text} for plain language modelling.
-Labels are the input ids with -100 (ignored by the loss) on the prompt and on padding, so the model is trained to
-write responses, not to echo instructions. Labels are aligned with input_ids; the loss shifts them by one.
+    python data.py --model M --dataset D --show 3     # rendered examples with the trained-on spans marked, and stats
+
+Each example becomes a list of text segments, each trained on or not: the prompt is not, the response is. Labels are
+the input ids with -100 (ignored by the loss) on untrained tokens and on padding; the loss shifts them by one.
+Formats (--dataset_format, `auto` picks by column names):
+    alpaca             instruction, input (optional), output
+    chat               messages: [{role, content}, ...] rendered by the tokenizer's chat template; assistant turns trained
+    prompt_completion  prompt, completion
+    text               text, every token trained; a document longer than seq_len becomes several rows
 """
-import json
+import bisect
+import os
 import random
-from dataclasses import dataclass
+import statistics
+import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 IGNORE = -100  # F.cross_entropy's ignore_index
 BUILTIN_DATASET = "builtin"
+FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
+COLUMNS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt_completion": ("prompt", "completion"),
+           "text": ("text",)}  # required columns, in the order `auto` tries them
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+# --chat_template chatml: for tokenizers that ship no template (base models). The ChatML layout of Qwen and others.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 class DataError(ValueError):
@@ -53,66 +69,187 @@ def builtin_examples(n: int = 2048, seed: int = 0) -> list[dict]:
     return examples
 
 
-def load_examples(dataset: str, seed: int = 0) -> list[dict]:
-    """`builtin`, or a local .jsonl file of {text} or {instruction, input?, output} records."""
+def load_raw(dataset: str, config_name: str | None = None, split: str = "train"):
+    """`builtin`, a local file or folder of .jsonl/.json/.parquet/.csv/.txt files, or a Hub dataset id."""
+    import datasets
+
     if dataset == BUILTIN_DATASET:
-        return builtin_examples(seed=seed)
+        return datasets.Dataset.from_list(builtin_examples())
     path = Path(dataset).expanduser()
-    if not path.is_file():
-        raise DataError(f"--dataset {dataset!r}: no such file (give a .jsonl file, or 'builtin')")
-    if path.suffix != ".jsonl":
-        raise DataError(f"--dataset {path.name}: unsupported extension {path.suffix!r}; use .jsonl")
-    examples = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    examples.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno} is not valid JSON: {e}") from e
-    if not examples:
-        raise DataError(f"{path} holds no examples")
-    for i, ex in enumerate(examples):
-        if not ("text" in ex or ("instruction" in ex and "output" in ex)):
-            raise DataError(f"{path}: record {i} has fields {sorted(ex)}; expected 'text', or 'instruction' and "
-                            "'output' (with optional 'input')")
-    return examples
+    if path.exists():
+        files = sorted(p for p in path.iterdir() if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
+        suffixes = {p.suffix for p in files}
+        if not files or len(suffixes) != 1 or not suffixes <= FILE_BUILDERS.keys():
+            raise DataError(f"--dataset {path}: need one file type among {sorted(FILE_BUILDERS)}, found "
+                            f"{sorted(suffixes) or 'none'}")
+        builder = FILE_BUILDERS[files[0].suffix]
+        try:
+            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+        except Exception as e:  # datasets wraps parse errors in several types
+            raise DataError(f"cannot read {path} as {builder}: {e}") from e
+    if dataset.count("/") != 1 or dataset.startswith((".", "/", "~")):
+        raise DataError(f"--dataset {dataset!r}: no such file or folder, and not a Hub dataset id 'org/name'")
+    try:
+        return datasets.load_dataset(dataset, config_name or None, split=split)
+    except Exception as e:
+        raise DataError(f"cannot load Hub dataset {dataset!r} (config {config_name}, split {split!r}): {e}. "
+                        "Offline? Point --dataset at local files instead.") from e
+
+
+def apply_field_map(ds, field_map: str):
+    """`--field_map instruction=question,output=answer`: our field name = the dataset's column name."""
+    for pair in filter(None, (p.strip() for p in field_map.split(","))):
+        ours, _, theirs = pair.partition("=")
+        if theirs not in ds.column_names:
+            raise DataError(f"--field_map {pair}: no column {theirs!r}; the columns are {ds.column_names}")
+        ds = ds.rename_column(theirs, ours)
+    return ds
+
+
+def detect_format(columns: list[str], fmt: str = "auto") -> str:
+    if fmt == "auto":
+        found = [f for f, need in COLUMNS.items() if all(c in columns for c in need)]
+        if not found:
+            raise DataError(f"cannot tell the format from the columns {columns}: expected one of "
+                            f"{ {f: list(c) for f, c in COLUMNS.items()} }; rename with --field_map ours=theirs")
+        return found[0]
+    missing = [c for c in COLUMNS[fmt] if c not in columns]
+    if missing:
+        raise DataError(f"--dataset_format {fmt} needs columns {missing}; the columns are {columns} "
+                        "(rename with --field_map ours=theirs)")
+    return fmt
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tokenization
-
-
-@dataclass
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
+# Examples -> (text, trained) segments -> tokens
 
 
 def render(example: dict) -> tuple[str, str]:
-    """(prompt, response) text. Plain text is all response: every token is trained on."""
-    if "text" in example:
-        return "", example["text"]
+    """(prompt, response) text of an alpaca or prompt/completion example."""
+    if "prompt" in example and "completion" in example:
+        return example["prompt"], example["completion"]
     template = PROMPT_WITH_INPUT if example.get("input") else PROMPT_NO_INPUT
     return template.format(**example), example["output"]
 
 
-def tokenize(example: dict, tokenizer, seq_len: int, train_on_prompt: bool = False) -> Tokenized:
-    """BOS + prompt + response + EOS, at most `seq_len` tokens.
+def _str(value) -> str:
+    return "" if value is None else str(value)  # CSV and parquet columns arrive as numbers, NaN/None for empty cells
 
-    Too long: the prompt loses tokens from its start first (its end, next to the response, matters most), then the
-    response loses its end. So a long instruction never costs the example its response.
+
+def segments(example: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
+    """The example's text in order, each piece marked trained (response) or not (prompt)."""
+    if fmt == "text":
+        return [(_str(example["text"]), True)]
+    if fmt != "chat":
+        prompt, response = render({k: _str(v) for k, v in example.items()})
+        return [(prompt, False), (response, True)]
+    messages = example["messages"]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    pieces, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        if not full.startswith(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)) or start < done:
+            raise DataError("the chat template does not render a conversation's turns as prefixes of the whole, so "
+                            "assistant turns cannot be located; use --chat_template chatml")
+        pieces += [(full[done:start], False), (full[start:end], True)]
+        done = end
+    if not pieces:
+        raise DataError(f"a chat example has no assistant turn (roles: {[m['role'] for m in messages]})")
+    return pieces + [(full[done:], False)]
+
+
+def tokenize(example: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: bool = False) -> dict:
+    """input_ids and labels, at most seq_len long, plus `truncated` and `dropped` flags for the report.
+
+    Too long: prompt tokens are cut from the left first (the prompt's end, next to the response, matters most),
+    then the response loses its end. An example with an empty response is dropped (EOS alone teaches nothing).
     """
-    prompt, response = render(example)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_ids = bos + tokenizer.encode(prompt, add_special_tokens=False)
-    response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
-    room_for_prompt = max(seq_len - len(response_ids), len(bos))
-    if len(prompt_ids) > room_for_prompt:
-        prompt_ids = bos + prompt_ids[len(prompt_ids) - room_for_prompt + len(bos):]
-    response_ids = response_ids[: seq_len - len(prompt_ids)]
-    prompt_labels = list(prompt_ids) if train_on_prompt else [IGNORE] * len(prompt_ids)
-    return Tokenized(prompt_ids + response_ids, prompt_labels + response_ids)
+    ids, trained = [], []
+    if fmt != "chat" and tokenizer.bos_token_id is not None:  # chat templates write their own BOS
+        ids, trained = [tokenizer.bos_token_id], [train_on_prompt]
+    has_response = False
+    for text, is_response in segments(example, fmt, tokenizer):
+        piece = tokenizer.encode(text, add_special_tokens=False) if text else []
+        ids += piece
+        trained += [is_response or train_on_prompt] * len(piece)
+        has_response |= is_response and bool(piece)
+    if fmt != "chat":
+        ids, trained = ids + [tokenizer.eos_token_id], trained + [True]
+    truncated = len(ids) > seq_len
+    if truncated:
+        keep = 1 if fmt != "chat" and tokenizer.bos_token_id is not None else 0  # keep BOS
+        first = trained.index(True) if True in trained else len(ids)
+        cut = min(len(ids) - seq_len, max(0, first - keep))
+        ids, trained = ids[:keep] + ids[keep + cut:], trained[:keep] + trained[keep + cut:]
+        ids, trained = ids[:seq_len], trained[:seq_len]
+    labels = [i if t else IGNORE for i, t in zip(ids, trained)]
+    return {"input_ids": ids, "labels": labels, "truncated": truncated, "dropped": not has_response}
+
+
+def tokenize_batch(batch: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: bool = False) -> dict:
+    """datasets.map(batched=True) form of `tokenize`. Plain text longer than seq_len is split into several rows
+    (continued pre-training loses nothing); other formats give one row per example."""
+    out = {"input_ids": [], "labels": [], "truncated": [], "dropped": []}
+    for example in ({k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()))))):
+        row = tokenize(example, tokenizer, 10**12 if fmt == "text" else seq_len, fmt, train_on_prompt)
+        for i in range(0, len(row["input_ids"]), seq_len):
+            for key in ("input_ids", "labels"):
+                out[key].append(row[key][i:i + seq_len])
+            out["truncated"].append(row["truncated"])
+            out["dropped"].append(row["dropped"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The whole preparation, as train.py and `python data.py` run it
+
+
+def prepare(cfg, tokenizer, local_rank: int = 0, log=print):
+    """(train, eval or None) tokenized datasets for `cfg` (train.Config). Rank 0 of each node tokenizes and fills
+    the datasets cache; the other ranks wait at a barrier, then read that cache instead of repeating the work."""
+    ensure_pad_token(tokenizer)
+    if cfg.chat_template:
+        tokenizer.chat_template = CHATML if cfg.chat_template == "chatml" else cfg.chat_template
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and local_rank != 0:
+        dist.barrier()
+    try:
+        train = _tokenized(load_raw(cfg.dataset, cfg.dataset_config, cfg.dataset_split), cfg, tokenizer, log)
+        if cfg.eval_split:
+            source = cfg.eval_split if Path(cfg.eval_split).exists() else cfg.dataset
+            split = "train" if Path(cfg.eval_split).exists() else cfg.eval_split
+            evals = _tokenized(load_raw(source, cfg.dataset_config, split), cfg, tokenizer, log)
+        elif cfg.eval_fraction > 0:
+            parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+            train, evals = parts["train"], parts["test"]
+        else:
+            evals = None
+    finally:
+        if distributed and local_rank == 0:
+            dist.barrier()
+    return train, evals
+
+
+def _tokenized(raw, cfg, tokenizer, log):
+    raw = apply_field_map(raw, cfg.field_map)
+    fmt = detect_format(raw.column_names, cfg.dataset_format)
+    if cfg.dataset_format == "auto":
+        log(f"dataset format: {fmt} (detected from columns {raw.column_names})")
+    ds = raw.map(tokenize_batch, batched=True, remove_columns=raw.column_names, desc="tokenizing",
+                 fn_kwargs=dict(tokenizer=tokenizer, seq_len=cfg.seq_len, fmt=fmt, train_on_prompt=cfg.train_on_prompt))
+    n_truncated, n_dropped = sum(ds["truncated"]), sum(ds["dropped"])
+    ds = ds.filter(lambda dropped: not dropped, input_columns="dropped").remove_columns(["truncated", "dropped"])
+    log(f"{len(raw)} examples: {n_truncated} truncated to {cfg.seq_len} tokens, {n_dropped} dropped (no response "
+        f"left), {len(ds)} kept")
+    if len(ds) == 0:
+        raise DataError(f"no example of {cfg.dataset} is left after filtering: check the format and --seq_len")
+    if cfg.packing:
+        ds = pack(ds, cfg.seq_len)
+        log(f"packed into {len(ds)} rows of {cfg.seq_len}: {packing_efficiency(ds, cfg.seq_len):.1%} of slots are real")
+    return ds
 
 
 def builtin_tokenizer():
@@ -137,30 +274,170 @@ def builtin_tokenizer():
 
 
 def ensure_pad_token(tokenizer) -> None:
-    """Many base models ship no pad token; padding is masked out of both attention and loss, so EOS serves."""
+    """Many base models ship no pad token; padding is masked out of attention and loss, so EOS can serve."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packing: whole examples side by side in rows of seq_len, with positions restarting at each example
+
+
+def pack(ds, seq_len: int):
+    """Best-fit decreasing: longest examples first, each into the fullest row that still has room. O(n log n)."""
+    import datasets
+
+    lengths = [len(x) for x in ds["input_ids"]]
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = bisect.bisect_left(free, (lengths[i], -1))
+        if slot == len(free):
+            rows.append([i])
+            room, row = seq_len - lengths[i], len(rows) - 1
+        else:
+            room, row = free.pop(slot)
+            rows[row].append(i)
+            room -= lengths[i]
+        bisect.insort(free, (room, row))
+    ids, labels = ds["input_ids"], ds["labels"]
+    return datasets.Dataset.from_dict({
+        "input_ids": [sum((ids[i] for i in row), []) for row in rows],
+        "labels": [sum((labels[i] for i in row), []) for row in rows],
+        "position_ids": [sum((list(range(lengths[i])) for i in row), []) for row in rows],
+    })
+
+
+def packing_efficiency(ds, seq_len: int) -> float:
+    return sum(len(x) for x in ds["input_ids"]) / (len(ds) * seq_len)
+
+
+def packed_attention(device: torch.device) -> str:
+    """flash-attention's variable-length kernel reads example boundaries from position_ids, with no mask at all;
+    elsewhere (CPU, GPUs without flash-attn) SDPA gets an explicit block-diagonal causal mask."""
+    import importlib.util
+
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Batches
 
 
-def collate(rows: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padding is masked from attention and from the loss."""
-    width = max(len(r.input_ids) for r in rows)
+def collate(rows: list[dict], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. Padded rows get a 2D attention mask; packed rows (with position_ids) get a 4D
+    block-diagonal causal mask, or none when flash-attention finds the boundaries from position_ids."""
+    width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r.input_ids), torch.tensor(r.labels), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], real[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), True
+    batch = {"input_ids": ids, "labels": labels, "num_tokens": real.sum()}
+    if "position_ids" not in rows[0]:
+        return batch | {"attention_mask": real.long()}
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        pos[i, : len(r["position_ids"])] = torch.tensor(r["position_ids"])
+    batch["position_ids"] = pos
+    if block_mask:
+        segment = torch.cumsum(pos == 0, dim=1).masked_fill(~real, -1)  # example number within the row; -1: padding
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        mask = (segment[:, :, None] == segment[:, None, :]) & causal
+        # padding attends to itself only: a query row with nothing to attend to gives NaN, even where it is unused
+        batch["attention_mask"] = (mask & (segment[:, :, None] >= 0) | torch.eye(width, dtype=torch.bool))[:, None]
+    return batch
 
 
-def build_loader(rows: list[Tokenized], batch_size: int, pad_id: int, rank: int, world_size: int,
-                 seed: int) -> DataLoader:
-    """Each rank sees a disjoint 1/world_size of the rows, reshuffled each epoch by sampler.set_epoch(epoch)."""
-    sampler = DistributedSampler(rows, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(rows, batch_size=batch_size, sampler=sampler, drop_last=True,
-                      collate_fn=lambda batch: collate(batch, pad_id))
+class LengthGroupedSampler(Sampler):
+    """Batches of similar length, to waste less compute on padding: shuffle, sort within windows of 64 batches,
+    shuffle the batches. Same order on every rank for a given seed and epoch; each rank takes every world-th batch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, rank: int, world: int, seed: int):
+        self.lengths, self.batch_size, self.rank, self.world, self.seed, self.epoch = lengths, batch_size, rank, world, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        window = 64 * self.batch_size
+        order = [i for w in range(0, len(order), window)
+                 for i in sorted(order[w:w + window], key=lambda i: -self.lengths[i])]
+        batches = [order[b:b + self.batch_size] for b in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+        rng.shuffle(batches)
+        return batches[: len(batches) // self.world * self.world][self.rank::self.world]
+
+    def __iter__(self):
+        return (i for batch in self._batches() for i in batch)
+
+    def __len__(self) -> int:
+        return len(self._batches()) * self.batch_size
+
+
+def build_loader(ds, batch_size: int, pad_id: int, rank: int, world: int, seed: int, group_by_length: bool = False,
+                 block_mask: bool = True) -> DataLoader:
+    """Each rank sees a disjoint share of the rows, reshuffled each epoch by `loader.sampler.set_epoch(epoch)`."""
+    if group_by_length:
+        sampler = LengthGroupedSampler([len(x) for x in ds["input_ids"]], batch_size, rank, world, seed)
+    else:
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      collate_fn=lambda rows: collate(rows, pad_id, block_mask))
+
+
+def eval_batches(ds, batch_size: int, pad_id: int, rank: int, world: int, block_mask: bool = True) -> list[dict]:
+    """Every eval row exactly once over all ranks (no padding by repetition, which would bias the loss), and the same
+    number of batches on every rank, because each FSDP forward is a collective: short ranks add a batch with no label."""
+    mine = ds.select(range(rank, len(ds), world))
+    batches = [collate([mine[j] for j in range(i, min(i + batch_size, len(mine)))], pad_id, block_mask)
+               for i in range(0, len(mine), batch_size)]
+    most = -(-len(ds.select(range(0, len(ds), world))) // batch_size)  # rank 0 has the most rows
+    filler = collate([ds[0]], pad_id, block_mask)
+    filler["labels"].fill_(IGNORE)
+    return batches + [filler] * (most - len(batches))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inspection: `python data.py --model M --dataset D --show 3`
+
+
+def describe(ds, tokenizer, seq_len: int, show: int, color: bool) -> str:
+    """Rendered rows with trained tokens marked, then statistics: what a user checks before spending GPU hours."""
+    start, end = ("\033[1;32m", "\033[0m") if color else ("[[", "]]")
+    out = []
+    for i in range(min(show, len(ds))):
+        ids, labels, text, inside = ds[i]["input_ids"], ds[i]["labels"], "", False
+        for tok, lab in zip(ids, labels):
+            if (lab != IGNORE) != inside:
+                text, inside = text + (start if not inside else end), not inside
+            text += tokenizer.decode([tok])
+        out.append(f"--- row {i} ({len(ids)} tokens, {sum(l != IGNORE for l in labels)} trained) ---\n"
+                   f"{text + (end if inside else '')}")
+    lengths = sorted(len(x) for x in ds["input_ids"])
+    trained = sum(sum(l != IGNORE for l in x) for x in ds["labels"])
+    q = statistics.quantiles(lengths, n=100) if len(lengths) > 1 else lengths * 99
+    out.append(f"--- {len(ds)} rows, {sum(lengths):,} tokens, {trained:,} trained ({trained / max(1, sum(lengths)):.1%})"
+               f"\nlength: min {lengths[0]}, median {q[49]:.0f}, p90 {q[89]:.0f}, p99 {q[98]:.0f}, max {lengths[-1]}"
+               f" (seq_len {seq_len}); slots filled: {packing_efficiency(ds, seq_len):.1%}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from transformers import AutoTokenizer
+
+    import model_loading
+    import train
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--show", type=int, default=3, help="rows to print")
+    known, rest = parser.parse_known_args()
+    cfg = train.parse_config(rest)
+    tok = AutoTokenizer.from_pretrained(model_loading.resolve_model_dir(cfg.model))
+    train_ds, _ = prepare(cfg, tok)
+    print(describe(train_ds, tok, cfg.seq_len, known.show, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))

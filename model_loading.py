@@ -154,11 +154,12 @@ def decoder_layer_class(model: nn.Module) -> type[nn.Module]:
     return classes.pop()
 
 
-def build_skeleton(config: PretrainedConfig, quant: str) -> nn.Module:
+def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: str | None = None) -> nn.Module:
     """The model on the meta device, with every nn.Linear inside the decoder layers replaced by a Linear4bit shell."""
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                     attn_implementation=attn_implementation)
     except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
         raise CheckpointError(f"{config.model_type!r} is not a causal LM transformers can build: {e}") from e
     layer_cls = decoder_layer_class(model)
@@ -191,9 +192,11 @@ def _is_4bit(module: nn.Module) -> bool:
     return type(module).__name__ == "Linear4bit"
 
 
-def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str = "cpu",
-               progress: bool = True) -> nn.Module:
-    """Build the model from `model_dir`, streaming one tensor at a time onto `device`; all parameters frozen."""
+def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str = "cpu", progress: bool = True,
+               attn_implementation: str | None = None) -> nn.Module:
+    """Build the model from `model_dir`, streaming one tensor at a time onto `device`; all parameters frozen.
+
+    attn_implementation: transformers' name ("sdpa", "flash_attention_2", ...); None lets transformers choose."""
     if quant not in QUANT_TYPES:
         raise CheckpointError(f"--quant {quant!r}: choose one of {QUANT_TYPES}")
     device = torch.device(device)
@@ -201,7 +204,7 @@ def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str =
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"cannot read {model_dir / 'config.json'}: {e}") from e
-    model = build_skeleton(config, quant)
+    model = build_skeleton(config, quant, attn_implementation)
     _init_nonpersistent_buffers(model, device)
     entries = index_checkpoint(model_dir)
     check_checkpoint(entries, model)

@@ -32,10 +32,21 @@ import model_loading
 class Config:
     # what to train
     model: str = field(default=model_loading.BUILTIN_MODEL, metadata={"help": "local folder, Hub repo id, or 'tiny'"})
-    dataset: str = field(default=data.BUILTIN_DATASET, metadata={"help": ".jsonl of {text} or {instruction, input, output}, or 'builtin'"})
+    dataset: str = field(default=data.BUILTIN_DATASET, metadata={"help": "Hub dataset id, local file or folder (.jsonl .json .parquet .csv .txt), or 'builtin'"})
     output_dir: str = field(default="out", metadata={"help": "adapters, metrics.jsonl and checkpoints go here"})
-    seq_len: int = field(default=512, metadata={"help": "longest example in tokens; longer prompts are cut first"})
+    # data (data.py)
+    dataset_config: str = field(default="", metadata={"help": "Hub dataset configuration name"})
+    dataset_split: str = field(default="train", metadata={"help": "Hub dataset split to train on"})
+    dataset_format: str = field(default="auto", metadata={"choices": list(data.FORMATS), "help": "how examples are rendered; auto: from the columns"})
+    field_map: str = field(default="", metadata={"help": "rename columns, ours=theirs: 'instruction=question,output=answer'"})
+    chat_template: str = field(default="", metadata={"help": "'chatml', or a Jinja template, for tokenizers without one"})
+    seq_len: int = field(default=512, metadata={"help": "longest row in tokens; longer prompts are cut first"})
     train_on_prompt: bool = field(default=False, metadata={"help": "also train on prompt tokens"})
+    packing: bool = field(default=False, metadata={"help": "fill rows with whole examples, none attending to another"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (without --packing)"})
+    eval_split: str = field(default="", metadata={"help": "eval data: a split of --dataset, or a file"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "or carve this fraction out of the training data"})
+    eval_every: int = field(default=0, metadata={"help": "steps between eval losses; 0: only at the end, if there is eval data"})
     # batch and length of training
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per rank"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -90,6 +101,12 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps == 0 and cfg.epochs == 0:
         raise ValueError("nothing to train: set --max_steps or --epochs")
+    if cfg.eval_every < 0 or not 0 <= cfg.eval_fraction < 1:
+        raise ValueError("--eval_every must be >= 0 and --eval_fraction in [0, 1)")
+    if cfg.eval_split and cfg.eval_fraction:
+        raise ValueError("give --eval_split or --eval_fraction, not both")
+    if cfg.packing and cfg.group_by_length:
+        raise ValueError("--packing already fills rows; --group_by_length applies to padded batches only")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.cpu_offload and not torch.cuda.is_available():
@@ -133,7 +150,8 @@ def print0(*args) -> None:
 
 def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int) -> torch.nn.Module:
     """Stream the 4-bit base onto the device, add LoRA (identically on every rank), then shard and checkpoint."""
-    model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0)
+    attention = data.packed_attention(device) if cfg.packing else None
+    model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention)
     layer_cls = model_loading.decoder_layer_class(model)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
@@ -158,6 +176,17 @@ def lr_lambda(cfg: Config, total_steps: int):
 # One optimizer step
 
 
+def loss_sum(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed fp32 cross-entropy of every label token in the batch (token t predicts token t+1), and their count."""
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "position_ids")
+              if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:].to(device, non_blocking=True)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE,
+                           reduction="sum")
+    return loss, (labels != data.IGNORE).sum()
+
+
 def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device: torch.device) -> dict:
     """Token-weighted loss over all micro-batches and ranks: 2 micro-batches of 4 give the gradient of 1 batch of 8.
 
@@ -168,24 +197,33 @@ def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device:
     n_labels = sum((b["labels"][:, 1:] != data.IGNORE).sum() for b in micro_batches).to(device)
     dist.all_reduce(n_labels)
     n_labels = n_labels.clamp(min=1)
-    loss_sum = torch.zeros((), device=device)
+    total = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         last = i == len(micro_batches) - 1
         with nullcontext() if last else model.no_sync():  # reduce-scatter gradients once, after the last micro-batch
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            # token t predicts token t+1; fp32 log-softmax over the vocabulary
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                   ignore_index=data.IGNORE, reduction="sum")
+            loss, _ = loss_sum(model, batch, device)
             (loss * world / n_labels).backward()
-        loss_sum += loss.detach()
+        total += loss.detach()
     grad_norm = model.clip_grad_norm_(cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    dist.all_reduce(loss_sum)
-    tokens = sum(b["attention_mask"].sum() for b in micro_batches).to(device)
+    dist.all_reduce(total)
+    tokens = sum(b["num_tokens"] for b in micro_batches).to(device)
     dist.all_reduce(tokens)
-    return {"loss": (loss_sum / n_labels).item(), "grad_norm": grad_norm.item(), "tokens": int(tokens)}
+    return {"loss": (total / n_labels).item(), "grad_norm": grad_norm.item(), "tokens": int(tokens)}
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[dict], device: torch.device) -> float:
+    """Mean loss over every label token of the eval set, on all ranks together."""
+    model.eval()
+    totals = torch.zeros(2, device=device)
+    for batch in batches:
+        loss, n = loss_sum(model, batch, device)
+        totals += torch.stack([loss, n.float()])
+    dist.all_reduce(totals)
+    model.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -207,7 +245,7 @@ def save(model, cfg: Config, out_dir: Path, rank: int) -> None:
 
 def train(cfg: Config) -> list[dict]:
     """The whole run; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
-    rank, _, world, device = init_distributed(cfg.dist_timeout)
+    rank, local_rank, world, device = init_distributed(cfg.dist_timeout)
     try:
         out_dir = Path(cfg.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,18 +255,19 @@ def train(cfg: Config) -> list[dict]:
 
         # Data first: a bad dataset should fail in seconds, not after the model has loaded.
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        data.ensure_pad_token(tokenizer)
-        examples = data.load_examples(cfg.dataset, cfg.seed)
-        rows = [data.tokenize(ex, tokenizer, cfg.seq_len, cfg.train_on_prompt)
-                for ex in tqdm(examples, desc="tokenizing", disable=rank != 0)]
-        top_id, vocab = max(max(r.input_ids) for r in rows), AutoConfig.from_pretrained(model_dir).vocab_size
+        train_ds, eval_ds = data.prepare(cfg, tokenizer, local_rank, log=print0)
+        top_id, vocab = max(max(x) for x in train_ds["input_ids"]), AutoConfig.from_pretrained(model_dir).vocab_size
         if top_id >= vocab:
             raise ValueError(f"the tokenizer in {model_dir} produced token id {top_id}, but the model has only {vocab} "
                              "embeddings: the tokenizer does not belong to this model")
-        loader = data.build_loader(rows, cfg.batch_size, tokenizer.pad_token_id, rank, world, cfg.seed)
+        block_mask = data.packed_attention(device) == "sdpa"
+        loader = data.build_loader(train_ds, cfg.batch_size, tokenizer.pad_token_id, rank, world, cfg.seed,
+                                   cfg.group_by_length, block_mask)
+        evals = None if eval_ds is None else data.eval_batches(eval_ds, cfg.batch_size, tokenizer.pad_token_id, rank,
+                                                               world, block_mask)
         per_step = cfg.batch_size * cfg.grad_accum * world
         if len(loader) < cfg.grad_accum:
-            raise ValueError(f"{len(rows)} examples cannot fill one step of {per_step} (batch_size {cfg.batch_size} "
+            raise ValueError(f"{len(train_ds)} rows cannot fill one step of {per_step} (batch_size {cfg.batch_size} "
                              f"x grad_accum {cfg.grad_accum} x {world} ranks): lower them or add data")
         steps_per_epoch = len(loader) // cfg.grad_accum
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -239,7 +278,7 @@ def train(cfg: Config) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]  # the LoRA flat parameters only
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-        print0(f"{len(rows)} examples, {per_step} per step, {total_steps} steps on {world} rank(s), {device.type}")
+        print0(f"{len(train_ds)} rows, {per_step} per step, {total_steps} steps on {world} rank(s), {device.type}")
 
         history, step, epoch = [], 0, 0
         bar = tqdm(total=total_steps, desc="training", disable=rank != 0)
@@ -258,13 +297,16 @@ def train(cfg: Config) -> list[dict]:
                 step += 1
                 m.update(step=step, epoch=epoch, lr=lr, tokens_per_s=m["tokens"] / (time.perf_counter() - t0),
                          peak_mem_gib=peak_memory_gib(device))
+                if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                    m["eval_loss"] = evaluate(model, evals, device)
                 history.append(m)
                 if rank == 0:
                     metrics_file.write(json.dumps(m) + "\n")
                     metrics_file.flush()
                     if step % cfg.log_every == 0 or step == total_steps:
                         bar.set_postfix_str(f"loss {m['loss']:.4f} lr {lr:.2e} gnorm {m['grad_norm']:.3f} "
-                                            f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB")
+                                            f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB"
+                                            + (f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
                 bar.update()
                 if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                     save(model, cfg, out_dir / f"checkpoint-{step}", rank)

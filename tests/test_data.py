@@ -1,79 +1,274 @@
-"""Tokenization and batching: the loss sees response tokens only, and long prompts never cost the response."""
+"""Datasets to batches: every format, exact loss masks, truncation that keeps responses, packing without leakage."""
 import json
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
+from conftest import ROOT
 
 import data
+
+ALPACA = [{"instruction": "Name the capital.", "input": "Peru", "output": "Lima"},
+          {"instruction": "Give the opposite of this long word.", "input": "", "output": "a much longer answer here"}]
+CHAT = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
+                      {"role": "assistant", "content": "Lima"}, {"role": "user", "content": "And Chile?"},
+                      {"role": "assistant", "content": "Santiago"}]}]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return data.builtin_tokenizer()
+    tok = data.builtin_tokenizer()
+    tok.chat_template = data.CHATML
+    return tok
 
 
-def test_labels_mask_exactly_prompt_and_padding(tokenizer):
-    examples = [{"instruction": "Name the capital.", "input": "Peru", "output": "Lima"},
-                {"instruction": "Give the opposite of this long word.", "output": "a much longer answer here"}]
-    rows = [data.tokenize(ex, tokenizer, seq_len=64) for ex in examples]
+def cfg(dataset, **kw):
+    """The data fields of train.Config, with its defaults."""
+    import train
+
+    return train.Config(dataset=str(dataset), **kw)
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def trained_text(tokenizer, row) -> str:
+    return tokenizer.decode([i for i, lab in zip(row["input_ids"], row["labels"]) if lab != data.IGNORE])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Formats and masks
+
+
+def test_labels_are_ignored_exactly_on_prompt_and_padding(tokenizer):
+    rows = [data.tokenize(ex, tokenizer, 64, "alpaca") for ex in ALPACA]
     batch = data.collate(rows, tokenizer.pad_token_id)
-    for i, ex in enumerate(examples):
+    for i, ex in enumerate(ALPACA):
         prompt, response = data.render(ex)
         n_prompt = 1 + len(tokenizer.encode(prompt, add_special_tokens=False))  # BOS + prompt
         n_resp = len(tokenizer.encode(response, add_special_tokens=False)) + 1  # response + EOS
         labels, ids, mask = batch["labels"][i], batch["input_ids"][i], batch["attention_mask"][i]
-        assert (labels[:n_prompt] == data.IGNORE).all()
-        assert labels[n_prompt:n_prompt + n_resp].tolist() == ids[n_prompt:n_prompt + n_resp].tolist()
-        assert (labels[n_prompt:n_prompt + n_resp] != data.IGNORE).all()
-        assert (labels[n_prompt + n_resp:] == data.IGNORE).all() and (mask[n_prompt + n_resp:] == 0).all()
+        expected = torch.full_like(labels, data.IGNORE)
+        expected[n_prompt:n_prompt + n_resp] = ids[n_prompt:n_prompt + n_resp]
+        assert torch.equal(labels, expected)
+        assert mask.sum() == n_prompt + n_resp and mask[: n_prompt + n_resp].all()
         assert tokenizer.decode(ids[n_prompt:n_prompt + n_resp - 1]) == response
 
 
-def test_train_on_prompt_labels_everything(tokenizer):
-    row = data.tokenize({"instruction": "Name the capital.", "input": "Peru", "output": "Lima"}, tokenizer, 64,
-                        train_on_prompt=True)
-    assert row.labels == row.input_ids
+def test_chat_trains_on_assistant_turns_only(tokenizer):
+    row = data.tokenize(CHAT[0], tokenizer, 256, "chat")
+    assert trained_text(tokenizer, row) == "Lima<|im_end|>\nSantiago<|im_end|>\n"
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(CHAT[0]["messages"], tokenize=False)
 
 
-def test_long_prompt_is_cut_before_the_response(tokenizer):
-    ex = {"instruction": "word " * 200, "output": "the answer stays"}
-    row = data.tokenize(ex, tokenizer, seq_len=32)
-    assert len(row.input_ids) == 32 and row.input_ids[0] == tokenizer.bos_token_id
+def test_train_on_prompt_trains_on_everything(tokenizer):
+    row = data.tokenize(ALPACA[0], tokenizer, 64, "alpaca", train_on_prompt=True)
+    assert row["labels"] == row["input_ids"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
+def test_every_file_type_and_format_is_detected(tmp_path, tokenizer, suffix):
+    import datasets
+
+    cases = {"alpaca": ALPACA, "prompt_completion": [{"prompt": "2+2=", "completion": "4"}] * 3,
+             "text": [{"text": "plain words " * 5}] * 3}
+    if suffix != ".csv":  # a CSV cannot hold a list of messages
+        cases["chat"] = CHAT * 3
+    for fmt, rows in cases.items():
+        path = tmp_path / f"{fmt}{suffix}"
+        getattr(datasets.Dataset.from_list(rows), {".jsonl": "to_json", ".json": "to_json", ".parquet": "to_parquet",
+                                                    ".csv": "to_csv"}[suffix])(str(path))
+        logs = []
+        train, evals = data.prepare(cfg(path, seq_len=128), tokenizer, log=logs.append)
+        assert f"dataset format: {fmt}" in logs[0] and len(train) == len(rows) and evals is None
+        assert all(any(lab != data.IGNORE for lab in r) for r in train["labels"])
+
+
+def test_txt_files_and_folders_are_text(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("first line\nsecond line\n")
+    (tmp_path / "b.txt").write_text("third line\n")
+    train, _ = data.prepare(cfg(tmp_path, seq_len=64), tokenizer, log=lambda *_: None)
+    assert sorted(tokenizer.decode(r[1:-1]) for r in train["input_ids"]) == ["first line", "second line", "third line"]
+
+
+def test_field_map_renames_columns(tmp_path, tokenizer):
+    path = write(tmp_path / "qa.jsonl", [{"question": "Capital of Peru?", "answer": "Lima"}] * 2)
+    train, _ = data.prepare(cfg(path, field_map="instruction=question,output=answer"), tokenizer, log=lambda *_: None)
+    assert trained_text(tokenizer, train[0]) == "Lima</s>"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Truncation
+
+
+def test_long_prompt_is_cut_from_the_left_and_the_response_kept(tokenizer):
+    row = data.tokenize({"instruction": "word " * 200, "output": "the answer stays"}, tokenizer, 32, "alpaca")
     response = tokenizer.encode("the answer stays", add_special_tokens=False) + [tokenizer.eos_token_id]
-    assert row.input_ids[-len(response):] == response and row.labels[-len(response):] == response
-    assert tokenizer.decode(row.input_ids[1:-len(response)]).endswith("### Response:\n")
+    assert len(row["input_ids"]) == 32 and row["input_ids"][0] == tokenizer.bos_token_id and row["truncated"]
+    assert row["input_ids"][-len(response):] == response and row["labels"][-len(response):] == response
+    assert tokenizer.decode(row["input_ids"][1:-len(response)]).endswith("### Response:\n")
 
 
-def test_builtin_tokenizer_round_trips_any_text(tokenizer):
-    text = "Hello, world!\n  Tabs\tare unknown but spaces and 123 survive."
-    ids = tokenizer.encode(text.replace("\t", " "), add_special_tokens=False)
-    assert tokenizer.decode(ids) == text.replace("\t", " ")
+def test_long_text_becomes_rows_and_empty_responses_are_dropped_and_counted(tmp_path, tokenizer):
+    long_text = " ".join(f"w{i}" for i in range(300))
+    path = write(tmp_path / "t.jsonl", [{"text": long_text}])
+    train, _ = data.prepare(cfg(path, seq_len=64), tokenizer, log=lambda *_: None)
+    assert len(train) > 1 and all(len(r) <= 64 for r in train["input_ids"])
+    assert sum(len(r) for r in train["input_ids"]) >= len(tokenizer.encode(long_text, add_special_tokens=False))
+    logs = []
+    path = write(tmp_path / "a.jsonl", [ALPACA[0], {"instruction": "x", "output": ""}, {"instruction": "y " * 99, "output": "z"}])
+    train, _ = data.prepare(cfg(path, seq_len=32), tokenizer, log=logs.append)
+    assert len(train) == 2 and "1 truncated to 32 tokens, 1 dropped" in logs[1]  # the empty output is dropped
 
 
-def test_jsonl_text_and_alpaca_records(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text(json.dumps({"text": "plain"}) + "\n\n" + json.dumps({"instruction": "i", "output": "o"}) + "\n")
-    assert data.load_examples(str(f)) == [{"text": "plain"}, {"instruction": "i", "output": "o"}]
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing
 
 
-@pytest.mark.parametrize("content, name, message", [
-    (None, "missing.jsonl", "no such file"),
-    ("a,b\n", "d.csv", "unsupported extension"),
-    ("", "d.jsonl", "no examples"),
-    ('{"question": "q", "answer": "a"}\n', "d.jsonl", r"record 0 has fields \['answer', 'question'\]"),
-    ("{not json\n", "d.jsonl", "d.jsonl:1 is not valid JSON"),
-])
-def test_bad_dataset_errors(tmp_path, content, name, message):
-    path = tmp_path / name
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(data.DataError, match=message):
-        data.load_examples(str(path))
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32).eval()
 
 
-def test_ranks_see_disjoint_data(tokenizer):
-    rows = [data.tokenize({"text": f"row {i}"}, tokenizer, 16) for i in range(16)]
-    seen = []
-    for rank in range(2):
-        loader = data.build_loader(rows, 4, tokenizer.pad_token_id, rank, 2, seed=0)
-        seen.append({tuple(r.tolist()) for b in loader for r in b["input_ids"]})
+def packed_examples(tokenizer, n=7):
+    examples = [{"instruction": f"Task {i} " + "more words " * i, "output": "answer " * (i + 1)} for i in range(n)]
+    return [data.tokenize(ex, tokenizer, 64, "alpaca") for ex in examples]
+
+
+def test_packing_fills_rows_with_whole_examples(tokenizer):
+    import datasets
+
+    rows = packed_examples(tokenizer, 20)
+    packed = data.pack(datasets.Dataset.from_list(rows), 128)
+    assert all(len(r) <= 128 for r in packed["input_ids"])
+    assert sorted(map(tuple, (r["input_ids"] for r in rows))) == sorted(
+        tuple(row[s:e]) for row, pos in zip(packed["input_ids"], packed["position_ids"])
+        for s, e in zip([i for i, p in enumerate(pos) if p == 0], [i for i, p in enumerate(pos) if p == 0][1:] + [len(pos)]))
+    assert data.packing_efficiency(packed, 128) > 0.9
+
+
+def test_packed_logits_and_loss_equal_unpacked(tokenizer, tiny_model):
+    """No token attends across an example boundary: each packed example's logits are its own, and the packed loss is
+    the token-weighted loss of the examples run one at a time."""
+    import datasets
+
+    rows = packed_examples(tokenizer)
+    packed = data.pack(datasets.Dataset.from_list(rows), 160)
+    batch = data.collate([packed[i] for i in range(len(packed))], tokenizer.pad_token_id)
+    assert len(packed) < len(rows)
+    with torch.no_grad():
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"]).logits
+        total, count = 0.0, 0
+        for r in rows:
+            ids = torch.tensor([r["input_ids"]])
+            single = tiny_model(input_ids=ids).logits[0]
+            where = [(b, s) for b in range(len(packed)) for s in range(batch["input_ids"].shape[1] - ids.shape[1] + 1)
+                     if torch.equal(batch["input_ids"][b, s:s + ids.shape[1]], ids[0])
+                     and batch["position_ids"][b, s] == 0]
+            b, s = where[0]
+            torch.testing.assert_close(logits[b, s:s + ids.shape[1]], single, rtol=1e-4, atol=1e-4)
+            labels = torch.tensor(r["labels"])
+            total += torch.nn.functional.cross_entropy(single[:-1], labels[1:], ignore_index=data.IGNORE,
+                                                       reduction="sum").item()
+            count += (labels[1:] != data.IGNORE).sum().item()
+        flat_labels = batch["labels"][:, 1:].flatten()
+        packed_loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), flat_labels,
+                                                        ignore_index=data.IGNORE)
+    # a row's first label would be predicted from the previous example's last token: it must never be trained
+    assert (batch["labels"][batch["position_ids"] == 0] == data.IGNORE).all()
+    assert packed_loss.item() == pytest.approx(total / count, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Eval split, grouping
+
+
+def test_eval_fraction_is_carved_with_the_seed(tmp_path, tokenizer):
+    path = write(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(40)])
+    a, ea = data.prepare(cfg(path, eval_fraction=0.25, seed=3), tokenizer, log=lambda *_: None)
+    b, eb = data.prepare(cfg(path, eval_fraction=0.25, seed=3), tokenizer, log=lambda *_: None)
+    assert len(ea) == 10 and len(a) == 30 and ea["input_ids"] == eb["input_ids"]
+    assert not {tuple(x) for x in a["input_ids"]} & {tuple(x) for x in ea["input_ids"]}
+
+
+def test_eval_batches_cover_each_row_once_with_equal_counts_per_rank(tokenizer):
+    import datasets
+
+    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text") for i in range(7)])
+    per_rank = [data.eval_batches(ds, 2, tokenizer.pad_token_id, rank, 2) for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    seen = [tuple(row[m.bool()].tolist()) for batches in per_rank for b in batches
+            for row, m, lab in zip(b["input_ids"], b["attention_mask"], b["labels"]) if (lab != data.IGNORE).any()]
+    assert sorted(seen) == sorted(tuple(r) for r in ds["input_ids"])
+
+
+def test_length_grouped_batches_are_disjoint_across_ranks_and_homogeneous(tokenizer):
+    lengths = [(i * 37) % 100 + 1 for i in range(256)]
+    batches = [list(data.LengthGroupedSampler(lengths, 8, rank, 2, seed=0)) for rank in range(2)]
+    assert not set(batches[0]) & set(batches[1]) and len(batches[0]) == len(batches[1]) == 128
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in (batches[0][j:j + 8] for j in range(0, 128, 8))]
+    assert max(spread) < 20  # random batches of 8 from 1..100 spread ~75
+
+
+def test_ranks_see_disjoint_rows(tokenizer):
+    import datasets
+
+    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text") for i in range(16)])
+    seen = [{tuple(r.tolist()) for b in data.build_loader(ds, 4, tokenizer.pad_token_id, rank, 2, 0)
+             for r in b["input_ids"]} for rank in range(2)]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error before training
+
+
+@pytest.mark.parametrize("setup, kwargs, message", [
+    (lambda p: p / "missing.jsonl", {}, "no such file or folder"),
+    (lambda p: (p / "d.xml").write_text("<a/>") and p / "d.xml", {}, "need one file type"),
+    (lambda p: write(p / "d.jsonl", [{"question": "q", "answer": "a"}]), {},
+     r"cannot tell the format from the columns \['question', 'answer'\]"),
+    (lambda p: write(p / "d.jsonl", [{"question": "q"}]), {"dataset_format": "alpaca"},
+     r"needs columns \['instruction', 'output'\]; the columns are \['question'\]"),
+    (lambda p: write(p / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]), {}, "no assistant turn"),
+    (lambda p: write(p / "d.jsonl", [{"q": 1}]), {"field_map": "instruction=question"}, "no column 'question'"),
+    (lambda p: write(p / "d.jsonl", [{"text": ""}]), {}, "no example"),
+])
+def test_bad_dataset_errors(tmp_path, tokenizer, setup, kwargs, message):
+    with pytest.raises(data.DataError, match=message):
+        data.prepare(cfg(setup(tmp_path), **kwargs), tokenizer, log=lambda *_: None)
+
+
+def test_missing_chat_template_is_a_clear_error_and_chatml_the_fix(tmp_path):
+    path = write(tmp_path / "c.jsonl", CHAT)
+    bare = data.builtin_tokenizer()
+    with pytest.raises(Exception, match="chat_template|chat template"):
+        data.prepare(cfg(path), bare, log=lambda *_: None)
+    train, _ = data.prepare(cfg(path, chat_template="chatml"), bare, log=lambda *_: None)
+    assert len(train) == 1
+
+
+def test_missing_pad_token_is_handled(tokenizer):
+    tok = data.builtin_tokenizer()
+    tok.pad_token = None
+    data.ensure_pad_token(tok)
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_show_marks_trained_tokens(tmp_path):
+    """`python data.py --show` prints each example with its trained span between markers, then statistics."""
+    path = write(tmp_path / "d.jsonl", [ALPACA[0]] * 3)
+    out = subprocess.run([sys.executable, str(ROOT / "data.py"), "--dataset", str(path), "--show", "2"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("### Response:\n[[Lima</s>]]") == 2
+    assert "3 rows" in out.stdout and "median" in out.stdout

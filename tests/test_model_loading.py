@@ -31,13 +31,15 @@ def test_linear4bit_matches_dequantized_linear():
                                      quant_type="nf4", quant_storage=torch.bfloat16, module=layer)._quantize(DEVICE)
     layer.bias = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16, device=DEVICE), requires_grad=False)
     w = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    x1 = torch.randn(5, 128, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    x1 = (torch.randn(5, 128, device=DEVICE) / 128**0.5).to(torch.bfloat16).requires_grad_(True)  # outputs ~1
     x2 = x1.detach().clone().requires_grad_(True)
     grad_out = torch.randn(5, 64, dtype=torch.bfloat16, device=DEVICE)
     y1, y2 = layer(x1), F.linear(x2, w, layer.bias)
     (y1 * grad_out).sum().backward()
     (y2 * grad_out).sum().backward()
-    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    # bit-exact on CPU; CUDA's matmul kernels may round a few bf16 ulps differently from F.linear's
+    tol = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(y1, y2, **tol)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-2, atol=1e-2)
     assert x1.grad.abs().sum() > 0
 
