@@ -45,12 +45,16 @@ def losses(history):
 
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
 def test_two_ranks_match_one_rank(checkpoints, tmp_path):
-    """2 ranks of batch 4 (gloo or NCCL, torchrun) give the losses and adapter of 1 process with batch 8."""
+    """2 ranks of batch 4 (gloo or NCCL, torchrun) give the losses, eval losses and adapter of 1 process, batch 8."""
     path = checkpoints("llama")
-    two = run_torchrun(common(path, tmp_path / "two", steps=4) + ["--batch_size", "4"], nproc=2)
-    one = run_inprocess(common(path, tmp_path / "one", steps=4) + ["--batch_size", "8"])
+    evals = ["--eval_fraction", "0.05", "--eval_every", "2"]  # 102 eval rows: 51 per rank, an uneven last batch
+    two = run_torchrun(common(path, tmp_path / "two", steps=4) + ["--batch_size", "4"] + evals, nproc=2)
+    one = run_inprocess(common(path, tmp_path / "one", steps=4) + ["--batch_size", "8"] + evals)
     assert [h["tokens"] for h in one] == [h["tokens"] for h in two]  # the same examples in each step
     torch.testing.assert_close(losses(two), losses(one), rtol=5e-3, atol=0)
+    eval_one, eval_two = ([h["eval_loss"] for h in run if "eval_loss" in h] for run in (one, two))
+    assert len(eval_one) == 2 and eval_one[1] < eval_one[0]
+    torch.testing.assert_close(eval_two, eval_one, rtol=5e-3, atol=0)
     assert losses(one)[-1] < losses(one)[0]  # and the steps did something
     from safetensors.torch import load_file
 
@@ -116,6 +120,14 @@ def test_builtin_task_loss_falls(tmp_path):
     history = run_inprocess(["--output_dir", str(tmp_path), "--max_steps", "40", "--batch_size", "16"])
     first, last = history[0]["loss"], sum(losses(history[-5:])) / 5
     assert first > 5 and last < 1.0, (first, last)
+
+
+def test_packed_training_learns(tmp_path):
+    """Packed rows (position ids and a block-diagonal mask through FSDP and checkpointing) train like padded ones."""
+    history = run_inprocess(["--output_dir", str(tmp_path), "--max_steps", "12", "--batch_size", "2", "--packing",
+                             "--seq_len", "256", "--warmup_steps", "2"])
+    assert history[0]["tokens"] > 2 * 256 * 0.9  # rows are full
+    assert history[-1]["loss"] < history[0]["loss"] / 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------
