@@ -185,7 +185,8 @@ def tokenize(example: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: 
         cut = min(len(ids) - seq_len, max(0, first - keep))
         ids, trained = ids[:keep] + ids[keep + cut:], trained[:keep] + trained[keep + cut:]
         ids, trained = ids[:seq_len], trained[:seq_len]
-    labels = [i if t else IGNORE for i, t in zip(ids, trained)]
+    # The first token is never a target: nothing of its own example precedes it (packed, the previous example would).
+    labels = [IGNORE] + [i if t else IGNORE for i, t in zip(ids[1:], trained[1:])]
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "dropped": not has_response}
 
 

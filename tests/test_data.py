@@ -67,7 +67,7 @@ def test_chat_trains_on_assistant_turns_only(tokenizer):
 
 def test_train_on_prompt_trains_on_everything(tokenizer):
     row = data.tokenize(ALPACA[0], tokenizer, 64, "alpaca", train_on_prompt=True)
-    assert row["labels"] == row["input_ids"]
+    assert row["labels"][1:] == row["input_ids"][1:] and row["labels"][0] == data.IGNORE  # BOS predicts nothing
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv"])
