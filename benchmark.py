@@ -1,59 +1,71 @@
-"""Training throughput and memory on a synthetic checkpoint with the shape of a real model (random weights).
+"""Training throughput and memory against the stack users would otherwise pick, measured in the same process.
 
-    python benchmark.py                                   # Llama-3-8B shape, seq 2048, batch 1 and 8, 20 steps each
-    python benchmark.py --shape llama3-8b --batch_sizes 1 --steps 10
+    python benchmark.py                                    # Llama-3-8B shape, seq 2048, batch 1 and 8
+    python benchmark.py --shape llama3-70b --layers 8 --batch_sizes 1 --max_memory_gib 24
 
-The checkpoint is written once (about 16 GB for 8B) and streamed through the same loader as a real model. Each batch
-size is a full run of train.py's `train`; the table gives the median tokens/s of the steps after the first three,
-MFU = 6 * (linear-layer parameters) * tokens/s / (measured bf16 matmul peak), and peak reserved GPU memory.
+Runs on a synthetic checkpoint with random weights in a real model's shape, written once and streamed through the
+same loader as a real checkpoint. For each batch size it times
+    ours        train.py's `train`, as users run it
+    reference   transformers from_pretrained + BitsAndBytesConfig (nf4, bf16 compute and storage) + PEFT LoRA with
+                the same r, alpha and targets, dropout 0.1, non-reentrant checkpointing, AdamW
+    tuned       the same with dropout 0 and the adapters cast to bf16
+on the same tokens, checks that the first-step losses agree (same weights, same tokens, B = 0), and prints a table:
+median tokens/s of the steps after the third, MFU = 6 x (linear-layer parameters) x tokens/s / (bf16 matmul peak
+measured here), peak allocated and reserved memory, and load time from safetensors to ready.
 """
 import argparse
+import gc
 import json
-import platform
 import random
 import statistics
 import time
+from datetime import date
 from pathlib import Path
 
 import torch
 
 import train
-from data import builtin_tokenizer
+from data import builtin_tokenizer, tokenize
+from lora import DEFAULT_TARGETS
 from model_loading import write_random_checkpoint
 
 SHAPES = {  # transformers config kwargs of real models
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
                       max_position_embeddings=8192, rms_norm_eps=1e-5),
-    "llama3-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                      max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, rope_theta=1000000.0,
+                       max_position_embeddings=32768),
+    "llama3-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5),
 }
 
 
-def synthetic_checkpoint(shape: str, root: Path) -> Path:
+def synthetic_checkpoint(shape: str, layers: int, root: Path) -> Path:
     from transformers import AutoConfig
 
-    out = root / f"synthetic-{shape}"
+    kwargs = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    out = root / f"synthetic-{shape}-{kwargs['num_hidden_layers']}layers"
     if not (out / "config.json").is_file():
-        kwargs = dict(SHAPES[shape])
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         write_random_checkpoint(config, out, max_shard_size="5GB", tokenizer=builtin_tokenizer(), device=device)
     return out
 
 
-def random_text_dataset(path: Path, n: int, chars: int, seed: int = 0) -> Path:
-    """Plain-text rows longer than seq_len: every row is truncated to exactly seq_len tokens, every token trained."""
+def random_rows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """Completions of random text longer than seq_len tokens, after an empty prompt: truncation makes every row
+    exactly seq_len tokens, all trained (the same targets as the reference's labels=input_ids)."""
     rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"text": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(chars))}) + "\n")
-    return path
+    return [{"prompt": "", "completion": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(2 * seq_len))}
+            for _ in range(n)]
 
 
 def linear_params(model_dir: Path) -> int:
-    """Parameters in nn.Linear layers (lm_head included): the 6*N of the MFU numerator."""
+    """Parameters in nn.Linear layers (lm_head included): the N of 6N FLOPs per token."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -73,48 +85,124 @@ def matmul_peak_tflops() -> float:
     return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
 
 
+def fresh_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def memory() -> tuple[float, float]:
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
+def run_ours(model_dir: Path, data_file: Path, out: Path, bs: int, args) -> dict:
+    fresh_memory()
+    flags = ["--model", str(model_dir), "--dataset", str(data_file), "--output_dir", str(out), "--seq_len",
+             str(args.seq_len), "--batch_size", str(bs), "--max_steps", str(args.steps), "--lora_rank", str(args.r),
+             "--lora_alpha", str(args.alpha), "--lr", "1e-4", *args.extra.split()]
+    history = train.train(train.parse_config(flags))
+    return dict(tps=statistics.median(h["tokens_per_s"] for h in history[3:]), first_loss=history[0]["loss"],
+                load_s=history[0]["load_s"], mem=memory())
+
+
+def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, args) -> dict:
+    """transformers + bitsandbytes + PEFT, the way their documentation trains QLoRA."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    fresh_memory()
+    t0 = time.perf_counter()
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0 if tuned else 0.1,
+                                             target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tuned:
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    load_s = time.perf_counter() - t0
+    tps, first_loss = [], None
+    for ids in batches:
+        ids = ids.cuda()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        first_loss = first_loss if first_loss is not None else loss.item()
+        torch.cuda.synchronize()
+        tps.append(ids.numel() / (time.perf_counter() - t0))
+    result = dict(tps=statistics.median(tps[3:]), first_loss=first_loss, load_s=load_s, mem=memory())
+    del model, optimizer, params
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=0, help="fewer decoder layers than the real model (0: all)")
     p.add_argument("--batch_sizes", default="1,8")
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--r", type=int, default=64, help="LoRA rank (alpha 16, as in the QLoRA paper)")
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--no_reference", action="store_true", help="time ours only")
+    p.add_argument("--max_memory_gib", type=float, default=0, help="cap this process, e.g. 24 for a 24 GB card")
     p.add_argument("--workdir", default="/tmp/fsdp_qlora_bench")
-    p.add_argument("--extra", default="", help="more train.py flags, e.g. '--quant none --lora_rank 64'")
+    p.add_argument("--extra", default="", help="more train.py flags for ours, e.g. '--grad_checkpointing none'")
     args = p.parse_args()
+    if args.max_memory_gib:
+        torch.cuda.set_per_process_memory_fraction(args.max_memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
 
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model_dir = synthetic_checkpoint(args.shape, root)
+    model_dir = synthetic_checkpoint(args.shape, args.layers, root)
     print(f"checkpoint ready in {time.perf_counter() - t0:.0f}s: {model_dir}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    data_file = random_text_dataset(root / "random.jsonl", max(batch_sizes) * args.steps, args.seq_len + 16)
-    n_linear = linear_params(model_dir)
-    peak = matmul_peak_tflops() if torch.cuda.is_available() else float("nan")
+    rows_text = random_rows(max(batch_sizes) * args.steps, args.seq_len)
+    data_file = root / "random.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows_text))
+    n_linear, peak = linear_params(model_dir), matmul_peak_tflops()
 
     rows = []
     for bs in batch_sizes:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        flags = ["--model", str(model_dir), "--dataset", str(data_file), "--output_dir", str(root / f"out-bs{bs}"),
-                 "--seq_len", str(args.seq_len), "--batch_size", str(bs), "--max_steps", str(args.steps),
-                 "--log_every", "1", *args.extra.split()]
-        history = train.train(train.parse_config(flags))
-        tps = statistics.median(h["tokens_per_s"] for h in history[3:])
-        rows.append((bs, tps, 6 * n_linear * tps / (peak * 1e12), max(h["peak_mem_gib"] for h in history)))
+        results = {"ours": run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)}
+        if not args.no_reference:
+            # the same rows in the same order as ours: its DistributedSampler's epoch-0 permutation
+            order = torch.randperm(len(rows_text), generator=torch.Generator().manual_seed(0)).tolist()
+            tok = builtin_tokenizer()
+            ids = [tokenize(rows_text[i], tok, args.seq_len, "prompt_completion")["input_ids"] for i in order]
+            batches = [torch.tensor(ids[s * bs:(s + 1) * bs]) for s in range(args.steps)]
+            for name, tuned in (("reference", False), ("tuned", True)):
+                results[name] = run_reference(model_dir, batches, tuned, args)
+            for name in ("reference", "tuned"):
+                a, b = results["ours"]["first_loss"], results[name]["first_loss"]
+                if abs(a - b) > 2e-2 * abs(b):
+                    raise SystemExit(f"first-step loss {a:.4f} (ours) != {b:.4f} ({name}): not comparing speeds")
+        for name, r in results.items():
+            rows.append((bs, name, r["tps"], 6 * n_linear * r["tps"] / (peak * 1e12), *r["mem"], r["load_s"],
+                         r["tps"] / results.get("reference", r)["tps"], r["first_loss"]))
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     import bitsandbytes
     import transformers
 
-    print(f"\n{args.shape}, seq {args.seq_len}, {args.steps} steps, {device}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__}, "
-          f"bf16 matmul peak {peak:.0f} TFLOP/s, flags: {args.extra or 'defaults'}")
-    print("| batch | tokens/s | MFU | peak reserved GiB |\n|---|---|---|---|")
-    for bs, tps, mfu, mem in rows:
-        print(f"| {bs} | {tps:,.0f} | {mfu:.1%} | {mem:.1f} |")
+    print(f"\n{args.shape} ({n_linear / 1e9:.2f}B in linear layers), seq {args.seq_len}, LoRA r={args.r} "
+          f"alpha={args.alpha:g}, {args.steps} steps, {torch.cuda.get_device_name()}, {date.today()}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__},"
+          f" bf16 matmul peak {peak:.0f} TFLOP/s, cap {args.max_memory_gib or 'none'} GiB, ours: "
+          f"{args.extra or 'defaults'}")
+    print("| batch | stack | tokens/s | MFU | peak alloc GiB | peak reserved GiB | load s | vs reference | step-1 loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for bs, name, tps, mfu, alloc, reserved, load_s, ratio, loss in rows:
+        print(f"| {bs} | {name} | {tps:,.0f} | {mfu:.1%} | {alloc:.1f} | {reserved:.1f} | {load_s:.1f} | "
+              f"{ratio:.2f}x | {loss:.4f} |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
     if grad_checkpointing == "reentrant":
         # Reentrant checkpointing only backpropagates into a segment whose inputs require grad; the frozen embedding's
         # output does not, so the LoRA weights of the first layer would silently get no gradient without this hook.
-        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        embeddings = next(m for m in model.modules() if hasattr(m, "get_input_embeddings")).get_input_embeddings()
+        embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     policy = functools.partial(_or_policy, policies=[
         functools.partial(lambda_auto_wrap_policy, lambda_fn=_is_trainable_leaf),
         functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_cls}),
@@ -74,10 +75,13 @@ def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Each LoRA leaf is its own FSDP unit, so gathering them one by one never unshards a 4-bit layer. (A full state dict
     of the root would gather the whole base model; on CPU its offload_to_cpu path also crashes.)
     """
+    from transformers import PreTrainedModel
+
     from lora import lora_modules
 
+    hf_model = next(m for m in model.modules() if isinstance(m, PreTrainedModel))  # names as PEFT sees them
     state = {}
-    for name, module in lora_modules(model).items():
+    for name, module in lora_modules(hf_model).items():
         for ab in ("lora_A", "lora_B"):
             unit = getattr(module, ab)
             with FSDP.summon_full_params(unit, writeback=False):
