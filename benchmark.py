@@ -143,6 +143,20 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
     return result
 
 
+def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int], args) -> None:
+    """Where a step's time goes: the ops with the most GPU time, and with the most CPU time (launch overhead)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for bs in batch_sizes:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            result = run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)
+        print(f"\n### batch {bs}: {result['tps']:,.0f} tokens/s (under the profiler)")
+        events = prof.key_averages()
+        print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -153,6 +167,7 @@ def main() -> None:
     p.add_argument("--r", type=int, default=64, help="LoRA rank (alpha 16, as in the QLoRA paper)")
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--no_reference", action="store_true", help="time ours only")
+    p.add_argument("--profile", action="store_true", help="profile ours (whole run) and print the top ops instead")
     p.add_argument("--max_memory_gib", type=float, default=0, help="cap this process, e.g. 24 for a 24 GB card")
     p.add_argument("--workdir", default="/tmp/fsdp_qlora_bench")
     p.add_argument("--extra", default="", help="more train.py flags for ours, e.g. '--grad_checkpointing none'")
@@ -171,6 +186,8 @@ def main() -> None:
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows_text))
     n_linear, peak = linear_params(model_dir), matmul_peak_tflops()
 
+    if args.profile:
+        return profile(model_dir, data_file, root, batch_sizes, args)
     rows = []
     for bs in batch_sizes:
         results = {"ours": run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)}

@@ -193,19 +193,23 @@ def _is_4bit(module: nn.Module) -> bool:
 
 
 def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str = "cpu", progress: bool = True,
-               attn_implementation: str | None = None) -> nn.Module:
+               attn_implementation: str | None = None, keep_on: torch.device | str | None = None) -> nn.Module:
     """Build the model from `model_dir`, streaming one tensor at a time onto `device`; all parameters frozen.
 
-    attn_implementation: transformers' name ("sdpa", "flash_attention_2", ...); None lets transformers choose."""
+    attn_implementation: transformers' name ("sdpa", "flash_attention_2", ...); None lets transformers choose.
+    keep_on: where the quantized tensors then wait (default: `device`). "cpu" keeps a model larger than one GPU off
+    it: FSDP moves one unit at a time to the GPU as it wraps it, keeping only this rank's shard there.
+    """
     if quant not in QUANT_TYPES:
         raise CheckpointError(f"--quant {quant!r}: choose one of {QUANT_TYPES}")
     device = torch.device(device)
+    keep_on = torch.device(keep_on) if keep_on is not None else device
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as e:
         raise CheckpointError(f"cannot read {model_dir / 'config.json'}: {e}") from e
     model = build_skeleton(config, quant, attn_implementation)
-    _init_nonpersistent_buffers(model, device)
+    _init_nonpersistent_buffers(model, keep_on)
     entries = index_checkpoint(model_dir)
     check_checkpoint(entries, model)
 
@@ -218,7 +222,7 @@ def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str =
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:  # peak host memory: this one tensor
                     if not _ignorable(name, model):
-                        _put(model, name, f.get_tensor(name), device)
+                        _put(model, name, f.get_tensor(name), device, keep_on)
                     bar.update()
         except SafetensorError as e:
             raise CheckpointError(f"{file} is truncated or corrupt ({e}); download it again") from e
@@ -232,7 +236,7 @@ def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str =
     return model
 
 
-def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device) -> None:
+def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, keep_on: torch.device) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     tensor = tensor.to(device=device, dtype=torch.bfloat16)
@@ -244,11 +248,11 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device
         weight = Params4bit(tensor, requires_grad=False, quant_type=module.weight.quant_type,
                             compress_statistics=module.weight.compress_statistics,
                             quant_storage=torch.bfloat16, module=module)
-        module.weight = weight._quantize(device)  # quantized on the device it will live on
+        module.weight = weight._quantize(device).to(keep_on)  # .to moves quant_state along (the same object)
     elif attr in module._buffers:
-        module._buffers[attr] = tensor
+        module._buffers[attr] = tensor.to(keep_on)
     else:
-        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+        setattr(module, attr, nn.Parameter(tensor.to(keep_on), requires_grad=False))
 
 
 def _init_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:

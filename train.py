@@ -152,11 +152,15 @@ def print0(*args) -> None:
 def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int) -> torch.nn.Module:
     """Stream the 4-bit base onto the device, add LoRA (identically on every rank), then shard and checkpoint."""
     attention = data.packed_attention(device) if cfg.packing else None
-    model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention)
+    # Sharded over several GPUs, the whole 4-bit model may not fit one of them (70B: ~38 GB): quantize on the GPU,
+    # keep the result in CPU memory, and let FSDP move each unit to the GPU as it shards it.
+    keep_on = torch.device("cpu") if dist.get_world_size() > 1 and cfg.sharding != "no_shard" else device
+    model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention,
+                                     keep_on=keep_on)
     layer_cls = model_loading.decoder_layer_class(model)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    names = lora.inject_lora(model, targets, layer_cls, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, device)
+    names = lora.inject_lora(model, targets, layer_cls, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, keep_on)
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"LoRA r={cfg.lora_rank} on {len(names)} layers: {n_lora / 1e6:.2f}M trainable parameters")

@@ -165,3 +165,24 @@ def test_too_little_data_for_one_step(checkpoints, tmp_path):
 def test_missing_model_fails_before_loading(tmp_path):
     with pytest.raises(CheckpointError, match="no such folder"):
         run_inprocess(["--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")])
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="staging in CPU memory only differs from loading there on a GPU")
+def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoints, process_group):
+    """Quantized on the GPU, kept in CPU memory, moved back unit by unit by FSDP: same packed bytes, same logits."""
+    import lora
+    from model_loading import decoder_layer_class, load_model
+
+    path, ids = checkpoints("qwen2"), torch.randint(4, 400, (2, 16), device=DEVICE)
+    logits = []
+    for keep_on in (DEVICE, "cpu"):
+        torch.manual_seed(0)
+        model = load_model(path, "nf4", DEVICE, progress=False, keep_on=keep_on)
+        layer_cls = decoder_layer_class(model)
+        lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, keep_on)
+        for m in lora.lora_modules(model).values():
+            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+        model = fsdp_wrap.wrap_model(train.CausalLMWithLoss(model), layer_cls, DEVICE)
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
