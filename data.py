@@ -162,5 +162,7 @@ def build_loader(rows: list[Tokenized], batch_size: int, pad_id: int, rank: int,
                  seed: int) -> DataLoader:
     """Each rank sees a disjoint 1/world_size of the rows, reshuffled each epoch by sampler.set_epoch(epoch)."""
     sampler = DistributedSampler(rows, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(rows, batch_size=batch_size, sampler=sampler, drop_last=True,
+    # Its own generator: iter(loader) draws a seed from it each epoch, which from the global one would shift the
+    # RNG stream of LoRA dropout, and a resumed run could not restore it exactly.
+    return DataLoader(rows, batch_size=batch_size, sampler=sampler, drop_last=True, generator=torch.Generator(),
                       collate_fn=lambda batch: collate(batch, pad_id))
