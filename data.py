@@ -386,7 +386,9 @@ def build_loader(ds, batch_size: int, pad_id: int, rank: int, world: int, seed: 
         sampler = LengthGroupedSampler([len(x) for x in ds["input_ids"]], batch_size, rank, world, seed)
     else:
         sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
+    # Its own generator: iter(loader) draws a seed from it each epoch, which from the global one would shift the
+    # RNG stream of LoRA dropout, and a resumed run could not restore it exactly.
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, generator=torch.Generator(),
                       collate_fn=lambda rows: collate(rows, pad_id, block_mask))
 
 

@@ -3,6 +3,7 @@
     python train.py                                   # tiny built-in model and task, one process
     torchrun --nproc_per_node 2 train.py              # the same, sharded over two ranks (GPUs, or CPU with gloo)
     torchrun --nproc_per_node 8 train.py --model meta-llama/Llama-3.1-8B --dataset data.jsonl
+    torchrun --nproc_per_node 2 train.py --save_every 100 --resume auto  # continue where a killed run stopped
 """
 import argparse
 import dataclasses
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
+import checkpointing
 import data
 import fsdp_wrap
 import lora
@@ -72,7 +74,11 @@ class Config:
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "data order and LoRA init"})
     log_every: int = field(default=1, metadata={"help": "steps between progress-line updates"})
-    save_every: int = field(default=0, metadata={"help": "save adapters to output_dir/checkpoint-N every N steps; 0: only at the end"})
+    save_every: int = field(default=0, metadata={"help": "save a checkpoint to output_dir/checkpoint-N every N steps; 0: only the final adapter"})
+    keep_last: int = field(default=0, metadata={"help": "keep only the newest K checkpoints; 0 keeps all"})
+    resume: str = field(default="", metadata={"help": "'auto': continue from the newest checkpoint in output_dir (if any); or a checkpoint folder"})
+    overwrite: bool = field(default=False, metadata={"help": "delete another run's checkpoints in output_dir instead of refusing to start"})
+    max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive skipped steps (non-finite loss or grad norm); 0: never"})
     dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing"})
 
 
@@ -97,7 +103,8 @@ def validate(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ["max_steps", "epochs", "warmup_steps", "weight_decay", "max_grad_norm", "save_every"]:
+    for name in ["max_steps", "epochs", "warmup_steps", "weight_decay", "max_grad_norm", "save_every", "keep_last",
+                 "max_bad_steps"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps == 0 and cfg.epochs == 0:
@@ -149,8 +156,10 @@ def print0(*args) -> None:
 # Model
 
 
-def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int) -> torch.nn.Module:
-    """Stream the 4-bit base onto the device, add LoRA (identically on every rank), then shard and checkpoint."""
+def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
+                adapter_dir: Path | None = None) -> torch.nn.Module:
+    """Stream the 4-bit base onto the device, add LoRA (identically on every rank, or loaded from `adapter_dir`),
+    then shard and checkpoint."""
     attention = data.packed_attention(device) if cfg.packing else None
     # Sharded over several GPUs, the whole 4-bit model may not fit one of them (70B: ~38 GB): quantize on the GPU,
     # keep the result in CPU memory, and let FSDP move each unit to the GPU as it shards it.
@@ -161,6 +170,8 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int) -
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     names = lora.inject_lora(model, targets, layer_cls, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, keep_on)
+    if adapter_dir is not None:  # resuming: the full weights go in before FSDP shards them
+        lora.load_adapter(model, adapter_dir)
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"LoRA r={cfg.lora_rank} on {len(names)} layers: {n_lora / 1e6:.2f}M trainable parameters")
@@ -226,6 +237,8 @@ def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device:
 
     Each rank scales its summed token losses by world_size / (label tokens on all ranks): FSDP averages gradients
     over ranks, so the result is the gradient of the mean loss over every label token of the step.
+    A non-finite loss or grad norm skips the update (both are global, so every rank skips): the weights and AdamW's
+    moments stay as they were, and the caller still advances the step, the data and the LR schedule.
     """
     world = dist.get_world_size()
     n_labels = sum((b["labels"][:, 1:] != data.IGNORE).sum() for b in micro_batches).to(device)
@@ -239,12 +252,15 @@ def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device:
             (loss * world / n_labels).backward()
         total += loss.detach()
     grad_norm = model.clip_grad_norm_(cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     dist.all_reduce(total)
+    loss = (total / n_labels).item()
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm.item()))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     tokens = sum(b["num_tokens"] for b in micro_batches).to(device)
     dist.all_reduce(tokens)
-    return {"loss": (total / n_labels).item(), "grad_norm": grad_norm.item(), "tokens": int(tokens)}
+    return {"loss": loss, "grad_norm": grad_norm.item(), "tokens": int(tokens), "skipped": skipped}
 
 
 @torch.no_grad()
@@ -280,11 +296,10 @@ def save(model, cfg: Config, out_dir: Path, rank: int) -> None:
 def train(cfg: Config) -> list[dict]:
     """The whole run; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
     rank, local_rank, world, device = init_distributed(cfg.dist_timeout)
+    stop, metrics_file = checkpointing.StopOnSignal(), None
     try:
         out_dir = Path(cfg.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError(f"--output_dir {out_dir} is not writable")
+        checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
         model_dir = model_loading.resolve_model_dir(cfg.model)
 
         # Data first: a bad dataset should fail in seconds, not after the model has loaded.
@@ -305,29 +320,47 @@ def train(cfg: Config) -> list[dict]:
                              f"x grad_accum {cfg.grad_accum} x {world} ranks): lower them or add data")
         steps_per_epoch = len(loader) // cfg.grad_accum
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+        run = dict(world_size=world, steps_per_epoch=steps_per_epoch, base_model=cfg.model,
+                   base_fingerprint=checkpointing.fingerprint(model_dir), config=dataclasses.asdict(cfg))
+        resume_from = checkpointing.select_resume(cfg.resume, out_dir)
+        resumed = checkpointing.read_state(resume_from) if resume_from else None
+        if resumed:  # refused here, before the model loads
+            checkpointing.check_resumable(resumed, resume_from, run)
 
         t0 = time.perf_counter()
-        model = build_model(cfg, model_dir, device, rank)
+        model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
         load_s = time.perf_counter() - t0
         print0(f"model loaded, adapted and sharded in {load_s:.1f}s")
         params = [p for p in model.parameters() if p.requires_grad]  # the LoRA flat parameters only
         # fused: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+        step, epoch, skip = (resumed.step, resumed.epoch, resumed.step_in_epoch) if resumed else (0, 0, 0)
+        if resumed:
+            checkpointing.load_checkpoint(resume_from, model, optimizer, scheduler)
+            print0(f"resumed from {resume_from}: step {step}, epoch {epoch}")
         print0(f"{len(train_ds)} rows, {per_step} per step, {total_steps} steps on {world} rank(s), {device.type}")
 
-        history, step, epoch = [], 0, 0
-        bar = tqdm(total=total_steps, desc="training", disable=rank != 0)
-        metrics_file = (out_dir / "metrics.jsonl").open("w") if rank == 0 else None
+        history, bad_steps, last_saved, stopping = [], 0, resume_from, False
+        bar = tqdm(total=total_steps, initial=step, desc="training", disable=rank != 0)
+        metrics_file = open_metrics(out_dir / "metrics.jsonl", step) if rank == 0 else None
         model.train()
-        while step < total_steps:
-            loader.sampler.set_epoch(epoch)
+        while step < total_steps and not stopping:
+            loader.sampler.set_epoch(epoch)  # an epoch's order is a function of (seed, epoch) alone
             batches = iter(loader)
-            for _ in range(steps_per_epoch):
+            for _ in range(skip * cfg.grad_accum):  # resumed mid-epoch: pass the micro-batches already trained on
+                next(batches)
+            for in_epoch in range(skip, steps_per_epoch):
                 if step >= total_steps:
                     break
                 t0 = time.perf_counter()
-                m = train_step(model, optimizer, [next(batches) for _ in range(cfg.grad_accum)], cfg, device)
+                try:
+                    m = train_step(model, optimizer, [next(batches) for _ in range(cfg.grad_accum)], cfg, device)
+                except torch.cuda.OutOfMemoryError as e:
+                    raise torch.cuda.OutOfMemoryError(
+                        f"out of GPU memory in step {step + 1}: lower --batch_size (now {cfg.batch_size}; raise "
+                        f"--grad_accum to keep the step size) or --seq_len (now {cfg.seq_len}), "
+                        "or add --cpu_offload") from e
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
@@ -335,7 +368,7 @@ def train(cfg: Config) -> list[dict]:
                          peak_mem_gib=peak_memory_gib(device))
                 if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
                     m["eval_loss"] = evaluate(model, evals, device)
-                if step == 1:
+                if not history:
                     m["load_s"] = load_s
                 history.append(m)
                 if rank == 0:
@@ -346,17 +379,53 @@ def train(cfg: Config) -> list[dict]:
                                             f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB"
                                             + (f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
                 bar.update()
-                if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                    save(model, cfg, out_dir / f"checkpoint-{step}", rank)
+                bad_steps = bad_steps + 1 if m["skipped"] else 0
+                if m["skipped"]:
+                    print0(f"step {step}: loss {m['loss']}, grad norm {m['grad_norm']}: update skipped "
+                           f"({bad_steps} in a row)")
+                if cfg.max_bad_steps and bad_steps >= cfg.max_bad_steps:
+                    raise RuntimeError(
+                        f"{bad_steps} consecutive steps (up to step {step}) had a non-finite loss or grad norm; "
+                        f"stopping. Skipped steps change no weight, so the last checkpoint, {last_saved or 'none yet'}, "
+                        "is good: check the data near these steps, or start again with a lower --lr")
+                stopping = stop.agreed(device) and step < total_steps
+                if stopping or (cfg.save_every and step % cfg.save_every == 0):
+                    position = (epoch, in_epoch + 1) if in_epoch + 1 < steps_per_epoch else (epoch + 1, 0)
+                    state = checkpointing.TrainerState(step, *position, **run)
+                    last_saved = checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler,
+                                                               cfg.keep_last)
+                if stopping:
+                    print0(f"got {stop.signal or 'a signal on another rank'}: saved {last_saved}; continue with "
+                           f"--resume auto")
+                    break
+            skip = 0
             epoch += 1
         bar.close()
-        save(model, cfg, out_dir, rank)
-        print0(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; adapter saved to {out_dir}")
+        if not stopping:
+            save(model, cfg, out_dir, rank)
+            if history:  # empty when a finished run is resumed
+                print0(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; adapter saved to {out_dir}")
+        return history
+    except RuntimeError as e:
+        if isinstance(e, dist.DistError) or "gloo" in str(e):  # NCCL: DistError; gloo: a RuntimeError naming it
+            print(f"rank {rank}: lost contact with another rank ({e}). The launcher's log names the rank that "
+                  "failed; once it is back, continue with --resume auto.", flush=True)
+        raise
+    finally:
         if metrics_file:
             metrics_file.close()
-        return history
-    finally:
+        stop.restore()
         dist.destroy_process_group()
+
+
+def open_metrics(path: Path, resumed_step: int):
+    """metrics.jsonl, keeping the lines up to the resumed step, so a resumed run's file reads as one run."""
+    kept = []
+    if resumed_step and path.is_file():
+        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= resumed_step]
+    f = path.open("w")
+    f.writelines(kept)
+    return f
 
 
 if __name__ == "__main__":

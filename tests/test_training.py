@@ -148,6 +148,23 @@ def test_impossible_config_is_refused(flags, message):
         train.parse_config(flags)
 
 
+def test_unknown_quant_is_refused(checkpoints, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_config(["--quant", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+    from model_loading import load_model
+
+    with pytest.raises(CheckpointError, match="--quant 'int3'"):
+        load_model(checkpoints("llama"), quant="int3")
+
+
+def test_unwritable_output_dir_fails_before_loading(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="is not writable"):
+        run_inprocess(["--output_dir", str(blocker / "out")])
+
+
 def test_bool_flags_parse_both_ways():
     assert train.parse_config(["--train_on_prompt"]).train_on_prompt is True
     assert train.parse_config(["--no-train-on-prompt"]).train_on_prompt is False

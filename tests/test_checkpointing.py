@@ -1,0 +1,267 @@
+"""Checkpoints: a resumed run continues bit for bit, and no crash, signal, bad step or bad save loses a good one."""
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE, ROOT
+from safetensors.torch import load_file
+from test_training import losses, run_inprocess, run_torchrun
+
+import checkpointing
+import train
+from checkpointing import ResumeError, damage, list_checkpoints, read_state
+
+
+@pytest.fixture(scope="module")
+def small_run(checkpoints, tmp_path_factory):
+    """Flags of a short run on 12 examples: with batch 2, an epoch is 3 steps on 2 ranks and 6 on one, so resumes
+    land mid-epoch and on epoch boundaries. Dropout is on, so the RNG states matter."""
+    data_file = tmp_path_factory.mktemp("data") / "d.jsonl"
+    data_file.write_text("".join(json.dumps({"instruction": "Say the word.", "input": w, "output": w}) + "\n"
+                                 for w in "red blue green black white one two three four five cat dog".split()))
+
+    def args(out: Path, steps: int, *extra: str) -> list[str]:
+        return ["--model", str(checkpoints("llama")), "--dataset", str(data_file), "--output_dir", str(out),
+                "--max_steps", str(steps), "--seq_len", "64", "--batch_size", "2", "--lora_rank", "4",
+                "--lora_alpha", "8", "--lora_dropout", "0.1", "--lr", "1e-2", "--warmup_steps", "2", *extra]
+    return args
+
+
+def launch(args: list[str], log: Path) -> subprocess.Popen:
+    """2-rank torchrun in the background, its output in `log`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of each process torchrun started (children of the launcher, found through /proc)."""
+    pids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == launcher.pid:
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+                pids[int(next(e for e in env if e.startswith(b"RANK="))[5:])] = int(stat.parent.name)
+        except (OSError, StopIteration, ValueError, IndexError):
+            pass
+    return pids
+
+
+def wait_until(condition, launcher: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert launcher.poll() is None, "the run ended before the test could interrupt it"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact resume
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_sigkill_then_resume_auto_continues_bit_for_bit(small_run, tmp_path):
+    """Both ranks SIGKILLed mid-run, then relaunched with --resume auto: steps k+1..n have the uninterrupted run's
+    losses, grad norms and final adapter exactly (same data order, dropout RNG, AdamW moments and LR schedule)."""
+    ref = run_torchrun(small_run(tmp_path / "ref", 10), nproc=2)
+    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    args = small_run(out, 10, "--save_every", "2", "--resume", "auto")  # the same command for launch and relaunch
+    proc = launch(args, log)
+    wait_until(lambda: list_checkpoints(out), proc)
+    for pid in worker_pids(proc).values():
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0
+    k = read_state(list_checkpoints(out)[-1]).step
+    assert 0 < k < 10
+
+    resumed = run_torchrun(args, nproc=2)
+    assert [h["step"] for h in resumed] == list(range(1, 11))
+    assert losses(resumed) == losses(ref)  # == on floats: bit for bit
+    assert [h["grad_norm"] for h in resumed] == [h["grad_norm"] for h in ref]
+    a, b = load_file(tmp_path / "ref" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(small_run, tmp_path, capsys):
+    """A damaged newest checkpoint and a half-written one are passed over, with a warning; the run continues from
+    the one before, exactly. (Batch 4 on one rank: 3 steps an epoch, so checkpoint-3 sits on an epoch boundary.)"""
+    out = tmp_path / "run"
+    first = run_inprocess(small_run(out, 7, "--save_every", "3", "--batch_size", "4"))
+    interrupted = out / "checkpoint-9.tmp-abc"  # what a save killed midway leaves
+    interrupted.mkdir()
+    (interrupted / "optimizer.pt").write_bytes(b"half")
+    optimizer_file = out / "checkpoint-6" / "optimizer.pt"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+
+    again = run_inprocess(small_run(out, 7, "--save_every", "3", "--batch_size", "4", "--resume", "auto"))
+    printed = capsys.readouterr().out
+    assert "cannot resume from" in printed and "checkpoint-6: optimizer.pt has 100 bytes" in printed
+    assert [h["step"] for h in again] == [4, 5, 6, 7] and [h["epoch"] for h in again] == [1, 1, 1, 2]
+    assert losses(again) == losses(first)[3:]  # == on floats: bit for bit
+    assert not interrupted.exists() and damage(out / "checkpoint-6") is None  # cleaned up, and saved anew
+
+
+def test_failed_save_keeps_previous_checkpoint(small_run, tmp_path, monkeypatch):
+    """A disk that fills up in the middle of a save: a clear error, and the previous checkpoint intact."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="checkpoint-4 failed.*No space left on device.*earlier checkpoints are intact"):
+        run_inprocess(small_run(out, 6, "--save_every", "2"))
+    assert list_checkpoints(out) == [out / "checkpoint-2"] and damage(out / "checkpoint-2") is None
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # no half-written folder left
+
+
+def test_keep_last(small_run, tmp_path):
+    out = tmp_path / "run"
+    run_inprocess(small_run(out, 4, "--save_every", "1", "--keep_last", "2"))
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Signals and faults
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_sigterm_to_one_rank_saves_and_both_exit_cleanly(small_run, tmp_path):
+    """SIGTERM to rank 1 only: both ranks stop after the same step, save it, and exit 0."""
+    out = tmp_path / "run"
+    proc = launch(small_run(out, 500), tmp_path / "log")
+    wait_until(lambda: metrics(out), proc)
+    os.kill(worker_pids(proc)[1], signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-3000:]
+    last = metrics(out)[-1]["step"]
+    assert last < 500 and list_checkpoints(out) == [out / f"checkpoint-{last}"]
+    assert damage(out / f"checkpoint-{last}") is None and read_state(out / f"checkpoint-{last}").step == last
+    assert "got a signal on another rank: saved" in (tmp_path / "log").read_text()
+
+
+def test_first_signal_is_noted_and_second_exits_at_once():
+    code = ("import os, signal, time, checkpointing; stop = checkpointing.StopOnSignal(); "
+            "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1); print(stop.signal, flush=True); "
+            "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); print('alive')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and proc.stdout == "SIGTERM\n"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_dead_rank_ends_the_run_in_bounded_time(small_run, tmp_path):
+    """Rank 1 SIGKILLed: rank 0 does not hang; the run fails within the process-group timeout."""
+    out = tmp_path / "run"
+    log = tmp_path / "log"
+    proc = launch(small_run(out, 500, "--dist_timeout", "10"), log)
+    wait_until(lambda: metrics(out), proc)
+    t0 = time.monotonic()
+    os.kill(worker_pids(proc)[1], signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0
+    assert time.monotonic() - t0 < 60
+    if DEVICE.type == "cpu":  # gloo sees the closed connection at once; NCCL waits for --dist_timeout
+        assert "rank 0: lost contact with another rank" in log.read_text()
+
+
+def poison(monkeypatch, calls: set[int]) -> None:
+    """The loss is NaN on these calls (1-based; one call per micro-batch), as a bad batch would make it."""
+    real, count = train.loss_sum, [0]
+
+    def loss_sum(*args, **kwargs):
+        count[0] += 1
+        loss, n = real(*args, **kwargs)
+        return (loss * math.nan if count[0] in calls else loss), n
+
+    monkeypatch.setattr(train, "loss_sum", loss_sum)
+
+
+def test_nonfinite_step_is_skipped_and_changes_nothing(small_run, tmp_path, monkeypatch):
+    """A NaN loss at step 2: the step is logged as skipped, and no LoRA weight or AdamW moment changes."""
+    poison(monkeypatch, {2})
+    out = tmp_path / "run"
+    history = run_inprocess(small_run(out, 3, "--save_every", "1"))
+    assert [h["skipped"] for h in history] == [False, True, False]
+    assert math.isnan(history[1]["loss"]) and math.isfinite(history[2]["loss"])
+    one, two = out / "checkpoint-1", out / "checkpoint-2"
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    a, b = (torch.load(d / "optimizer.pt", weights_only=True)["state"] for d in (one, two))
+    assert all(torch.equal(a[p][s], b[p][s]) for p in a for s in a[p])
+
+
+def test_too_many_bad_steps_stop_with_the_last_checkpoint(small_run, tmp_path, monkeypatch):
+    poison(monkeypatch, set(range(2, 100)))
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps \(up to step 3\).*checkpoint-2"):
+        run_inprocess(small_run(tmp_path / "run", 6, "--save_every", "2", "--max_bad_steps", "2"))
+
+
+def test_out_of_memory_says_what_to_lower(small_run, tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "train_step", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="lower --batch_size .*--seq_len .*--cpu_offload"):
+        run_inprocess(small_run(tmp_path / "run", 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Refusals, before any work
+
+
+def test_output_dir_with_another_runs_checkpoints_is_refused(small_run, tmp_path):
+    out = tmp_path / "run"
+    run_inprocess(small_run(out, 2, "--save_every", "2"))
+    with pytest.raises(ResumeError, match="holds another run's checkpoints.*--resume auto.*--overwrite"):
+        run_inprocess(small_run(out, 2))
+    run_inprocess(small_run(out, 1, "--overwrite"))
+    assert list_checkpoints(out) == []
+
+
+@pytest.fixture(scope="module")
+def saved_run(small_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved")
+    run_inprocess(small_run(out, 2, "--save_every", "2"))
+    return out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_rank", "8"], "--lora_rank is 8, the checkpoint's run used 4"),
+    (["--lora_targets", "q_proj"], "--lora_targets is 'q_proj'"),
+    (["--model", "MISTRAL"], "is not the base model the checkpoint was trained on"),
+    (["--dataset", "builtin"], "an epoch is 1024 steps now, 6 then: the data changed"),
+])
+def test_resume_with_other_model_or_lora_is_refused_before_loading(small_run, saved_run, checkpoints, monkeypatch,
+                                                                   flags, message):
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    flags = [str(checkpoints("mistral")) if f == "MISTRAL" else f for f in flags]
+    with pytest.raises(ResumeError, match=message):
+        run_inprocess(small_run(saved_run, 2, "--resume", "auto", *flags))
+
+
+def test_resume_on_another_world_size_is_refused(saved_run):
+    path = list_checkpoints(saved_run)[-1]
+    state = read_state(path)
+    run = dict(world_size=2, steps_per_epoch=3, base_fingerprint=state.base_fingerprint, config=state.config)
+    with pytest.raises(ResumeError, match="2 ranks now, 1 saved it"):
+        checkpointing.check_resumable(state, path, run)
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint(small_run, tmp_path):
+    with pytest.raises(ResumeError, match="not a checkpoint folder"):
+        run_inprocess(small_run(tmp_path / "run", 2, "--resume", str(tmp_path)))
