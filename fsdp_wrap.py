@@ -1,12 +1,14 @@
 """Shard the model with FSDP1 and checkpoint its decoder layers: the one place that knows about either.
 
-Order matters and is fixed: wrap first (each decoder layer and each LoRA leaf becomes an FSDP unit), then put
-activation checkpointing inside each decoder-layer unit, as torchtitan and the FSDP-QLoRA recipe do.
+Order matters and is fixed: wrap first (each decoder layer and each LoRA leaf becomes an FSDP unit, and the root spans
+the embeddings, lm_head and the loss), then put activation checkpointing inside each decoder-layer unit, as torchtitan
+and the FSDP-QLoRA recipe do.
 """
 import functools
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
     apply_activation_checkpointing,
@@ -15,6 +17,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+from torch.utils.checkpoint import checkpoint
 
 SHARDING = {
     "full_shard": ShardingStrategy.FULL_SHARD,  # params, grads and optimizer state split over all ranks (ZeRO-3)
@@ -23,6 +26,38 @@ SHARDING = {
     "no_shard": ShardingStrategy.NO_SHARD,  # plain data parallel
 }
 CHECKPOINTING = {"non_reentrant": CheckpointImpl.NO_REENTRANT, "reentrant": CheckpointImpl.REENTRANT, "none": None}
+
+
+class CausalLMWithLoss(nn.Module):
+    """The model and its loss in one forward, so that FSDP's root unit spans lm_head and the loss.
+
+    The loss never materialises the logits of the whole batch: at batch 8 x 2048 tokens a 128k vocabulary means 4 GiB of
+    bf16 logits, 8 GiB more in fp32 for the softmax, and as much again for their gradient. Instead lm_head and the
+    fp32 cross-entropy run over chunks of tokens, each recomputed in backward (checkpointed), costing one extra lm_head
+    matmul. Called without labels it is the plain transformers model (logits), for sampling.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 4096):
+        super().__init__()
+        self.model, self.chunk_tokens = model, chunk_tokens
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **kwargs):
+        if labels is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
+        hidden, labels = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()  # token t predicts token t+1
+        weight = self.model.get_output_embeddings().weight
+        return sum(checkpoint(self._chunk_loss, hidden[i:i + self.chunk_tokens], weight,
+                              labels[i:i + self.chunk_tokens], use_reentrant=False)
+                   for i in range(0, len(labels), self.chunk_tokens))
+
+    def _chunk_loss(self, hidden, weight, labels):
+        logits = F.linear(hidden, weight).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return F.cross_entropy(logits, labels, reduction="sum")  # labels of -100 (prompt, padding) are ignored
 
 
 def _is_trainable_leaf(module: nn.Module) -> bool:
@@ -37,8 +72,8 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
     if grad_checkpointing == "reentrant":
         # Reentrant checkpointing only backpropagates into a segment whose inputs require grad; the frozen embedding's
         # output does not, so the LoRA weights of the first layer would silently get no gradient without this hook.
-        embeddings = next(m for m in model.modules() if hasattr(m, "get_input_embeddings")).get_input_embeddings()
-        embeddings.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    model = CausalLMWithLoss(model)
     policy = functools.partial(_or_policy, policies=[
         functools.partial(lambda_auto_wrap_policy, lambda_fn=_is_trainable_leaf),
         functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_cls}),

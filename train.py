@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
@@ -175,8 +173,7 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"LoRA r={cfg.lora_rank} on {len(names)} layers: {n_lora / 1e6:.2f}M trainable parameters")
-    return fsdp_wrap.wrap_model(CausalLMWithLoss(model), layer_cls, device, cfg.sharding, cfg.cpu_offload,
-                                cfg.grad_checkpointing)
+    return fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing)
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -193,40 +190,8 @@ def lr_lambda(cfg: Config, total_steps: int):
 # One optimizer step
 
 
-class CausalLMWithLoss(torch.nn.Module):
-    """The model and its loss in one forward, so that FSDP's root unit spans lm_head and the loss.
-
-    The loss never materialises the logits of the whole batch: at batch 8 x 2048 tokens a 128k vocabulary means 4 GiB of
-    bf16 logits, 8 GiB more in fp32 for the softmax, and as much again for their gradient. Instead lm_head and the
-    fp32 cross-entropy run over chunks of tokens, each recomputed in backward (checkpointed), costing one extra lm_head
-    matmul. Called without labels it is the plain transformers model (logits), for sampling.
-    """
-
-    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 4096):
-        super().__init__()
-        self.model, self.chunk_tokens = model, chunk_tokens
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **kwargs):
-        if labels is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       use_cache=False).last_hidden_state
-        hidden, labels = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()  # token t predicts token t+1
-        weight = self.model.get_output_embeddings().weight
-        return sum(checkpoint(self._chunk_loss, hidden[i:i + self.chunk_tokens], weight,
-                              labels[i:i + self.chunk_tokens], use_reentrant=False)
-                   for i in range(0, len(labels), self.chunk_tokens))
-
-    def _chunk_loss(self, hidden, weight, labels):
-        logits = F.linear(hidden, weight).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits, labels, ignore_index=data.IGNORE, reduction="sum")
-
-
 def loss_sum(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed fp32 cross-entropy of every label token in the batch, and their count."""
+    """Summed fp32 cross-entropy of every label token in the batch (fsdp_wrap.CausalLMWithLoss), and their count."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in
               ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
     return model(**inputs), (batch["labels"][:, 1:] != data.IGNORE).sum()

@@ -199,7 +199,7 @@ def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoi
         lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, keep_on)
         for m in lora.lora_modules(model).values():
             torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-        model = fsdp_wrap.wrap_model(train.CausalLMWithLoss(model), layer_cls, DEVICE)
+        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE)
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
