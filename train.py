@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 import data
 import fsdp_wrap
+import generate
 import lora
 import model_loading
 
@@ -62,6 +63,8 @@ class Config:
     log_every: int = field(default=1, metadata={"help": "steps between progress-line updates"})
     save_every: int = field(default=0, metadata={"help": "save adapters to output_dir/checkpoint-N every N steps; 0: only at the end"})
     dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing"})
+    sample_prompts: str = field(default="", metadata={"help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = built-in prompts with --dataset builtin"})
+    sample_tokens: int = field(default=64, metadata={"help": "longest sample, in new tokens"})
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -219,6 +222,7 @@ def train(cfg: Config) -> list[dict]:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data.ensure_pad_token(tokenizer)
         examples = data.load_examples(cfg.dataset, cfg.seed)
+        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
         rows = [data.tokenize(ex, tokenizer, cfg.seq_len, cfg.train_on_prompt)
                 for ex in tqdm(examples, desc="tokenizing", disable=rank != 0)]
         top_id, vocab = max(max(r.input_ids) for r in rows), AutoConfig.from_pretrained(model_dir).vocab_size
@@ -268,9 +272,11 @@ def train(cfg: Config) -> list[dict]:
                 bar.update()
                 if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                     save(model, cfg, out_dir / f"checkpoint-{step}", rank)
+                    generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step, device, cfg.sample_tokens)
             epoch += 1
         bar.close()
         save(model, cfg, out_dir, rank)
+        generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step, device, cfg.sample_tokens)
         print0(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; adapter saved to {out_dir}")
         if metrics_file:
             metrics_file.close()
