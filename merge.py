@@ -95,7 +95,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
             print(f"warning: {base_dir} has no tokenizer files; add them to {out_dir} before serving it")
         diffs = max_logit_diffs(base_dir, adapter_dir, tmp, quant, DTYPES[dtype], device) if verify else None
         if diffs:
-            print(f"max |logit difference| merged vs as trained ({quant} base + adapter): {diffs[0]:.4g}; "
+            print(f"max |logit difference| merged vs as trained ({quant_name(quant)} base + adapter): {diffs[0]:.4g}; "
                   f"the adapter itself moves the logits by up to {diffs[1]:.4g}")
         write_model_card(tmp, out_dir.name, model, adapter_dir, adapter_config, train_config, semantics, quant, dtype,
                          diffs)
@@ -289,6 +289,10 @@ def max_logit_diffs(base_dir: Path, adapter_dir: Path, merged_dir: Path, quant: 
     return (logits - as_trained).abs().max().item(), (as_trained - base).abs().max().item()
 
 
+def quant_name(quant: str) -> str:
+    return "16-bit" if quant == "none" else quant
+
+
 def write_model_card(out_dir: Path, title: str, base: str, adapter_dir: Path, adapter_config: dict, train_config: dict,
                      semantics: str, quant: str, dtype: str, diffs: tuple[float, float] | None) -> None:
     how = ("into the original base weights (as PEFT's merge_and_unload does)" if semantics == "bf16" or quant == "none"
@@ -300,7 +304,7 @@ def write_model_card(out_dir: Path, title: str, base: str, adapter_dir: Path, ad
              f"merged {how}, saved in {dtype}. It loads with `AutoModelForCausalLM.from_pretrained` and no extra "
              "code.", ""]
     if diffs:
-        lines += [f"Max logit difference to the model as trained ({quant} base + adapter), on 32 tokens: "
+        lines += [f"Max logit difference to the model as trained ({quant_name(quant)} base + adapter), on 32 tokens: "
                   f"{diffs[0]:.4g} (the adapter itself moves the logits by up to {diffs[1]:.4g}).", ""]
     if train_config:
         lines += ["## Training config", "", "```json", json.dumps(train_config, indent=2), "```", ""]
