@@ -120,3 +120,47 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
                 if src.shape != dst.shape:
                     raise ValueError(f"{name}.{ab} has shape {list(src.shape)} in the adapter, {list(dst.shape)} here")
                 dst.copy_(src)
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json of a PEFT LoRA adapter we can apply, or an error that says what is missing or unsupported."""
+    adapter_dir = Path(adapter_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"no {name} in {adapter_dir}: pass --adapter the output_dir of a training run "
+                                    "(or one of its checkpoint-N folders)")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = {"peft_type": config.get("peft_type") != "LORA", "use_dora": config.get("use_dora"),
+                   "fan_in_fan_out": config.get("fan_in_fan_out"), "modules_to_save": config.get("modules_to_save"),
+                   "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
+    if any(unsupported.values()):
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
+                         "only plain LoRA adapters (as train.py saves them) are supported")
+    return config
+
+
+def trained_quant(adapter_dir: Path) -> str:
+    """The base quantization the adapter was trained against: train.py saves its config beside the adapter."""
+    config_file = Path(adapter_dir) / "train_config.json"
+    return json.loads(config_file.read_text()).get("quant", "nf4") if config_file.is_file() else "nf4"
+
+
+def adapter_scaling(config: dict) -> float:
+    """alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA (PEFT's use_rslora)."""
+    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+
+
+def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """The model as trained: LoRA injected into the (4-bit) base with the adapter's own r, alpha and targets, then
+    its weights loaded. The inverse of save_adapter; for inference (dropout is off in eval mode)."""
+    from model_loading import decoder_layer_class
+
+    config = read_adapter_config(adapter_dir)
+    targets = config["target_modules"]
+    targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
+    device = next(model.parameters()).device
+    inject_lora(model, targets, decoder_layer_class(model), config["r"], config["lora_alpha"],
+                config.get("lora_dropout", 0.0), device)
+    for module in lora_modules(model).values():
+        module.scaling = adapter_scaling(config)
+    load_adapter(model, adapter_dir)

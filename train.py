@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoTokenizer
 import checkpointing
 import data
 import fsdp_wrap
+import generate
 import lora
 import model_loading
 
@@ -78,6 +79,8 @@ class Config:
     overwrite: bool = field(default=False, metadata={"help": "delete another run's checkpoints in output_dir instead of refusing to start"})
     max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive skipped steps (non-finite loss or grad norm); 0: never"})
     dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing"})
+    sample_prompts: str = field(default="", metadata={"help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = built-in prompts with --dataset builtin"})
+    sample_tokens: int = field(default=64, metadata={"help": "longest sample, in new tokens"})
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -270,6 +273,7 @@ def train(cfg: Config) -> list[dict]:
         # Data first: a bad dataset should fail in seconds, not after the model has loaded.
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         train_ds, eval_ds = data.prepare(cfg, tokenizer, local_rank, log=print0)
+        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
         top_id, vocab = max(max(x) for x in train_ds["input_ids"]), AutoConfig.from_pretrained(model_dir).vocab_size
         if top_id >= vocab:
             raise ValueError(f"the tokenizer in {model_dir} produced token id {top_id}, but the model has only {vocab} "
@@ -359,6 +363,9 @@ def train(cfg: Config) -> list[dict]:
                     state = checkpointing.TrainerState(step, *position, **run)
                     last_saved = checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler,
                                                                cfg.keep_last)
+                if not stopping and step < total_steps and ("eval_loss" in m or cfg.save_every and step % cfg.save_every == 0):
+                    generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step, device,
+                                         cfg.sample_tokens)  # a collective: every rank samples, rank 0 writes
                 if stopping:
                     print0(f"got {stop.signal or 'a signal on another rank'}: saved {last_saved}; continue with "
                            f"--resume auto")
@@ -368,6 +375,7 @@ def train(cfg: Config) -> list[dict]:
         bar.close()
         if not stopping:
             save(model, cfg, out_dir, rank)
+            generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step, device, cfg.sample_tokens)
             if history:  # empty when a finished run is resumed
                 print0(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; adapter saved to {out_dir}")
         return history

@@ -1,0 +1,169 @@
+"""Sample from a model: the one being trained (FSDP-wrapped or not), a base + adapter as trained, or a merged folder.
+
+    python generate.py --model tiny --adapter out --prompt '{"instruction": "Name the capital.", "input": "Peru"}'
+    python generate.py --model merged --prompt "Once upon a time" --temperature 0.8 --seed 1
+
+A prompt is either plain text, completed as is, or a JSON record shaped like the training data,
+{"instruction": ..., "input": ... (optional)}, rendered with the training's alpaca template (data.render): an
+instruction-tuned model answers best what looks like what it was trained on.
+Decoding is greedy at temperature 0, else sampling from softmax(logits / temperature); prompts are left-padded into
+one batch and decoded with a KV cache.
+"""
+import argparse
+import inspect
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+
+
+def render_prompt(prompt: str) -> str:
+    """Plain text as is; a JSON {"instruction", "input"?} record through the training template."""
+    if prompt.lstrip().startswith("{"):
+        try:
+            record = json.loads(prompt)
+        except json.JSONDecodeError:
+            return prompt
+        if isinstance(record, dict) and "instruction" in record and "text" not in record:
+            return data.render({**record, "output": ""})[0]
+    return prompt
+
+
+def load_prompts(path: str, dataset: str) -> list[str]:
+    """train.py's --sample_prompts: a text file with one prompt per line (plain text or a JSON record); '' gives one
+    question per task of the built-in dataset when training on it, and no prompts otherwise."""
+    if not path:
+        if dataset != data.BUILTIN_DATASET:
+            return []
+        first = {}
+        for ex in data.builtin_examples():
+            first.setdefault(ex["instruction"], ex)
+        return [json.dumps({"instruction": ex["instruction"], "input": ex["input"]}) for ex in first.values()]
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"--sample_prompts {path!r}: no such file (give a text file with one prompt per line)")
+    prompts = [line for line in file.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--sample_prompts {file} holds no prompts")
+    return prompts
+
+
+def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """The tokenizer's EOS and the model's own (Llama 3 lists several in generation_config)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # FSDP forwards the attribute
+    return ({tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+           seed: int = 0, device: torch.device | None = None) -> list[str]:
+    """The completion of each prompt, up to its first EOS. Greedy at temperature 0; otherwise drawn with a generator
+    seeded by `seed`, so the same call gives the same text.
+
+    Under FSDP the forward is a collective: every rank must call this with the same prompts. Rank 0's choice of each
+    token is broadcast, so that the ranks can never disagree on what to feed next or when to stop.
+    """
+    if not prompts:
+        return []
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = [bos + tokenizer.encode(render_prompt(p), add_special_tokens=False) for p in prompts]  # as data.tokenize
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(x) for x in ids)
+    # Left padding: every prompt ends in the last column, so one forward predicts the next token of all of them.
+    # Padding is masked out, and positions count real tokens only: each row computes what it would alone.
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    stop = torch.tensor(sorted(stop_ids(model, tokenizer)), device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    new = torch.empty(len(ids), 0, dtype=torch.long, device=device)
+    done = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    cache = None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()  # (batch, vocab); transformers 5.24 names it cache
+        if temperature > 0:
+            next_ids = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
+        else:
+            next_ids = logits.argmax(-1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(next_ids, src=0)
+        next_ids = torch.where(done, pad, next_ids)  # finished rows only wait for the others
+        new = torch.cat([new, next_ids[:, None]], dim=1)
+        done |= torch.isin(next_ids, stop)
+        if done.all():
+            break
+        # Only the new token goes in next; the cache holds the rest.
+        input_ids, positions = next_ids[:, None], positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    model.train(was_training)
+    completions, stops = [], set(stop.tolist())
+    for row in new.tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))  # cut at the first EOS
+        completions.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return completions
+
+
+def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file: Path, step: int,
+                device: torch.device, max_new_tokens: int) -> None:
+    """Greedy samples from the model in training: every rank samples (FSDP), rank 0 prints and appends to out_file."""
+    if not prompts:
+        return
+    completions = sample(model, tokenizer, prompts, max_new_tokens, device=device)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    with Path(out_file).open("a") as f:
+        for prompt, completion in zip(prompts, completions):
+            tqdm.write(f"sample at step {step}: {prompt} -> {completion!r}")
+            f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}) + "\n")
+
+
+def load(model: str, adapter: str | None, quant: str | None, device: torch.device) -> tuple[torch.nn.Module, object]:
+    """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model."""
+    from transformers import AutoTokenizer
+
+    import lora
+    import model_loading
+
+    model_dir = model_loading.resolve_model_dir(model)
+    if adapter:
+        lora.read_adapter_config(Path(adapter))  # a missing adapter fails before the model loads
+    if quant is None:  # as trained with an adapter; a merged or plain model in 16 bits
+        quant = lora.trained_quant(Path(adapter)) if adapter else "none"
+    net = model_loading.load_model(model_dir, quant, device).eval()
+    if adapter:
+        lora.apply_adapter(net, Path(adapter))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return net, tokenizer
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    defaults = {k: p.default for k, p in inspect.signature(sample).parameters.items()}  # written once, in sample()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="base (with --adapter) or merged model: folder, Hub id, tiny")
+    parser.add_argument("--adapter", default=None, help="a training output_dir (or its checkpoint-N)")
+    parser.add_argument("--prompt", action="append", required=True, help="plain text, or a JSON instruction record; "
+                                                                         "repeat for several")
+    parser.add_argument("--max_new_tokens", type=int, default=defaults["max_new_tokens"])
+    parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="0: greedy")
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="for temperature > 0")
+    parser.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
+                        help="base quantization (default: the adapter's, as trained; none without an adapter)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load(args.model, args.adapter, args.quant, device)
+    completions = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, device)
+    for prompt, completion in zip(args.prompt, completions):
+        print(f"### prompt\n{render_prompt(prompt)}\n### completion\n{completion}\n")
+    return completions
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Sampling: greedy equals transformers' generate, seeded sampling repeats itself, and the samples a training run
+writes are those of the adapters it saves."""
+import json
+
+import pytest
+import torch
+from conftest import ARCHS, DEVICE
+from test_merge import make_adapter
+from test_model_loading import reference_model
+from test_training import common, losses, run_inprocess, run_torchrun
+from transformers import AutoTokenizer
+
+import generate
+import lora
+import merge
+from model_loading import load_model
+
+# an instruction record (rendered with the training template), plain text, and a record without input
+PROMPTS = ['{"instruction": "Name the capital.", "input": "Peru"}', "Once upon a time",
+           '{"instruction": "Give the opposite."}']
+SAMPLE_TOKENS = 16  # during training; enough to tell models apart
+
+
+def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """transformers' own generate on BOS + rendered prompt, left-padded into one batch, greedy, stopping at the
+    tokenizer's EOS (the trainer ends every response with it) and at the model's own."""
+    eos = model.generation_config.eos_token_id
+    eos = [tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [] if eos is None else [eos])
+    ids = [[tokenizer.bos_token_id] + tokenizer.encode(generate.render_prompt(p), add_special_tokens=False)
+           for p in prompts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=DEVICE)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=DEVICE)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def test_render_prompt_uses_the_training_template():
+    """A JSON instruction record becomes the prompt data.tokenize trains on; anything else stays as it is."""
+    import data
+
+    assert generate.render_prompt(PROMPTS[0]) == data.render({"instruction": "Name the capital.", "input": "Peru",
+                                                              "output": "x"})[0]
+    assert generate.render_prompt(PROMPTS[1]) == "Once upon a time"
+    assert generate.render_prompt('{"not": "an instruction"}') == '{"not": "an instruction"}'
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equals_transformers_generate(checkpoints, arch):
+    """Greedy sampling of a batch equals transformers' generate on the same weights, and each prompt alone its row."""
+    path = checkpoints(arch)
+    model, tokenizer = reference_model(path), AutoTokenizer.from_pretrained(path)
+    ours = generate.sample(model, tokenizer, PROMPTS, max_new_tokens=24)
+    assert ours == hf_greedy(model, tokenizer, PROMPTS, max_new_tokens=24)
+    assert [generate.sample(model, tokenizer, [p], max_new_tokens=24)[0] for p in PROMPTS] == ours  # padding is inert
+    assert max(len(c) for c in ours) > 10  # not a trivial comparison of empty strings
+
+
+def test_seeded_sampling_repeats(checkpoints):
+    """Temperature sampling under a fixed seed gives the same text every time; another seed gives other text."""
+    path = checkpoints("llama")
+    model, tokenizer = reference_model(path), AutoTokenizer.from_pretrained(path)
+    draw = [generate.sample(model, tokenizer, PROMPTS, 24, temperature=1.0, seed=seed) for seed in (0, 0, 1)]
+    assert draw[0] == draw[1]
+    assert draw[0] != draw[2]
+    assert draw[0] != generate.sample(model, tokenizer, PROMPTS, 24)  # and it is not greedy decoding
+
+
+def test_cli_samples_merged_folder_and_base_with_adapter(checkpoints, tmp_path):
+    """generate.py on a merged folder gives transformers' greedy output; with --adapter, the model as trained (nf4)."""
+    base = checkpoints("qwen2")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    merge.merge(str(base), adapter, tmp_path / "merged", verify=False, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    flags = [arg for p in PROMPTS for arg in ("--prompt", p)] + ["--max_new_tokens", "16"]
+
+    from_merged = generate.main(["--model", str(tmp_path / "merged")] + flags)
+    assert from_merged == hf_greedy(reference_model(tmp_path / "merged"), tokenizer, PROMPTS, 16)
+
+    as_trained = load_model(base, quant="nf4", device=DEVICE, progress=False)
+    lora.apply_adapter(as_trained, adapter)
+    from_adapter = generate.main(["--model", str(base), "--adapter", str(adapter)] + flags)
+    assert from_adapter == generate.sample(as_trained, tokenizer, PROMPTS, 16)
+
+
+def read_samples(out_dir) -> dict[int, dict[str, str]]:
+    by_step = {}
+    for line in (out_dir / "samples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step.setdefault(record["step"], {})[record["prompt"]] = record["completion"]
+    return by_step
+
+
+def saved_model_samples(base, adapter_dir) -> dict[str, str]:
+    """The reference: the saved adapter on a fresh nf4 base, unwrapped, sampled greedily."""
+    model = load_model(base, quant="nf4", device=DEVICE, progress=False)
+    lora.apply_adapter(model, adapter_dir)
+    return dict(zip(PROMPTS, generate.sample(model, AutoTokenizer.from_pretrained(base), PROMPTS, SAMPLE_TOKENS)))
+
+
+def test_training_samples_are_the_saved_adapters(checkpoints, tmp_path):
+    """Samples written during training (FSDP, at each checkpoint and at the end) are the saved adapters' own greedy
+    samples, and sampling mid-run leaves the training losses unchanged, bit for bit."""
+    base = checkpoints("llama")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    flags = ["--batch_size", "4", "--sample_prompts", str(tmp_path / "prompts.txt"),
+             "--sample_tokens", str(SAMPLE_TOKENS)]
+    sampled = run_inprocess(common(base, tmp_path / "a", steps=4) + flags + ["--save_every", "2"])
+    plain = run_inprocess(common(base, tmp_path / "b", steps=4) + flags)  # samples only after the last step
+    assert losses(sampled) == losses(plain)
+    samples = read_samples(tmp_path / "a")
+    assert sorted(samples) == [2, 4] and all(list(s) == PROMPTS for s in samples.values())
+    assert samples[2] == saved_model_samples(base, tmp_path / "a" / "checkpoint-2")
+    assert samples[4] == saved_model_samples(base, tmp_path / "a")
+    assert samples[2] != samples[4]  # the model changed in between, and the samples show it
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_two_ranks_sample_the_saved_adapter(checkpoints, tmp_path):
+    """Under torchrun with 2 ranks (a collective forward), rank 0 writes the saved adapter's greedy samples once."""
+    base = checkpoints("llama")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    run_torchrun(common(base, tmp_path / "out", steps=2) + ["--batch_size", "4", "--sample_prompts",
+                 str(tmp_path / "prompts.txt"), "--sample_tokens", str(SAMPLE_TOKENS)], nproc=2)
+    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == len(PROMPTS)
+    assert read_samples(tmp_path / "out") == {2: saved_model_samples(base, tmp_path / "out")}
+
+
+def test_sample_prompts_flag(tmp_path):
+    """'' gives built-in questions for the built-in dataset and none otherwise; a file gives its non-empty lines."""
+    assert len(generate.load_prompts("", "builtin")) == 3 and generate.load_prompts("", "my.jsonl") == []
+    (tmp_path / "p.txt").write_text("first\n\n  \nsecond\n")
+    assert generate.load_prompts(str(tmp_path / "p.txt"), "builtin") == ["first", "second"]
+    with pytest.raises(ValueError, match="no such file"):
+        generate.load_prompts(str(tmp_path / "missing.txt"), "builtin")
