@@ -9,7 +9,8 @@ same loader as a real checkpoint. For each batch size it times
     reference   transformers from_pretrained + BitsAndBytesConfig (nf4, bf16 compute and storage) + PEFT LoRA with
                 the same r, alpha and targets, dropout 0.1, non-reentrant checkpointing, AdamW
     tuned       the same with dropout 0 and the adapters cast to bf16
-on the same tokens, checks that the first-step losses agree (same weights, same tokens, B = 0), and prints a table:
+on the same tokens, each in a fresh process of its own, one after the other; checks that the first-step losses agree
+(same weights, same tokens, B = 0), and prints a table:
 median tokens/s of the steps after the third, MFU = 6 x (linear-layer parameters) x tokens/s / (bf16 matmul peak
 measured here), peak allocated and reserved memory, and load time from safetensors to ready.
 """
@@ -18,6 +19,8 @@ import gc
 import json
 import random
 import statistics
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -118,6 +121,7 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
                                                  device_map={"": 0})
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing and PEFT its dropout
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0 if tuned else 0.1,
                                              target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -138,9 +142,7 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
         first_loss = first_loss if first_loss is not None else loss.item()
         torch.cuda.synchronize()
         tps.append(ids.numel() / (time.perf_counter() - t0))
-    result = dict(tps=statistics.median(tps[3:]), first_loss=first_loss, load_s=load_s, mem=memory())
-    del model, optimizer, params
-    return result
+    return dict(tps=statistics.median(tps[3:]), first_loss=first_loss, load_s=load_s, mem=memory())
 
 
 def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int], args) -> None:
@@ -157,6 +159,20 @@ def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int]
         print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
+STACKS = ("ours", "reference", "tuned")
+
+
+def run_one(name: str, bs: int, model_dir: Path, data_file: Path, rows_text: list[dict], root: Path, args) -> dict:
+    if name == "ours":
+        return run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)
+    # the same rows in the same order as ours: its DistributedSampler's epoch-0 permutation
+    order = torch.randperm(len(rows_text), generator=torch.Generator().manual_seed(0)).tolist()
+    tok = builtin_tokenizer()
+    ids = [tokenize(rows_text[i], tok, args.seq_len, "prompt_completion")["input_ids"] for i in order]
+    batches = [torch.tensor(ids[s * bs:(s + 1) * bs]) for s in range(args.steps)]
+    return run_reference(model_dir, batches, name == "tuned", args)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -171,8 +187,10 @@ def main() -> None:
     p.add_argument("--max_memory_gib", type=float, default=0, help="cap this process, e.g. 24 for a 24 GB card")
     p.add_argument("--workdir", default="/tmp/fsdp_qlora_bench")
     p.add_argument("--extra", default="", help="more train.py flags for ours, e.g. '--grad_checkpointing none'")
+    p.add_argument("--one", choices=STACKS, help=argparse.SUPPRESS)  # internal: run one stack in this process
+    p.add_argument("--one_batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.max_memory_gib:
+    if args.max_memory_gib:  # applies to each process
         torch.cuda.set_per_process_memory_fraction(args.max_memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
 
     root = Path(args.workdir)
@@ -184,28 +202,39 @@ def main() -> None:
     rows_text = random_rows(max(batch_sizes) * args.steps, args.seq_len)
     data_file = root / "random.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows_text))
-    n_linear, peak = linear_params(model_dir), matmul_peak_tflops()
+    n_linear = linear_params(model_dir)
 
     if args.profile:
         return profile(model_dir, data_file, root, batch_sizes, args)
+    if args.one:  # a child process: one stack, one batch size
+        print("RESULT " + json.dumps(run_one(args.one, args.one_batch, model_dir, data_file, rows_text, root, args)))
+        return
+
+    def run_isolated(name: str, bs: int) -> dict:
+        """Each stack in a process of its own: no allocator state or leftover object biases the next one."""
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name, "--one_batch", str(bs)],
+                             stdout=subprocess.PIPE, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        if not lines:
+            raise SystemExit(f"{name} at batch {bs} failed (exit {out.returncode}); its error is printed above")
+        return json.loads(lines[-1][len("RESULT "):])
+
+    peak = matmul_peak_tflops()
+    torch.cuda.empty_cache()
     rows = []
     for bs in batch_sizes:
-        results = {"ours": run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)}
-        if not args.no_reference:
-            # the same rows in the same order as ours: its DistributedSampler's epoch-0 permutation
-            order = torch.randperm(len(rows_text), generator=torch.Generator().manual_seed(0)).tolist()
-            tok = builtin_tokenizer()
-            ids = [tokenize(rows_text[i], tok, args.seq_len, "prompt_completion")["input_ids"] for i in order]
-            batches = [torch.tensor(ids[s * bs:(s + 1) * bs]) for s in range(args.steps)]
-            for name, tuned in (("reference", False), ("tuned", True)):
-                results[name] = run_reference(model_dir, batches, tuned, args)
-            for name in ("reference", "tuned"):
-                a, b = results["ours"]["first_loss"], results[name]["first_loss"]
-                if abs(a - b) > 2e-2 * abs(b):
-                    raise SystemExit(f"first-step loss {a:.4f} (ours) != {b:.4f} ({name}): not comparing speeds")
+        results = {}
+        for name in ["ours"] if args.no_reference else STACKS:
+            results[name] = run_isolated(name, bs)
+            print(f"batch {bs} {name}: " + json.dumps(results[name]), flush=True)
+        for name in results:
+            a, b = results["ours"]["first_loss"], results[name]["first_loss"]
+            if abs(a - b) > 2e-2 * abs(b):
+                raise SystemExit(f"first-step loss {a:.4f} (ours) != {b:.4f} ({name}): not comparing speeds")
         for name, r in results.items():
             rows.append((bs, name, r["tps"], 6 * n_linear * r["tps"] / (peak * 1e12), *r["mem"], r["load_s"],
                          r["tps"] / results.get("reference", r)["tps"], r["first_loss"]))
+            print("RESULT " + json.dumps(rows[-1]), flush=True)  # kept even if a later run fails
 
     import bitsandbytes
     import transformers

@@ -197,8 +197,9 @@ def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoi
         model = load_model(path, "nf4", DEVICE, progress=False, keep_on=keep_on)
         layer_cls = decoder_layer_class(model)
         lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, keep_on)
+        g = torch.Generator().manual_seed(1)  # the same B wherever it lives
         for m in lora.lora_modules(model).values():
-            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
         model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE)
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
