@@ -18,6 +18,9 @@ from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
+
+from lora import lora_modules
 
 SHARDING = {
     "full_shard": ShardingStrategy.FULL_SHARD,  # params, grads and optimizer state split over all ranks (ZeRO-3)
@@ -110,10 +113,6 @@ def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Each LoRA leaf is its own FSDP unit, so gathering them one by one never unshards a 4-bit layer. (A full state dict
     of the root would gather the whole base model; on CPU its offload_to_cpu path also crashes.)
     """
-    from transformers import PreTrainedModel
-
-    from lora import lora_modules
-
     hf_model = next(m for m in model.modules() if isinstance(m, PreTrainedModel))  # names as PEFT sees them
     state = {}
     for name, module in lora_modules(hf_model).items():

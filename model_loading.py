@@ -12,6 +12,8 @@ and quantization is deterministic, so the same files give the same packed bytes 
 """
 import json
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,22 +106,32 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module) -> None:
-    """Every tensor the model needs is present with its shape, and nothing else: fail before reading any data."""
+def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module) -> dict[Path, list[str]]:
+    """Every tensor the model needs is present with its shape, and nothing else: fail before reading any data.
+
+    Returns the tensors to load, grouped by file; harmless extras (old rotary caches, transformers' own list of
+    ignorable keys) are left out.
+    """
     expected = _expected_shapes(model)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = sorted(set(expected) - set(entries) - tied)
     if missing:
         raise CheckpointError(f"{len(missing)} tensors are missing from the checkpoint, first: {missing[:5]}")
+    ignorable = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    ignorable.append(re.compile(r"rotary_emb\.inv_freq"))  # older checkpoints carry rotary caches; rebuilt anyway
+    to_load: dict[Path, list[str]] = {}
     for name, entry in entries.items():
         if name not in expected:
-            if not _ignorable(name, model):
+            if not any(p.search(name) for p in ignorable):
                 raise CheckpointError(f"unexpected tensor {name} in {entry.file.name}: the config does not describe it")
         elif entry.shape != expected[name]:
             raise CheckpointError(
                 f"tensor {name} in {entry.file.name} has shape {list(entry.shape)}, "
                 f"but the config expects {list(expected[name])}: the shard does not belong to this config.json"
             )
+        else:
+            to_load.setdefault(entry.file, []).append(name)
+    return to_load
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -128,14 +140,6 @@ def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
         if _is_4bit(module):
             shapes[f"{name}.weight"] = (module.out_features, module.in_features)
     return shapes
-
-
-def _ignorable(name: str, model: nn.Module) -> bool:
-    # Older checkpoints carry rotary caches (rebuilt below anyway); transformers lists other harmless extras.
-    import re
-
-    patterns = (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []) + [r"rotary_emb\.inv_freq"]
-    return any(re.search(p, name) for p in patterns)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -210,19 +214,14 @@ def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str =
         raise CheckpointError(f"cannot read {model_dir / 'config.json'}: {e}") from e
     model = build_skeleton(config, quant, attn_implementation)
     _init_nonpersistent_buffers(model, keep_on)
-    entries = index_checkpoint(model_dir)
-    check_checkpoint(entries, model)
+    by_file = check_checkpoint(index_checkpoint(model_dir), model)
 
-    by_file: dict[Path, list[str]] = {}
-    for name, entry in entries.items():
-        by_file.setdefault(entry.file, []).append(name)
-    bar = tqdm(total=len(entries), desc="loading", unit="tensor", disable=not progress)
+    bar = tqdm(total=sum(map(len, by_file.values())), desc="loading", unit="tensor", disable=not progress)
     for file, names in by_file.items():
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:  # peak host memory: this one tensor
-                    if not _ignorable(name, model):
-                        _put(model, name, f.get_tensor(name), device, keep_on)
+                    _put(model, name, f.get_tensor(name), device, keep_on)
                     bar.update()
         except SafetensorError as e:
             raise CheckpointError(f"{file} is truncated or corrupt ({e}); download it again") from e
@@ -316,7 +315,5 @@ def build_tiny_checkpoint(cache_dir: Path | None = None) -> Path:
     try:
         tmp.rename(target)
     except OSError:  # another rank won the race; its files are identical
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return target
