@@ -17,6 +17,7 @@ measured here), peak allocated and reserved memory, and load time from safetenso
 import argparse
 import gc
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -27,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-import train
+ORIGINAL_ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # before train.py sets its default
+
+import train  # noqa: E402
 from data import builtin_tokenizer, tokenize
 from lora import DEFAULT_TARGETS
 from model_loading import write_random_checkpoint
@@ -145,18 +148,60 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
     return dict(tps=statistics.median(tps[3:]), first_loss=first_loss, load_s=load_s, mem=memory())
 
 
+# GPU kernels by what they do, first match wins: a step's time split the way the optimizations in BENCHMARKS.md act.
+KERNEL_KINDS = [
+    ("4-bit (de)quantization", r"dequant|quantize"),
+    ("attention", r"flash|fmha|attention"),
+    ("matmuls (4-bit base, LoRA, lm_head)", r"gemm|gemv|cutlass|xmma|nvjet|matmul"),
+    ("optimizer", r"adam|multi_tensor"),
+    ("compiled elementwise (norms, rotary, SwiGLU)", r"^triton"),
+    ("copies and dtype casts", r"copy|Memcpy|Memset|CatArray|nccl"),
+    ("cross-entropy", r"softmax|nll_loss"),
+    ("other elementwise and reductions", r""),
+]
+
+
 def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int], args) -> None:
-    """Where a step's time goes: the ops with the most GPU time, and with the most CPU time (launch overhead)."""
+    """Where a training step's GPU time goes, by kind of kernel, over the steps after the third (not the load, not
+    the first steps, which compile); then the ops with the most GPU time."""
+    import re
+
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    warmup, timed = 3, args.steps - 3
+    prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    step, calls = train.train_step, [0]
+
+    def profiled_step(*a, **k):  # train() looks train_step up at each call
+        calls[0] += 1
+        if calls[0] == warmup + 1:
+            prof.start()
+        out = step(*a, **k)
+        if calls[0] == warmup + timed:
+            torch.cuda.synchronize()
+            prof.stop()
+        return out
+
+    train.train_step = profiled_step
     for bs in batch_sizes:
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            result = run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)
-        print(f"\n### batch {bs}: {result['tps']:,.0f} tokens/s (under the profiler)")
+        calls[0] = 0
+        result = run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)
         events = prof.key_averages()
-        print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60))
-        print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        kinds = dict.fromkeys((kind for kind, _ in KERNEL_KINDS), 0.0)
+        for e in prof.events():  # kernels only: CPU ops and the GPU ranges of annotations (FSDP's) would count twice
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation:
+                kind = next(k for k, pattern in KERNEL_KINDS if re.search(pattern, e.name, re.IGNORECASE))
+                kinds[kind] += e.self_device_time_total / 1e3 / timed  # ms per step
+        total = sum(kinds.values())
+        print(f"\n### batch {bs}: {result['tps']:,.0f} tokens/s; GPU kernel time per step, steps {warmup + 1}-"
+              f"{args.steps}: {total:,.0f} ms")
+        print("| kernels | ms per step | share |\n|---|---|---|")
+        for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+            print(f"| {kind} | {ms:,.1f} | {ms / total:.1%} |")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+        prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
 
 STACKS = ("ours", "reference", "tuned")
@@ -212,8 +257,11 @@ def main() -> None:
 
     def run_isolated(name: str, bs: int) -> dict:
         """Each stack in a process of its own: no allocator state or leftover object biases the next one."""
+        env = dict(os.environ)  # ours gets train.py's allocator setting, the reference the allocator as users have it
+        if name != "ours":
+            env["PYTORCH_CUDA_ALLOC_CONF"] = ORIGINAL_ALLOC_CONF
         out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name, "--one_batch", str(bs)],
-                             stdout=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, text=True, env=env)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
             raise SystemExit(f"{name} at batch {bs} failed (exit {out.returncode}); its error is printed above")

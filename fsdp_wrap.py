@@ -1,10 +1,11 @@
 """Shard the model with FSDP1 and checkpoint its decoder layers: the one place that knows about either.
 
-Order matters and is fixed: wrap first (each decoder layer and each LoRA leaf becomes an FSDP unit, and the root spans
-the embeddings, lm_head and the loss), then put activation checkpointing inside each decoder-layer unit, as torchtitan
-and the FSDP-QLoRA recipe do.
+Order matters and is fixed: compile the elementwise work of the decoder layers (CUDA), wrap (per decoder layer two FSDP
+units, one for its frozen weights and one around it for its LoRA weights; the root spans the embeddings, lm_head and
+the loss), then put activation checkpointing inside each decoder-layer unit, as torchtitan and the FSDP-QLoRA recipe do.
 """
 import functools
+import sys
 
 import torch
 import torch.nn as nn
@@ -16,11 +17,11 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from lora import lora_modules
+from lora import LoRALinear, lora_modules
 
 SHARDING = {
     "full_shard": ShardingStrategy.FULL_SHARD,  # params, grads and optimizer state split over all ranks (ZeRO-3)
@@ -63,24 +64,135 @@ class CausalLMWithLoss(nn.Module):
         return F.cross_entropy(logits, labels, reduction="sum")  # labels of -100 (prompt, padding) are ignored
 
 
-def _is_trainable_leaf(module: nn.Module) -> bool:
-    # LoRA's A and B: fp32 and trainable. A flat parameter must have one dtype and one requires_grad, so they cannot
-    # share a unit with the frozen bf16 (and bf16-packed 4-bit) weights of their decoder layer.
-    weight = getattr(module, "weight", None)
-    return next(module.children(), None) is None and weight is not None and weight.requires_grad
+# The elementwise work between the matmuls, written as functions of tensors alone, for torch.compile to fuse. Each
+# replaces a transformers module only where it computes exactly what that module computes (compile_elementwise).
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool) -> torch.Tensor:
+    h = x.float()  # statistics in fp32, as transformers computes them
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if plus_one:  # Gemma: scale by (1 + w) in fp32, then round
+        return (h * (1.0 + weight.float())).to(x.dtype)
+    return weight * h.to(x.dtype)  # Llama, Mistral, Qwen: round, then scale by w
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _fused_norm(norm: nn.Module, fn, eps: float, plus_one: bool, x: torch.Tensor) -> torch.Tensor:
+    return fn(x, norm.weight, eps, plus_one)  # norm.weight read at each call: FSDP swaps in a new view per forward
+
+
+def _fused_mlp(mlp: nn.Module, fn, x: torch.Tensor) -> torch.Tensor:
+    return mlp.down_proj(fn(mlp.gate_proj(x), mlp.up_proj(x)))  # transformers' gated MLP
+
+
+def _norm_variant(norm: nn.Module) -> tuple[float, bool] | None:
+    """(eps, plus_one) if _rms_norm computes exactly what `norm` does on a random input, else None."""
+    eps, weight = getattr(norm, "variance_epsilon", getattr(norm, "eps", None)), getattr(norm, "weight", None)
+    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    x = torch.randn(2, 3, weight.numel(), dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        want = norm(x)
+        return next(((eps, p) for p in (False, True) if torch.equal(_rms_norm(x, weight, eps, p), want)), None)
+
+
+def _activation_variant(act_fn: nn.Module):
+    """The fused gate function that computes exactly what act_fn(gate) * up does, or None."""
+    gate = torch.randn(64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        return next((fn for fn, act in ((_silu_mul, F.silu), (_gelu_tanh_mul, lambda t: F.gelu(t, approximate="tanh")))
+                     if torch.equal(act_fn(gate), act(gate))), None)
+
+
+def compile_elementwise(model: nn.Module, layer_cls: type[nn.Module], backend: str = "inductor") -> None:
+    """Fuse the memory-bound work between the matmuls of every decoder layer with torch.compile, in place.
+
+    Eagerly, each elementwise op reads and writes whole activations: transformers' RMSNorm makes six passes (upcast,
+    square, mean, scale, downcast, weight), and at 8 x 2048 tokens a gate_proj output is 450 MB. Compiled, each piece
+    below is one kernel; on one H100 this took an 8B model from 8,100 to 10,200 tokens/s (BENCHMARKS.md). The
+    matmuls stay eager, so bitsandbytes' kernels and FSDP's parameter views are never traced. The pieces:
+      - RMSNorms (Llama-style and Gemma-style, including Qwen3's q/k norms);
+      - gated MLPs (gate_proj, up_proj, down_proj, act_fn: Llama, Mistral, Qwen, Gemma): act_fn(gate) * up;
+      - the rotary embedding: the modeling module's own apply_rotary_pos_emb (a module-level function, so the
+        replacement is process-wide; it computes the same thing).
+    The compiled functions take tensors only: compiling the modules themselves fused less on the GPU (the multiply
+    after the activation and most of the norm stayed eager, 9,300 tokens/s). A module is replaced only after it
+    computed exactly what the replacement computes on a random input; any other module stays as it is.
+    backend="aot_eager" traces the same graphs without generating kernels (the CPU tests).
+    """
+    norm_fn, fused = torch.compile(_rms_norm, backend=backend), {}
+    modeling = sys.modules[type(model).__module__]
+    rotary = getattr(modeling, "apply_rotary_pos_emb", None)
+    if callable(rotary) and not hasattr(rotary, "_torchdynamo_orig_callable"):
+        modeling.apply_rotary_pos_emb = torch.compile(rotary, backend=backend)
+    for layer in (m for m in model.modules() if isinstance(m, layer_cls)):
+        for module in layer.modules():
+            if "RMSNorm" in type(module).__name__ and (variant := _norm_variant(module)):
+                module.forward = functools.partial(_fused_norm, module, norm_fn, *variant)
+            elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                if (fn := _activation_variant(module.act_fn)) is not None:
+                    fused.setdefault(fn, torch.compile(fn, backend=backend))
+                    module.forward = functools.partial(_fused_mlp, module, fused[fn])
+
+
+class LayerAdapters(nn.Module):
+    """A decoder layer, and beside it the LoRA weights of all its adapted linears: FSDP makes one unit of each.
+
+    FSDP1 flattens a unit's parameters into one tensor of one dtype and one requires_grad, so LoRA's trainable fp32
+    weights cannot share the unit of the layer's frozen bf16 (and bf16-packed 4-bit) weights. Wrapping each A and B
+    alone made 14 units per layer, whose hooks (run again when a checkpointed layer is recomputed) cost more than the
+    GPU work at small batches (BENCHMARKS.md). Here A and B leave the layer's module tree for `adapters` (each
+    LoRALinear keeps a plain reference and computes as before), so this wrapper's unit holds exactly the layer's LoRA
+    weights and the inner unit exactly its frozen ones. The wrapper's forward is the layer's: FSDP gathers the LoRA
+    weights before the layer runs, and in backward before it is recomputed.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self._adapters_wrapped_module = layer  # lora.clean_name drops this attribute from paths
+        self.adapters = nn.ModuleDict()
+        for name, module in layer.named_modules():
+            if isinstance(module, LoRALinear):
+                for ab in ("lora_A", "lora_B"):
+                    factor = module._modules.pop(ab)
+                    object.__setattr__(module, ab, factor)  # module.lora_A still works; it is no longer a child
+                    self.adapters[f"{name}.{ab}".replace(".", "-")] = factor
+
+    def forward(self, *args, **kwargs):
+        return self._adapters_wrapped_module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what the model's loop reads off its layers (Qwen, Gemma: attention_type)
+            return getattr(self._modules["_adapters_wrapped_module"], name)
+
+
+def group_adapters(model: nn.Module, layer_cls: type[nn.Module]) -> None:
+    """Put every decoder layer that holds LoRA inside a LayerAdapters, in place."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, layer_cls)]
+    for name, layer in layers:
+        if any(isinstance(m, LoRALinear) for m in layer.modules()):
+            model.set_submodule(name, LayerAdapters(layer))
 
 
 def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.device, sharding: str = "full_shard",
-               cpu_offload: bool = False, grad_checkpointing: str = "non_reentrant") -> FSDP:
+               cpu_offload: bool = False, grad_checkpointing: str = "non_reentrant", compile: str | None = None) -> FSDP:
+    """compile: None, or the torch.compile backend for compile_elementwise ("inductor" on GPUs)."""
+    if compile:
+        compile_elementwise(model, layer_cls, compile)
     if grad_checkpointing == "reentrant":
         # Reentrant checkpointing only backpropagates into a segment whose inputs require grad; the frozen embedding's
         # output does not, so the LoRA weights of the first layer would silently get no gradient without this hook.
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    group_adapters(model, layer_cls)
     model = CausalLMWithLoss(model)
-    policy = functools.partial(_or_policy, policies=[
-        functools.partial(lambda_auto_wrap_policy, lambda_fn=_is_trainable_leaf),
-        functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_cls}),
-    ])
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_cls, LayerAdapters})
     model = FSDP(
         model,
         auto_wrap_policy=policy,
@@ -110,14 +222,18 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
 def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full LoRA weights on every rank, keyed "<path>.lora_A.weight": a collective, so every rank must call it.
 
-    Each LoRA leaf is its own FSDP unit, so gathering them one by one never unshards a 4-bit layer. (A full state dict
-    of the root would gather the whole base model; on CPU its offload_to_cpu path also crashes.)
+    One layer's LoRA unit at a time, without its inner unit (recurse=False): a 4-bit layer is never unsharded. (A full
+    state dict of the root would gather the whole base model; on CPU its offload_to_cpu path also crashes.)
     """
     hf_model = next(m for m in model.modules() if isinstance(m, PreTrainedModel))  # names as PEFT sees them
+    names = {id(m): name for name, m in lora_modules(hf_model).items()}
     state = {}
-    for name, module in lora_modules(hf_model).items():
-        for ab in ("lora_A", "lora_B"):
-            unit = getattr(module, ab)
-            with FSDP.summon_full_params(unit, writeback=False):
-                state[f"{name}.{ab}.weight"] = unit.weight.detach().to("cpu", copy=True)
+    for unit in FSDP.fsdp_modules(model):
+        if isinstance(unit.module, LayerAdapters):
+            with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+                for module in unit.module.modules():
+                    if isinstance(module, LoRALinear):
+                        for ab in ("lora_A", "lora_B"):
+                            weight = getattr(module, ab).weight
+                            state[f"{names[id(module)]}.{ab}.weight"] = weight.detach().to("cpu", copy=True)
     return state

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.utils import skip_init
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
@@ -15,7 +16,7 @@ PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the 
 
 class LoRAFactor(nn.Linear):
     """A or B: an fp32 master weight used in the input's dtype (bf16). Under FSDP the weight already arrives as bf16;
-    unwrapped (tests, merging) the cast happens here, so both paths compute the same thing."""
+    unwrapped (tests, merging) the cast happens here (for B, in LoRALinear), so both paths compute the same thing."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
@@ -34,13 +35,23 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A = LoRAFactor(base.in_features, r, bias=False, dtype=torch.float32)
-        self.lora_B = LoRAFactor(r, base.out_features, bias=False, dtype=torch.float32)
+        # skip_init: nn.Linear's own init would draw a random A and B, both overwritten below. Skipping it takes adding
+        # LoRA to an 8B model (224 adapters, 168M parameters at r=64) from about 1.3 to 1.0 s on a 2-core CPU.
+        self.lora_A = skip_init(LoRAFactor, base.in_features, r, bias=False, dtype=torch.float32)
+        self.lora_B = skip_init(LoRAFactor, r, base.out_features, bias=False, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT initialise
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        rows = x.flatten(0, -2)  # (tokens, features), so that the update below can be one in-place GEMM
+        out = self.base(rows)
+        # The same sum as base(x) + B(A(x)) * scaling, with no extra pass over the full-width output (at batch 8 x 2048
+        # tokens, 450 MB for gate_proj): the scaling applies to the r-wide A(x), and B's product accumulates onto the
+        # base output in place (a GEMM with beta = 1). Safe because neither the 4-bit nor a plain linear layer keeps
+        # its output for backward; out-of-place addmm would first copy the whole output.
+        update = (self.lora_A(self.dropout(rows)) * self.scaling).to(out.dtype)
+        out.addmm_(update, self.lora_B.weight.to(out.dtype).t())  # B: already bf16 under FSDP's mixed precision
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def matching_modules(model: nn.Module, targets: list[str], within: type[nn.Module]) -> dict[str, nn.Module]:
@@ -79,7 +90,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def clean_name(name: str) -> str:
-    return re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.", "", name)
+    """The module path without the wrappers' own attributes: FSDP, activation checkpointing, torch.compile, and
+    fsdp_wrap.LayerAdapters."""
+    return re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_adapters_wrapped_module)\.", "", name)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

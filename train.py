@@ -30,6 +30,11 @@ import generate
 import lora
 import model_loading
 
+# The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern: at batch 8 on an
+# 8B model they reserved 8.6 GiB more than was ever allocated. Segments that grow in place keep reserved near allocated
+# (BENCHMARKS.md). Set before the first CUDA allocation; a value the user exported wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 
 @dataclass
 class Config:
@@ -71,6 +76,7 @@ class Config:
     sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes"})
     cpu_offload: bool = field(default=False, metadata={"help": "keep parameter shards in CPU memory (GPU only)"})
     grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": list(fsdp_wrap.CHECKPOINTING), "help": "activation checkpointing of decoder layers"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the norms, rotary embedding and MLP activation of each decoder layer (GPU only)"})
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "data order and LoRA init"})
     log_every: int = field(default=1, metadata={"help": "steps between progress-line updates"})
@@ -177,7 +183,9 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"LoRA r={cfg.lora_rank} on {len(names)} layers: {n_lora / 1e6:.2f}M trainable parameters")
-    return fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing)
+    compile = "inductor" if cfg.compile and device.type == "cuda" else None  # CPU (tests, gloo): eager
+    return fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing,
+                                compile)
 
 
 def lr_lambda(cfg: Config, total_steps: int):

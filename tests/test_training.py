@@ -1,4 +1,5 @@
 """The training loop under FSDP: sharding, accumulation and checkpointing change nothing but speed and memory."""
+import functools
 import json
 import os
 import subprocess
@@ -204,3 +205,35 @@ def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoi
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma"])  # Gemma: (1 + w) norm, GELU gate
+def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group, arch):
+    """compile_elementwise swaps in compiled norms, rotary and MLP activation: the loss and every LoRA gradient stay
+    the same (on CPU through aot_eager, the traced graphs with eager kernels: exactly; on a GPU inductor's fused
+    kernels round once instead of per op)."""
+    import lora
+    from model_loading import decoder_layer_class, load_model
+
+    backend, tol = ("inductor", 2e-2) if DEVICE.type == "cuda" else ("aot_eager", 0.0)
+    ids = torch.randint(4, 400, (2, 24), device=DEVICE)
+    losses, grads = [], []
+    for compile in (None, backend):
+        model = load_model(checkpoints(arch), "nf4", DEVICE, progress=False)
+        layer_cls = decoder_layer_class(model)
+        torch.manual_seed(0)  # the same A
+        lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)
+        g = torch.Generator().manual_seed(1)  # B != 0, so that A gets gradients too
+        for m in lora.lora_modules(model).values():
+            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, compile=compile)
+        fused = [m for m in model.modules() if isinstance(getattr(m, "forward", None), functools.partial)]
+        per_layer = 4 + 1 if arch == "qwen3" else 2 + 1  # the norms (Qwen3's q/k norms too) and the MLP
+        assert len(fused) == (2 * per_layer if compile else 0)  # 2 layers: every one of them replaced
+        loss = model(input_ids=ids, labels=ids)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(losses[1], losses[0], rtol=tol, atol=0)
+    assert (grads[1] - grads[0]).norm() <= tol * grads[0].norm()
