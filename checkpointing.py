@@ -3,7 +3,7 @@
 A checkpoint is a folder output_dir/checkpoint-N holding what step N+1 needs to run exactly as it would have
 without the interruption:
     adapter_model.safetensors  the LoRA weights in PEFT's format, with adapter_config.json (PEFT loads the folder)
-    optimizer.pt               AdamW's moments and step counts, full tensors keyed by parameter name
+    optimizer.pt               AdamW's moments and step counts, full tensors keyed by each LoRA weight's path
     rng_state.pt               every rank's torch, CUDA and Python RNG states (LoRA dropout draws from them)
     trainer_state.json         step, data position, LR-scheduler state, world size, config, base-model fingerprint
     COMPLETE                   written last: size and sha256 of every other file
@@ -15,8 +15,9 @@ damaged checkpoint gives way to the one before it.
 
 The optimizer state is gathered, not sharded. LoRA's is small: AdamW keeps two fp32 tensors per LoRA weight, ~1.3 GB
 for Llama-3-8B with r=64 on every linear, against 16 GB of base weights, so one all-gather per LoRA unit (into rank
-0's CPU memory) is cheap. In return the file is one torch.save keyed by parameter name: independent of FSDP's flat
-parameters and of the number of ranks, readable without a process group, and written by one process, so a single
+0's CPU memory) is cheap. In return the file is one torch.save keyed by each LoRA weight's path in the model (as
+in the adapter file; fsdp_wrap.natural_lora_names): independent of FSDP's flat parameters and units and of the
+number of ranks, readable without a process group, and written by one process, so a single
 rename makes it atomic. Sharded per-rank files (torch.distributed.checkpoint) write in parallel and never hold the
 whole state on one rank, which a full fine-tune needs and LoRA does not; they also need every rank to write to a
 shared filesystem, and a commit step across ranks. Only the optimizer state is gathered whole: the model's full
@@ -224,7 +225,7 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
         warnings.simplefilter("ignore", UserWarning)
         # cpu_offload: only rank 0 holds the gathered state, in CPU memory
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optim = get_optimizer_state_dict(model, optimizer, options=options)
+        optim = _renamed(get_optimizer_state_dict(model, optimizer, options=options), fsdp_wrap.natural_lora_names(model))
     rngs = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(_rng_state(), rngs, dst=0)
     state = dataclasses.replace(state, scheduler=scheduler.state_dict())
@@ -276,9 +277,18 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:
     optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+        names = {natural: fqn for fqn, natural in fsdp_wrap.natural_lora_names(model).items()}
+        set_optimizer_state_dict(model, optimizer, _renamed(optim, names), options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(read_state(path).scheduler)
     _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True)[dist.get_rank()])
+
+
+def _renamed(optim: dict, names: dict[str, str]) -> dict:
+    """A full optimizer state dict (keyed by parameter name) with its names mapped through `names`."""
+    if not optim:  # ranks other than 0 get nothing when gathering
+        return optim
+    return {"state": {names.get(k, k): v for k, v in optim["state"].items()},
+            "param_groups": [dict(g, params=[names.get(p, p) for p in g["params"]]) for g in optim["param_groups"]]}
 
 
 def _rng_state() -> dict:

@@ -21,7 +21,7 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-from lora import LoRALinear, lora_modules
+from lora import LoRALinear, clean_name, lora_modules
 
 SHARDING = {
     "full_shard": ShardingStrategy.FULL_SHARD,  # params, grads and optimizer state split over all ranks (ZeRO-3)
@@ -171,6 +171,18 @@ class LayerAdapters(nn.Module):
             return super().__getattr__(name)
         except AttributeError:  # what the model's loop reads off its layers (Qwen, Gemma: attention_type)
             return getattr(self._modules["_adapters_wrapped_module"], name)
+
+
+def natural_lora_names(model: nn.Module) -> dict[str, str]:
+    """Each LoRA weight's parameter name under the wrapped model -> the name it has with A and B inside their
+    LoRALinear ("...layers.0.adapters.mlp-up_proj-lora_A.weight" -> "...layers.0.mlp.up_proj.lora_A.weight"), the
+    same layout as the adapter file. Checkpoints key the optimizer state by these, whatever the FSDP grouping."""
+    names = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LayerAdapters):
+            for key in module.adapters:
+                names[clean_name(f"{path}.adapters.{key}.weight")] = clean_name(f"{path}.{key.replace('-', '.')}.weight")
+    return names
 
 
 def group_adapters(model: nn.Module, layer_cls: type[nn.Module]) -> None:

@@ -138,6 +138,16 @@ def test_keep_last(small_run, tmp_path):
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
 
 
+def test_optimizer_state_is_keyed_like_the_adapter(small_run, tmp_path):
+    """optimizer.pt names each LoRA weight by its path in the model, as the adapter file does, not by where FSDP
+    grouping puts it: a checkpoint does not depend on the wrapping, and one written with another grouping resumes."""
+    out = tmp_path / "run"
+    run_inprocess(small_run(out, 1, "--save_every", "1"))
+    optim = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)
+    adapter = {k.removeprefix("base_model.") for k in load_file(out / "checkpoint-1" / "adapter_model.safetensors")}
+    assert set(optim["state"]) == set(optim["param_groups"][0]["params"]) == adapter  # "model.model.layers.0...."
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Signals and faults
 
