@@ -225,7 +225,8 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
         warnings.simplefilter("ignore", UserWarning)
         # cpu_offload: only rank 0 holds the gathered state, in CPU memory
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        optim = _renamed(get_optimizer_state_dict(model, optimizer, options=options), fsdp_wrap.natural_lora_names(model))
+        optim = get_optimizer_state_dict(model, optimizer, options=options)
+        optim = _renamed(optim, fsdp_wrap.natural_lora_names(model))
     rngs = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(_rng_state(), rngs, dst=0)
     state = dataclasses.replace(state, scheduler=scheduler.state_dict())
@@ -278,7 +279,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         names = {natural: fqn for fqn, natural in fsdp_wrap.natural_lora_names(model).items()}
-        set_optimizer_state_dict(model, optimizer, _renamed(optim, names), options=StateDictOptions(full_state_dict=True))
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, _renamed(optim, names), options=options)
     scheduler.load_state_dict(read_state(path).scheduler)
     _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True)[dist.get_rank()])
 

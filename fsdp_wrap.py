@@ -181,7 +181,8 @@ def natural_lora_names(model: nn.Module) -> dict[str, str]:
     for path, module in model.named_modules():
         if isinstance(module, LayerAdapters):
             for key in module.adapters:
-                names[clean_name(f"{path}.adapters.{key}.weight")] = clean_name(f"{path}.{key.replace('-', '.')}.weight")
+                natural = key.replace("-", ".")  # the inverse of the key LayerAdapters made
+                names[clean_name(f"{path}.adapters.{key}.weight")] = clean_name(f"{path}.{natural}.weight")
     return names
 
 
@@ -241,11 +242,10 @@ def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     names = {id(m): name for name, m in lora_modules(hf_model).items()}
     state = {}
     for unit in FSDP.fsdp_modules(model):
-        if isinstance(unit.module, LayerAdapters):
-            with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-                for module in unit.module.modules():
-                    if isinstance(module, LoRALinear):
-                        for ab in ("lora_A", "lora_B"):
-                            weight = getattr(module, ab).weight
-                            state[f"{names[id(module)]}.{ab}.weight"] = weight.detach().to("cpu", copy=True)
+        if not isinstance(unit.module, LayerAdapters):
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for module in (m for m in unit.module.modules() if isinstance(m, LoRALinear)):
+                for ab in ("lora_A", "lora_B"):
+                    state[f"{names[id(module)]}.{ab}.weight"] = getattr(module, ab).weight.detach().to("cpu", copy=True)
     return state

@@ -174,10 +174,7 @@ def plan_shards(entries: dict[str, TensorEntry], dtypes: dict[str, torch.dtype],
 
 def output_dtypes(entries: dict[str, TensorEntry], dtype: torch.dtype) -> dict[str, torch.dtype]:
     """--dtype for every floating tensor; anything else (integer buffers) keeps its stored type."""
-    stored = {}
-    for file in dict.fromkeys(entry.file for entry in entries.values()):
-        with safe_open(str(file), framework="pt") as f:  # headers only
-            stored.update({name: SAFETENSORS_DTYPES[f.get_slice(name).get_dtype()] for name in f.keys()})
+    stored = {name: SAFETENSORS_DTYPES[entry.dtype] for name, entry in entries.items()}
     return {name: dtype if stored[name].is_floating_point else stored[name] for name in entries}
 
 
@@ -207,11 +204,8 @@ def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: fl
     w = w.to(device)
     if semantics == "dequantized" and quant != "none":
         from bitsandbytes.functional import dequantize_4bit
-        from bitsandbytes.nn import Params4bit
 
-        # Exactly the loader's quantization (model_loading._put): bf16 input, double quantization, bf16 storage.
-        packed = Params4bit(w.to(torch.bfloat16), requires_grad=False, quant_type=quant, compress_statistics=True,
-                            quant_storage=torch.bfloat16)._quantize(device)
+        packed = model_loading.quantize_4bit(w.to(torch.bfloat16), quant, device)  # exactly as the loader quantizes
         w = dequantize_4bit(packed.data, packed.quant_state)
     w = w.float()  # a copy, unless W was fp32 already: in place from here, so that only W and the update coexist
     return w.add_((b.to(device, torch.float32) @ a.to(device, torch.float32)).mul_(scaling))

@@ -78,6 +78,7 @@ def _download(repo_id: str) -> Path:
 class TensorEntry:
     file: Path
     shape: tuple[int, ...]
+    dtype: str  # as the safetensors header names it: "BF16", "F32", "I64", ...
 
 
 def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
@@ -100,7 +101,8 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
-                    entries[name] = TensorEntry(file, tuple(f.get_slice(name).get_shape()))
+                    info = f.get_slice(name)
+                    entries[name] = TensorEntry(file, tuple(info.get_shape()), info.get_dtype())
         except SafetensorError as e:
             raise CheckpointError(f"{file} is truncated or corrupt ({e}); download it again") from e
     return entries
@@ -240,18 +242,25 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device
     module = model.get_submodule(module_name)
     tensor = tensor.to(device=device, dtype=torch.bfloat16)
     if _is_4bit(module) and attr == "weight":
-        from bitsandbytes.nn import Params4bit
-
-        # `module=` makes bnb also keep quant_state on the Linear4bit: FSDP flattens the weight and drops the
-        # attribute from it, and Linear4bit.forward restores it from the module.
-        weight = Params4bit(tensor, requires_grad=False, quant_type=module.weight.quant_type,
-                            compress_statistics=module.weight.compress_statistics,
-                            quant_storage=torch.bfloat16, module=module)
-        module.weight = weight._quantize(device).to(keep_on)  # .to moves quant_state along (the same object)
+        # .to moves quant_state along (the same object)
+        module.weight = quantize_4bit(tensor, module.weight.quant_type, device, module).to(keep_on)
     elif attr in module._buffers:
         module._buffers[attr] = tensor.to(keep_on)
     else:
         setattr(module, attr, nn.Parameter(tensor.to(keep_on), requires_grad=False))
+
+
+def quantize_4bit(weight: torch.Tensor, quant: str, device: torch.device, module: nn.Module | None = None):
+    """A bf16 weight as bitsandbytes' packed 4-bit Params4bit on `device`: nf4 or fp4, double quantization, bf16
+    storage, as build_skeleton's shells declare. The one quantization the loader and merge.py both use.
+
+    `module=` makes bnb also keep quant_state on the Linear4bit: FSDP flattens the weight and drops the attribute
+    from it, and Linear4bit.forward restores it from the module.
+    """
+    from bitsandbytes.nn import Params4bit
+
+    return Params4bit(weight, requires_grad=False, quant_type=quant, compress_statistics=True,
+                      quant_storage=torch.bfloat16, module=module)._quantize(device)
 
 
 def _init_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:

@@ -202,11 +202,16 @@ def lr_lambda(cfg: Config, total_steps: int):
 # One optimizer step
 
 
+def n_targets(batch: dict) -> torch.Tensor:
+    """Label tokens the loss counts: each predicts the token after it, so the first column never does."""
+    return (batch["labels"][:, 1:] != data.IGNORE).sum()
+
+
 def loss_sum(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed fp32 cross-entropy of every label token in the batch (fsdp_wrap.CausalLMWithLoss), and their count."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in
               ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
-    return model(**inputs), (batch["labels"][:, 1:] != data.IGNORE).sum()
+    return model(**inputs), n_targets(batch)
 
 
 def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device: torch.device) -> dict:
@@ -218,7 +223,7 @@ def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device:
     moments stay as they were, and the caller still advances the step, the data and the LR schedule.
     """
     world = dist.get_world_size()
-    n_labels = sum((b["labels"][:, 1:] != data.IGNORE).sum() for b in micro_batches).to(device)
+    n_labels = sum(n_targets(b) for b in micro_batches).to(device)
     dist.all_reduce(n_labels)
     n_labels = n_labels.clamp(min=1)
     total = torch.zeros((), device=device)
