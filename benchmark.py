@@ -154,7 +154,7 @@ KERNEL_KINDS = [
     ("attention", r"flash|fmha|attention"),
     ("matmuls (4-bit base, LoRA, lm_head)", r"gemm|gemv|cutlass|xmma|nvjet|matmul"),
     ("optimizer", r"adam|multi_tensor"),
-    ("compiled elementwise (norms, rotary, SwiGLU)", r"^triton"),
+    ("compiled elementwise (norms, rotary, SwiGLU, loss)", r"^triton"),
     ("copies and dtype casts", r"copy|Memcpy|Memset|CatArray|nccl"),
     ("cross-entropy", r"softmax|nll_loss"),
     ("other elementwise and reductions", r""),

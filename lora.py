@@ -27,31 +27,90 @@ class LoRALinear(nn.Module):
 
     r is the rank of the update B @ A (A: in -> r, B: r -> out), so it adds r * (in + out) parameters instead of
     in * out. alpha / r scales the update, so changing r does not change the effective learning rate much.
-    A starts Kaiming-uniform and B at zero: the update B @ A is exactly zero, and at step 0 the model is the base
-    model, bit for bit. A and B are fp32 master weights; under FSDP's mixed precision they compute in bf16.
+    A starts Kaiming-uniform and B at zero: the update B @ A is exactly zero, and at step 0 the model computes what
+    the base model computes. A and B are fp32 master weights; under FSDP's mixed precision they compute in bf16.
+
+    The sum is computed one of two ways, whichever moves less memory (`merges`): the update added to the base
+    output (`unmerged`), or added to the weight first, x @ (W + s B A)^T, with gradients written out (`_MergedLoRA`).
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, device: torch.device | str = "cpu"):
         super().__init__()
         self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # skip_init: nn.Linear's own init would draw a random A and B, both overwritten below. Skipping it takes adding
         # LoRA to an 8B model (224 adapters, 168M parameters at r=64) from about 1.3 to 1.0 s on a 2-core CPU.
-        self.lora_A = skip_init(LoRAFactor, base.in_features, r, bias=False, dtype=torch.float32)
-        self.lora_B = skip_init(LoRAFactor, r, base.out_features, bias=False, dtype=torch.float32)
+        self.lora_A = skip_init(LoRAFactor, base.in_features, r, bias=False, dtype=torch.float32, device=device)
+        self.lora_B = skip_init(LoRAFactor, r, base.out_features, bias=False, dtype=torch.float32, device=device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT initialise
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.flatten(0, -2)  # (tokens, features), so that the update below can be one in-place GEMM
+        rows = x.flatten(0, -2)  # (tokens, features)
+        out = self.merged(rows) if self.merges(rows) else self.unmerged(rows)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def merges(self, rows: torch.Tensor) -> bool:
+        """Whether to add the update to the weight instead of to the output: the cheaper of the two whenever there
+        are more rows than input features (the weight is smaller than the output), as in training batches of
+        thousands of tokens; not in generation. Only without dropout: dropout applies to the update's input alone."""
+        return rows.shape[0] > self.base.in_features and (isinstance(self.dropout, nn.Identity) or not self.training)
+
+    def unmerged(self, rows: torch.Tensor) -> torch.Tensor:
         out = self.base(rows)
-        # The same sum as base(x) + B(A(x)) * scaling, with no extra pass over the full-width output (at batch 8 x 2048
-        # tokens, 450 MB for gate_proj): the scaling applies to the r-wide A(x), and B's product accumulates onto the
-        # base output in place (a GEMM with beta = 1). Safe because neither the 4-bit nor a plain linear layer keeps
-        # its output for backward; out-of-place addmm would first copy the whole output.
+        # The same sum as base(x) + B(A(x)) * scaling, with no extra pass over the full-width output: the scaling
+        # applies to the r-wide A(x), and B's product accumulates onto the base output in place (a GEMM with beta = 1).
+        # Safe because neither the 4-bit nor a plain linear layer keeps its output for backward; out-of-place addmm
+        # would first copy the whole output.
         update = (self.lora_A(self.dropout(rows)) * self.scaling).to(out.dtype)
         out.addmm_(update, self.lora_B.weight.to(out.dtype).t())  # B: already bf16 under FSDP's mixed precision
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
+
+    def merged(self, rows: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A.weight.to(rows.dtype), self.lora_B.weight.to(rows.dtype)  # no-ops under FSDP
+        bias = None if self.base.bias is None else self.base.bias.to(rows.dtype)
+        return _MergedLoRA.apply(rows, self.base.weight, a, b, bias, self.base, self.scaling)
+
+
+def _merged_weight(base: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A as a new bf16 (out, in) matrix, W dequantized from 4 bits or taken as it is.
+
+    FSDP hands the 4-bit weight over as a plain view of its flat parameter, without the quantization state bitsandbytes
+    hangs on it; the Linear4bit module keeps a copy (model_loading.quantize_4bit).
+    """
+    quant_state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
+    if quant_state is not None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        weight = dequantize_4bit(weight.view(-1, 1), quant_state)
+    return torch.addmm(weight, b, a, alpha=scaling)
+
+
+class _MergedLoRA(torch.autograd.Function):
+    """x @ (W + s B A)^T + bias in one GEMM; gradients for x, A and B as the unmerged sum has them.
+
+    Against base(x) + s B(A(x)), this saves two passes over the (tokens, out) output in forward (B's product and its
+    addition) and, in backward, the separate (tokens, in) gradient of x through A and its addition to the base's,
+    because x's gradient through the merged weight already holds both. What it costs instead is a pass over the
+    (out, in) weight, dequantized anyway. The matrix is rebuilt in backward rather than kept, as bitsandbytes does.
+    A and B still get their exact gradients: s (g B)^T x and s g^T (x A^T), with g the output's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, a, b, bias, base, scaling):
+        ctx.save_for_backward(x, weight, a, b)
+        ctx.base, ctx.scaling = base, scaling
+        return F.linear(x, _merged_weight(base, weight, a, b, scaling), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, a, b = ctx.saved_tensors
+        s, needs = ctx.scaling, ctx.needs_input_grad
+        grad_x = grad_out @ _merged_weight(ctx.base, weight, a, b, s) if needs[0] else None
+        grad_a = (grad_out @ b * s).t() @ x if needs[2] else None  # (r, in)
+        grad_b = grad_out.t() @ (x @ a.t() * s) if needs[3] else None  # (out, r): A(x) recomputed, r wide
+        return grad_x, None, grad_a, grad_b, None, None, None
 
 
 def matching_modules(model: nn.Module, targets: list[str], within: type[nn.Module]) -> dict[str, nn.Module]:
@@ -71,16 +130,17 @@ def matching_modules(model: nn.Module, targets: list[str], within: type[nn.Modul
 
 def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r: int, alpha: float,
                 dropout: float, device: torch.device | str) -> list[str]:
-    """Replace each matching linear with a LoRALinear around it; returns the adapted module names.
+    """Replace each matching linear with a LoRALinear around it, its weights on `device`; returns the adapted names.
 
-    The A init draws from torch's global CPU generator: seed it identically on every rank (FSDP does not broadcast).
+    A's random init is drawn on `device`, from torch's global generator for that device: seed it identically on every
+    rank (FSDP does not broadcast).
     """
     found = matching_modules(model, targets, within)
     if not found:
         linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "in_features")})
         raise ValueError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {linears}")
     for name, base in found.items():
-        model.set_submodule(name, LoRALinear(base, r, alpha, dropout).to(device))
+        model.set_submodule(name, LoRALinear(base, r, alpha, dropout, device))
     return list(found)
 
 

@@ -17,8 +17,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import bitsandbytes as bnb
 import torch
 import torch.nn as nn
+from bitsandbytes.nn import Params4bit
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
@@ -178,8 +180,6 @@ def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: st
 
 
 def _linear4bit_shell(linear: nn.Linear, quant: str) -> nn.Module:
-    import bitsandbytes as bnb
-
     shell = bnb.nn.Linear4bit(
         linear.in_features, linear.out_features, bias=linear.bias is not None,
         compute_dtype=torch.bfloat16,
@@ -257,8 +257,6 @@ def quantize_4bit(weight: torch.Tensor, quant: str, device: torch.device, module
     `module=` makes bnb also keep quant_state on the Linear4bit: FSDP flattens the weight and drops the attribute
     from it, and Linear4bit.forward restores it from the module.
     """
-    from bitsandbytes.nn import Params4bit
-
     return Params4bit(weight, requires_grad=False, quant_type=quant, compress_statistics=True,
                       quant_storage=torch.bfloat16, module=module)._quantize(device)
 

@@ -83,3 +83,25 @@ def test_our_loader_reads_our_adapter_back(checkpoints, tmp_path):
     wrong_rank, _ = adapted(path, r=8)
     with pytest.raises(ValueError, match="shape"):
         lora.load_adapter(wrong_rank, tmp_path)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_update_merged_into_the_weight_computes_the_unmerged_sum(checkpoints, quant):
+    """For many rows the update goes into the weight: the same output, and the same gradients of x, A and B, as the
+    update added to the base output (up to bf16 rounding). Qwen2's q_proj has a bias; down_proj is wider in than out."""
+    model, _ = adapted(checkpoints("qwen2"), quant)
+    randomize_b(model)
+    model.train()
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        module = model.get_submodule(name)
+        x = torch.randn(3 * module.base.in_features, module.base.in_features, dtype=torch.bfloat16, device=DEVICE)
+        assert module.merges(x) and not module.merges(x[:module.base.in_features])
+        probe = torch.randn(x.shape[0], module.base.out_features, device=DEVICE)  # a random direction to differentiate
+        results = []
+        for path in (module.merged, module.unmerged):
+            inputs = [x.clone().requires_grad_(), module.lora_A.weight, module.lora_B.weight]
+            out = path(inputs[0])
+            results.append([out, *torch.autograd.grad((out.float() * probe).sum(), inputs)])
+        for merged, unmerged in zip(*results):
+            assert unmerged.abs().max() > 0
+            torch.testing.assert_close(merged, unmerged, rtol=2e-2, atol=2e-2 * unmerged.abs().max().item())

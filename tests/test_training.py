@@ -187,7 +187,8 @@ def test_missing_model_fails_before_loading(tmp_path):
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="staging in CPU memory only differs from loading there on a GPU")
 def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoints, process_group):
-    """Quantized on the GPU, kept in CPU memory, moved back unit by unit by FSDP: same packed bytes, same logits."""
+    """Quantized on the GPU, kept in CPU memory (LoRA on the GPU already), moved back unit by unit by FSDP: same
+    packed bytes, same logits."""
     import lora
     from model_loading import decoder_layer_class, load_model
 
@@ -197,7 +198,7 @@ def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoi
         torch.manual_seed(0)
         model = load_model(path, "nf4", DEVICE, progress=False, keep_on=keep_on)
         layer_cls = decoder_layer_class(model)
-        lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, keep_on)
+        lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)  # as train.py does
         g = torch.Generator().manual_seed(1)  # the same B wherever it lives
         for m in lora.lora_modules(model).values():
             m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
@@ -216,7 +217,7 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
     from model_loading import decoder_layer_class, load_model
 
     backend, tol = ("inductor", 2e-2) if DEVICE.type == "cuda" else ("aot_eager", 0.0)
-    ids = torch.randint(4, 400, (2, 24), device=DEVICE)
+    ids = torch.randint(4, 400, (4, 48), device=DEVICE)  # more rows than features: LoRA merged into the weights
     losses, grads = [], []
     for compile in (None, backend):
         model = load_model(checkpoints(arch), "nf4", DEVICE, progress=False)
