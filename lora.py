@@ -51,10 +51,15 @@ class LoRALinear(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def merges(self, rows: torch.Tensor) -> bool:
-        """Whether to add the update to the weight instead of to the output: the cheaper of the two whenever there
-        are more rows than input features (the weight is smaller than the output), as in training batches of
-        thousands of tokens; not in generation. Only without dropout: dropout applies to the update's input alone."""
-        return rows.shape[0] > self.base.in_features and (isinstance(self.dropout, nn.Identity) or not self.training)
+        """Whether to add the update to the weight instead of to the output. Only without dropout, which applies to
+        the update's input alone. Then always in training: one GEMM and one autograd node instead of four, forward
+        and backward (on one H100, batch 1 x 2048 tokens of an 8B model went from 2,703 to 3,764 tokens/s in one run
+        and from 2,509 to 2,932 in another, although the weight (out x in) is larger than the output there). Without gradients, only when the weight is smaller
+        than the output (more rows than input features): not in generation, where bitsandbytes multiplies by the
+        4-bit weight directly."""
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            return False
+        return torch.is_grad_enabled() or rows.shape[0] > self.base.in_features
 
     def unmerged(self, rows: torch.Tensor) -> torch.Tensor:
         out = self.base(rows)

@@ -1,6 +1,4 @@
 """Tiny random checkpoints of real architectures, written once per test session through save_pretrained."""
-import os
-import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -55,19 +53,10 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture
 def process_group():
     """A 1-rank process group in this process, as `python train.py` makes without torchrun."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", rank=0, world_size=1, timeout=timedelta(seconds=60))
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
     yield
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

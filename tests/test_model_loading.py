@@ -178,3 +178,24 @@ def test_offline_hub_download_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
         resolve_model_dir("some-org/some-model")
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="tensors are staged through page-locked buffers only on their way to a GPU")
+def test_tensors_copied_to_the_gpu_by_several_threads_are_the_files_bytes(checkpoints):
+    """Three threads, chunks of 1,000 bytes (every tensor in several, the two buffers of a thread in turn): every
+    tensor arrives on the GPU bit for bit, in the files' order, with its dtype and shape."""
+    import model_loading
+
+    path = checkpoints("gemma", "single")
+    entries = model_loading.index_checkpoint(path)
+    by_file = {}
+    for name, entry in entries.items():
+        by_file.setdefault(entry.file, []).append(name)
+    arrived = list(model_loading._read_ahead(by_file, {name: DEVICE for name in entries}, threads=3, chunk_bytes=1000))
+    assert [name for name, _ in arrived] == [name for names in by_file.values() for name in names]
+    expected = load_file(next(iter(by_file)))
+    assert max(t.numel() * t.element_size() for t in expected.values()) > 2 * 3 * 1000
+    for name, tensor in arrived:
+        assert tensor.device.type == "cuda" and tensor.dtype == expected[name].dtype
+        assert tensor.shape == expected[name].shape
+        assert torch.equal(tensor.cpu().reshape(-1).view(torch.uint8), expected[name].reshape(-1).view(torch.uint8))
