@@ -137,12 +137,12 @@ def validate(cfg: Config) -> None:
 
 def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
     """rank, local rank, world size and device, from torchrun's environment; one process without torchrun."""
-    store = {}
+    rendezvous = {}  # torchrun's: from the environment
     if "RANK" not in os.environ:
         # Plain `python train.py`: a process group of one, whose rendezvous store lives in this process. No port: a
         # free port picked here could be taken by another socket before the group binds it.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        store = dict(store=dist.HashStore(), rank=0, world_size=1)
+        rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -150,7 +150,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     # Always a timeout: a rank that dies or diverges must turn into an error on the others, not an endless hang.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s), **store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s), **rendezvous)
     return rank, local_rank, world, device
 
 
