@@ -126,8 +126,9 @@ def compile_elementwise(model: nn.Module, layer_cls: type[nn.Module], backend: s
     matmuls stay eager, so bitsandbytes' kernels and FSDP's parameter views are never traced. The pieces:
       - RMSNorms (Llama-style and Gemma-style, including Qwen3's q/k norms);
       - gated MLPs (gate_proj, up_proj, down_proj, act_fn: Llama, Mistral, Qwen, Gemma): act_fn(gate) * up;
-      - the rotary embedding: the modeling module's own apply_rotary_pos_emb (a module-level function, so the
-        replacement is process-wide; it computes the same thing).
+      - the rotary embedding: the modeling module's own apply_rotary_pos_emb. It is a module-level function, so the
+        replacement is process-wide: every model of the architecture in the process, transformers' own generate
+        included, then uses it. On a GPU it rounds to bf16 once instead of after each op (BENCHMARKS.md, tests).
     The compiled functions take tensors only: compiling the modules themselves fused less on the GPU (the multiply
     after the activation and most of the norm stayed eager, 9,300 tokens/s). A module is replaced only after it
     computed exactly what the replacement computes on a random input; any other module stays as it is.
