@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -164,8 +165,6 @@ KERNEL_KINDS = [
 def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int], args) -> None:
     """Where a training step's GPU time goes, by kind of kernel, over the steps after the third (not the load, not
     the first steps, which compile); then the ops with the most GPU time."""
-    import re
-
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -228,7 +227,8 @@ def main() -> None:
     p.add_argument("--r", type=int, default=64, help="LoRA rank (alpha 16, as in the QLoRA paper)")
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--no_reference", action="store_true", help="time ours only")
-    p.add_argument("--profile", action="store_true", help="profile ours (whole run) and print the top ops instead")
+    p.add_argument("--profile", action="store_true",
+                   help="profile ours instead (the steps after the third): GPU time by kind of kernel, then top ops")
     p.add_argument("--max_memory_gib", type=float, default=0, help="cap this process, e.g. 24 for a 24 GB card")
     p.add_argument("--workdir", default="/tmp/fsdp_qlora_bench")
     p.add_argument("--extra", default="", help="more train.py flags for ours, e.g. '--grad_checkpointing none'")

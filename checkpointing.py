@@ -15,14 +15,14 @@ damaged checkpoint gives way to the one before it.
 
 The optimizer state is gathered, not sharded. LoRA's is small: AdamW keeps two fp32 tensors per LoRA weight, ~1.3 GB
 for Llama-3-8B with r=64 on every linear, against 16 GB of base weights, so one all-gather per LoRA unit (into rank
-0's CPU memory) is cheap. In return the file is one torch.save keyed by each LoRA weight's path in the model (as
-in the adapter file; fsdp_wrap.natural_lora_names): independent of FSDP's flat parameters and units and of the
-number of ranks, readable without a process group, and written by one process, so a single
-rename makes it atomic. Sharded per-rank files (torch.distributed.checkpoint) write in parallel and never hold the
-whole state on one rank, which a full fine-tune needs and LoRA does not; they also need every rank to write to a
-shared filesystem, and a commit step across ranks. Only the optimizer state is gathered whole: the model's full
-state dict would gather the 4-bit base too (and with offload_to_cpu it crashes on CPU), so the LoRA weights are
-gathered unit by unit (fsdp_wrap.gather_lora_state).
+0's CPU memory) is cheap. In return the file is one torch.save keyed by each LoRA weight's path in the model (as in
+the adapter file; fsdp_wrap.natural_lora_names): independent of FSDP's flat parameters and units and of the number
+of ranks, readable without a process group, and written by one process, so a single rename makes it atomic. Sharded
+per-rank files (torch.distributed.checkpoint) write in parallel and never hold the whole state on one rank, which a
+full fine-tune needs and LoRA does not; they also need every rank to write to a shared filesystem, and a commit step
+across ranks. Only the optimizer state is gathered whole: the model's full state dict would gather the 4-bit base
+too (and with offload_to_cpu it crashes on CPU), so the LoRA weights are gathered unit by unit
+(fsdp_wrap.gather_lora_state).
 
 Output_dir must be on a filesystem that every rank sees when resuming: rank 0 writes, every rank reads.
 

@@ -17,8 +17,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 import data
+import lora
+import model_loading
 
 
 def render_prompt(prompt: str) -> str:
@@ -127,11 +130,6 @@ def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file:
 
 def load(model: str, adapter: str | None, quant: str | None, device: torch.device) -> tuple[torch.nn.Module, object]:
     """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model."""
-    from transformers import AutoTokenizer
-
-    import lora
-    import model_loading
-
     model_dir = model_loading.resolve_model_dir(model)
     if adapter:
         lora.read_adapter_config(Path(adapter))  # a missing adapter fails before the model loads

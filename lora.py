@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bitsandbytes.functional import dequantize_4bit
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import skip_init
 
@@ -16,7 +17,8 @@ PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the 
 
 class LoRAFactor(nn.Linear):
     """A or B: an fp32 master weight used in the input's dtype (bf16). Under FSDP the weight already arrives as bf16;
-    unwrapped (tests, merging) the cast happens here (for B, in LoRALinear), so both paths compute the same thing."""
+    unwrapped (tests, merging) the cast happens here, or in LoRALinear where it uses the weight directly, so both
+    paths compute the same thing."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
@@ -30,8 +32,8 @@ class LoRALinear(nn.Module):
     A starts Kaiming-uniform and B at zero: the update B @ A is exactly zero, and at step 0 the model computes what
     the base model computes. A and B are fp32 master weights; under FSDP's mixed precision they compute in bf16.
 
-    The sum is computed one of two ways, whichever moves less memory (`merges`): the update added to the base
-    output (`unmerged`), or added to the weight first, x @ (W + s B A)^T, with gradients written out (`_MergedLoRA`).
+    The sum is computed one of two ways (`merges` picks): the update added to the base output (`unmerged`), or added
+    to the weight first, x @ (W + s B A)^T, with gradients written out (`_MergedLoRA`).
     """
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, device: torch.device | str = "cpu"):
@@ -51,12 +53,14 @@ class LoRALinear(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def merges(self, rows: torch.Tensor) -> bool:
-        """Whether to add the update to the weight instead of to the output. Only without dropout, which applies to
-        the update's input alone. Then always in training: one GEMM and one autograd node instead of four, forward
-        and backward (on one H100, batch 1 x 2048 tokens of an 8B model went from 2,703 to 3,764 tokens/s in one run
-        and from 2,509 to 2,932 in another, although the weight (out x in) is larger than the output there). Without gradients, only when the weight is smaller
-        than the output (more rows than input features): not in generation, where bitsandbytes multiplies by the
-        4-bit weight directly."""
+        """Whether to add the update to the weight instead of to the output.
+
+        Only without dropout, which applies to the update's input alone. Then always in training: one GEMM and one
+        autograd node instead of four, forward and backward. On one H100, batch 1 x 2048 tokens of an 8B model went
+        from 2,703 to 3,764 tokens/s in one run and from 2,509 to 2,932 in another, although the weight (out x in)
+        is larger than the output there. Without gradients, only when the weight is smaller than the output (more
+        rows than input features): not in generation, where bitsandbytes multiplies by the 4-bit weight directly.
+        """
         if self.training and not isinstance(self.dropout, nn.Identity):
             return False
         return torch.is_grad_enabled() or rows.shape[0] > self.base.in_features
@@ -86,8 +90,6 @@ def _merged_weight(base: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: to
     """
     quant_state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
     if quant_state is not None:
-        from bitsandbytes.functional import dequantize_4bit
-
         weight = dequantize_4bit(weight.view(-1, 1), quant_state)
     return torch.addmm(weight, b, a, alpha=scaling)
 

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from bitsandbytes.functional import dequantize_4bit
 from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -203,8 +204,6 @@ def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: fl
     """W + B @ A * scaling in fp32, W being the base weight or its 4-bit round trip (see the module docstring)."""
     w = w.to(device)
     if semantics == "dequantized" and quant != "none":
-        from bitsandbytes.functional import dequantize_4bit
-
         packed = model_loading.quantize_4bit(w.to(torch.bfloat16), quant, device)  # exactly as the loader quantizes
         w = dequantize_4bit(packed.data, packed.quant_state)
     w = w.float()  # a copy, unless W was fp32 already: in place from here, so that only W and the update coexist

@@ -111,8 +111,12 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
                     info = f.get_slice(name)
                     entries[name] = TensorEntry(file, tuple(info.get_shape()), info.get_dtype())
         except SafetensorError as e:
-            raise CheckpointError(f"{file} is truncated or corrupt ({e}); download it again") from e
+            raise _corrupt(file, e) from e
     return entries
+
+
+def _corrupt(file: Path, error: SafetensorError) -> CheckpointError:
+    return CheckpointError(f"{file} is truncated or corrupt ({error}); download it again")
 
 
 def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module) -> dict[Path, list[str]]:
@@ -253,7 +257,7 @@ def _read_ahead(by_file: dict[Path, list[str]], where: dict[str, torch.device], 
             try:
                 tensor = handles[file].get_tensor(name)
             except SafetensorError as e:
-                raise CheckpointError(f"{file} is truncated or corrupt ({e}); download it again") from e
+                raise _corrupt(file, e) from e
             return (name, *copier.copy(tensor)) if where[name].type == "cuda" else (name, tensor, None)
 
         def arrived(name: str, tensor: torch.Tensor, event: torch.cuda.Event | None) -> tuple[str, torch.Tensor]:
@@ -275,7 +279,7 @@ def _open_shard(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except SafetensorError as e:
-        raise CheckpointError(f"{file} is truncated or corrupt ({e}); download it again") from e
+        raise _corrupt(file, e) from e
 
 
 class _PinnedCopier:

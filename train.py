@@ -150,7 +150,8 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     # Always a timeout: a rank that dies or diverges must turn into an error on the others, not an endless hang.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s), **rendezvous)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **rendezvous)
     return rank, local_rank, world, device
 
 
@@ -177,8 +178,8 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
     # LoRA goes straight to the GPU even where the base waits in CPU memory: it is small (168M parameters for an 8B
-    # model at r=64), its init there is one kernel per matrix instead of about a second of CPU time, and every world size then
-    # draws the same A from the same generator. FSDP moves the CPU-resident rest unit by unit as it wraps.
+    # model at r=64), its init there is one kernel per matrix instead of about a second of CPU time, and every world
+    # size then draws the same A from the same generator. FSDP moves the CPU-resident rest unit by unit as it wraps.
     names = lora.inject_lora(model, targets, layer_cls, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, device)
     if adapter_dir is not None:  # resuming: the full weights go in before FSDP shards them
         lora.load_adapter(model, adapter_dir)
@@ -374,12 +375,13 @@ def train(cfg: Config) -> list[dict]:
                         f"stopping. Skipped steps change no weight, so the last checkpoint, {last_saved or 'none yet'}, "
                         "is good: check the data near these steps, or start again with a lower --lr")
                 stopping = stop.agreed(device) and step < total_steps
-                if stopping or (cfg.save_every and step % cfg.save_every == 0):
+                saving = bool(cfg.save_every) and step % cfg.save_every == 0
+                if stopping or saving:
                     position = (epoch, in_epoch + 1) if in_epoch + 1 < steps_per_epoch else (epoch + 1, 0)
                     state = checkpointing.TrainerState(step, *position, **run)
                     last_saved = checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler,
                                                                cfg.keep_last)
-                if not stopping and step < total_steps and ("eval_loss" in m or cfg.save_every and step % cfg.save_every == 0):
+                if not stopping and step < total_steps and ("eval_loss" in m or saving):
                     generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step, device,
                                          cfg.sample_tokens)  # a collective: every rank samples, rank 0 writes
                 if stopping:

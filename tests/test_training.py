@@ -10,8 +10,9 @@ import torch
 from conftest import DEVICE, ROOT
 
 import fsdp_wrap
+import lora
 import train
-from model_loading import CheckpointError
+from model_loading import CheckpointError, decoder_layer_class, load_model
 
 
 def run_inprocess(args: list[str]) -> list[dict]:
@@ -153,8 +154,6 @@ def test_unknown_quant_is_refused(checkpoints, capsys):
     with pytest.raises(SystemExit):
         train.parse_config(["--quant", "int3"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
-    from model_loading import load_model
-
     with pytest.raises(CheckpointError, match="--quant 'int3'"):
         load_model(checkpoints("llama"), quant="int3")
 
@@ -185,23 +184,28 @@ def test_missing_model_fails_before_loading(tmp_path):
         run_inprocess(["--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")])
 
 
+def adapted_4bit(path, keep_on=None):
+    """A 4-bit model with LoRA (r=4) as train.py builds it, before wrapping, and its decoder-layer class. A comes from
+    the global seed, on the GPU if there is one; B from a fixed CPU generator, the same wherever the model lives, and
+    nonzero, so that A gets gradients too."""
+    model = load_model(path, "nf4", DEVICE, progress=False, keep_on=keep_on)
+    layer_cls = decoder_layer_class(model)
+    lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)
+    g = torch.Generator().manual_seed(1)
+    for m in lora.lora_modules(model).values():
+        m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+    return model, layer_cls
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="staging in CPU memory only differs from loading there on a GPU")
 def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoints, process_group):
     """Quantized on the GPU, kept in CPU memory (LoRA on the GPU already), moved back unit by unit by FSDP: same
     packed bytes, same logits."""
-    import lora
-    from model_loading import decoder_layer_class, load_model
-
     path, ids = checkpoints("qwen2"), torch.randint(4, 400, (2, 16), device=DEVICE)
     logits = []
     for keep_on in (DEVICE, "cpu"):
         torch.manual_seed(0)
-        model = load_model(path, "nf4", DEVICE, progress=False, keep_on=keep_on)
-        layer_cls = decoder_layer_class(model)
-        lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)  # as train.py does
-        g = torch.Generator().manual_seed(1)  # the same B wherever it lives
-        for m in lora.lora_modules(model).values():
-            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+        model, layer_cls = adapted_4bit(path, keep_on)
         model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE)
         with torch.no_grad():
             logits.append(model(input_ids=ids).logits)
@@ -213,20 +217,12 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
     """compile_elementwise swaps in compiled norms, rotary and MLP activation: the loss and every LoRA gradient stay
     the same (on CPU through aot_eager, the traced graphs with eager kernels: exactly; on a GPU inductor's fused
     kernels round once instead of per op)."""
-    import lora
-    from model_loading import decoder_layer_class, load_model
-
     backend, tol = ("inductor", 2e-2) if DEVICE.type == "cuda" else ("aot_eager", 0.0)
     ids = torch.randint(4, 400, (4, 48), device=DEVICE)  # more rows than features: LoRA merged into the weights
     losses, grads = [], []
     for compile in (None, backend):
-        model = load_model(checkpoints(arch), "nf4", DEVICE, progress=False)
-        layer_cls = decoder_layer_class(model)
         torch.manual_seed(0)  # the same A
-        lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)
-        g = torch.Generator().manual_seed(1)  # B != 0, so that A gets gradients too
-        for m in lora.lora_modules(model).values():
-            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+        model, layer_cls = adapted_4bit(checkpoints(arch))
         model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, compile=compile)
         fused = [m for m in model.modules() if isinstance(getattr(m, "forward", None), functools.partial)]
         per_layer = 4 + 1 if arch == "qwen3" else 2 + 1  # the norms (Qwen3's q/k norms too) and the MLP
