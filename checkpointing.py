@@ -5,13 +5,21 @@ without the interruption:
     adapter_model.safetensors  the LoRA weights in PEFT's format, with adapter_config.json (PEFT loads the folder)
     optimizer.pt               AdamW's moments and step counts, full tensors keyed by each LoRA weight's path
     rng_state.pt               every rank's torch, CUDA and Python RNG states (LoRA dropout draws from them)
-    trainer_state.json         step, data position, LR-scheduler state, world size, config, base-model fingerprint
+    train_config.json          the run's whole config (what merge.py and generate.py read: base, quant, LoRA shape)
+    trainer_state.json         step, data position, LR-scheduler state, world size, config, base-model and data
+                               fingerprints
     COMPLETE                   written last: size and sha256 of every other file
+The final adapter in output_dir is the first three files, written by the same function (write_run_files).
 
 Atomic: rank 0 writes into checkpoint-N.tmp-*, fsyncs every file, writes COMPLETE, renames the folder to
 checkpoint-N and fsyncs output_dir. A crash or a full disk midway leaves a .tmp folder, which is never taken (and is
 removed at the next start), and the previous checkpoint untouched. On resume the sha256s are checked first: a
-damaged checkpoint gives way to the one before it.
+damaged checkpoint gives way to the one before it. The final adapter goes into output_dir itself, which holds other
+files, so its files are renamed in one by one with adapter_config.json (what makes a folder an adapter) removed first
+and put back last: a kill midway leaves no adapter rather than weights of one run beside the config of another.
+
+One run at a time per output_dir: rank 0 holds an exclusive lock on output_dir/.lock for the whole run
+(lock_output_dir); the kernel drops it when the process dies, so a killed run never blocks the next.
 
 The optimizer state is gathered, not sharded. LoRA's is small: AdamW keeps two fp32 tensors per LoRA weight, ~1.3 GB
 for Llama-3-8B with r=64 on every linear, against 16 GB of base weights, so one all-gather per LoRA unit (into rank
@@ -30,6 +38,8 @@ Preemption (StopOnSignal, at the end): SIGTERM or SIGINT lets the current step f
 exits cleanly; a second signal exits at once.
 """
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -37,8 +47,10 @@ import random
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,11 +64,35 @@ import lora
 import model_loading
 
 COMPLETE = "COMPLETE"
+TRAIN_CONFIG = "train_config.json"
+LOCK = ".lock"
 NAME = re.compile(r"checkpoint-(\d+)")
-# Settings a resumed run must share with the checkpoint's run: what is trained (base model, LoRA shape), what the
-# saved data position and optimizer state mean (batches per step, data order, optimizer), checked by name.
-MUST_MATCH = ("quant", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "batch_size", "grad_accum", "seed",
-              "lr", "lr_schedule", "warmup_steps", "weight_decay")
+FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", TRAIN_CONFIG, "metrics.jsonl", "samples.jsonl")
+# What a resumed run may set differently from the checkpoint's run, and why that is safe. Every other setting must
+# match, named in the refusal (the optimizer, schedule, LoRA shape, batches and data order, the tokenizing settings),
+# so a flag added later is checked unless someone decides here that it may change.
+MAY_CHANGE = {
+    "output_dir": "the run folder may have moved",
+    "model": "the base is compared by its fingerprint instead: a moved folder, or a Hub id of the same files, is fine",
+    # --dataset: compared through the fingerprint of its tokenized rows instead, where the checkpoint has one
+    "resume": "how this launch starts, not what it trains",
+    "overwrite": "how this launch starts, not what it trains",
+    "sharding": "where the shards live: the same math, up to rounding",
+    "cpu_offload": "where the shards live: the same math, up to rounding",
+    "grad_checkpointing": "what is recomputed in backward: the same math",
+    "compile": "fused kernels: the same math, up to rounding",
+    "log_every": "bookkeeping", "save_every": "bookkeeping", "keep_last": "bookkeeping",
+    "max_bad_steps": "bookkeeping", "dist_timeout": "bookkeeping",
+    "eval_split": "what is evaluated, not what is trained", "eval_every": "what is evaluated, not what is trained",
+    "sample_prompts": "samples only read the model", "sample_tokens": "samples only read the model",
+}
+# The settings that shape the tokenized training rows, named when the rows' fingerprint differs from the checkpoint's.
+DATA = ("dataset", "dataset_config", "dataset_split", "dataset_format", "field_map", "chat_template", "seq_len",
+        "train_on_prompt", "packing", "eval_fraction")
+WHY_MUST_MATCH = {"max_steps": "the LR schedule is laid over the planned steps, so another count makes the LR jump; "
+                               "to train longer, start a new run in another --output_dir",
+                  "epochs": "the LR schedule is laid over the planned steps, so another count makes the LR jump; "
+                            "to train longer, start a new run in another --output_dir"}
 
 
 class ResumeError(ValueError):
@@ -74,6 +110,7 @@ class TrainerState:
     base_fingerprint: str  # fingerprint(model folder): the base weights, wherever they now live
     config: dict  # the whole Config of the run that saved it
     scheduler: dict = field(default_factory=dict)
+    data_fingerprint: str = ""  # data.fingerprint of the training rows ("" in checkpoints written before it existed)
 
 
 def fingerprint(model_dir: Path) -> str:
@@ -172,42 +209,131 @@ def read_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
-def check_resumable(state: TrainerState, path: Path, run: dict) -> None:
-    """Refuse to continue a checkpoint with another base model, LoRA shape, data order or world size.
+def read_run_config(folder: Path) -> dict:
+    """The config of the run that wrote a run folder (output_dir or checkpoint-N): base, quant, LoRA shape. Checkpoints
+    written before train_config.json was saved in them carry it in trainer_state.json. {} for an adapter trained
+    elsewhere."""
+    folder = Path(folder)
+    if (folder / TRAIN_CONFIG).is_file():
+        return json.loads((folder / TRAIN_CONFIG).read_text())
+    if (folder / "trainer_state.json").is_file():
+        return read_state(folder).config
+    return {}
 
-    `run` holds this run's TrainerState fields (all but the step, position and scheduler).
+
+def trained_quant(folder: Path) -> str:
+    """The base quantization an adapter was trained against; nf4 (the default) for an adapter from elsewhere."""
+    config = read_run_config(folder)
+    if "quant" not in config:
+        tqdm.write(f"{folder} does not say how its base was quantized (no {TRAIN_CONFIG}): assuming nf4")
+    return config.get("quant", "nf4")
+
+
+def check_resumable(state: TrainerState, path: Path, run: dict) -> None:
+    """Refuse to continue a checkpoint with another base model, data, LoRA shape, optimizer, schedule or world size.
+
+    `run` holds this run's TrainerState fields (all but the step, position and scheduler). Every setting outside
+    MAY_CHANGE must be as it was; the data by their fingerprint where the checkpoint has one.
     """
-    config = run["config"]
-    problems = [f"--{k} is {config[k]!r}, the checkpoint's run used {state.config.get(k)!r}"
-                for k in MUST_MATCH if state.config.get(k) != config[k]]
+    config, saved = run["config"], state.config
+    by_rows = bool(state.data_fingerprint)  # else (an older checkpoint) --dataset is compared by name like the rest
+    skip = MAY_CHANGE.keys() | ({"dataset"} if by_rows else set())  # a moved dataset file is fine if its rows are
+    differ = [k for k in config if k in saved and saved[k] != config[k]]  # keys a checkpoint predates: unknowable
+    problems = [f"--{k} is {config[k]!r}, the checkpoint's run used {saved[k]!r}"
+                + (f" ({WHY_MUST_MATCH[k]})" if k in WHY_MUST_MATCH else "") for k in differ if k not in skip]
+    if by_rows and state.data_fingerprint != run["data_fingerprint"]:
+        settings = [f"--{k} {saved[k]!r} -> {config[k]!r}" for k in differ if k in DATA]
+        problems.insert(0, f"the training rows differ from the checkpoint's run's (fingerprints "
+                           f"{run['data_fingerprint']} and {state.data_fingerprint}): "
+                           + ("; ".join(settings) if settings else "the same settings, so the files changed"))
     if state.base_fingerprint != run["base_fingerprint"]:
         problems.insert(0, f"--model {config['model']} is not the base model the checkpoint was trained on "
                            f"({state.base_model}; fingerprints {run['base_fingerprint']} and {state.base_fingerprint})")
     if state.world_size != run["world_size"]:  # the sampler's split and the per-rank RNG states depend on it
         problems.append(f"{run['world_size']} ranks now, {state.world_size} saved it; resume on {state.world_size}")
-    elif state.steps_per_epoch != run["steps_per_epoch"]:  # the saved data position would point elsewhere
+    elif state.steps_per_epoch != run["steps_per_epoch"] and not problems:  # the data position would point elsewhere
         problems.append(f"an epoch is {run['steps_per_epoch']} steps now, {state.steps_per_epoch} then: "
                         "the data changed")
     if problems:
         raise ResumeError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
+def lock_output_dir(out_dir: Path):
+    """Make output_dir, and take it for this run: rank 0 holds an exclusive lock on output_dir/.lock until the run
+    ends. A second run is refused at once, naming the holder; a killed holder's lock is gone with its process.
+
+    Returns the open lock file on rank 0 (close it to release) and None elsewhere; a collective.
+    """
+    handle, error = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+            handle = open(out_dir / LOCK, "a+")
+        except OSError as e:
+            error[0] = PermissionError(f"--output_dir {out_dir} is not writable: {e.strerror or e}")
+        else:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                handle.truncate(0)  # "a+": every write appends, so this line becomes the whole file
+                handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+                handle.flush()
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process that has not written its name yet"
+                handle.close()
+                handle = None
+                error[0] = ResumeError(f"{out_dir} is in use by another run ({holder}): wait for it to end, stop it, "
+                                       "or choose another --output_dir")
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+    return handle
+
+
 def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
-    """Make sure output_dir is writable and holds no other run's checkpoints; clear leftovers of interrupted saves."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise PermissionError(f"--output_dir {out_dir} is not writable: {e.strerror or e}") from e
+    """Make sure output_dir holds no other run's work; clear leftovers of interrupted saves. Call it under the lock.
+
+    A run with checkpoints is continued (--resume) or replaced (--overwrite). A finished run without checkpoints
+    (an adapter and metrics.jsonl) cannot be continued, so only --overwrite replaces it.
+    """
     existing = list_checkpoints(out_dir)
+    finished = [f for f in ("adapter_model.safetensors", "metrics.jsonl") if (out_dir / f).is_file()]
     if existing and not resume and not overwrite:
         raise ResumeError(f"{out_dir} holds another run's checkpoints (newest {existing[-1].name}): pass --resume auto "
                           "to continue that run, --overwrite to delete them, or another --output_dir")
+    if "adapter_model.safetensors" in finished and not existing and not overwrite:
+        raise ResumeError(f"{out_dir} holds a finished run's adapter and no checkpoint to resume from: pass "
+                          "--overwrite to replace it, or another --output_dir")
+    if finished and not existing and not resume and not overwrite:
+        raise ResumeError(f"{out_dir} holds {finished[0]} of an earlier run: pass --overwrite to replace it, "
+                          "--resume auto to continue it, or another --output_dir")
     if dist.get_rank() == 0:
-        leftovers = [p for p in out_dir.glob("checkpoint-*") if ".tmp-" in p.name or ".old-" in p.name]
-        for path in leftovers + (existing if overwrite and not resume else []):
-            shutil.rmtree(path, ignore_errors=True)
+        leftovers = [p for p in out_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+        replaced = existing + [out_dir / f for f in FINAL_FILES] if overwrite and not resume else []
+        for path in leftovers + replaced:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    dist.barrier()  # nobody looks at the folder before it is clean
+
+
+def open_metrics(path: Path, resumed_step: int):
+    """metrics.jsonl to append to, holding the whole lines up to the resumed step, so a resumed run's file reads as one
+    run. A line torn by a kill or a full disk is not whole: it is dropped, as are the steps after the checkpoint.
+    The kept lines replace the file atomically: a kill here loses nothing."""
+    kept = []
+    if resumed_step and path.is_file():
+        for line in path.read_bytes().decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resumed_step:
+                kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return path.open("a")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -219,7 +345,6 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
 
     If writing fails (full disk, I/O error) every rank raises, and the earlier checkpoints are as they were.
     """
-    rank = dist.get_rank()
     adapter = fsdp_wrap.gather_lora_state(model)  # collectives first, on every rank; then rank 0 writes alone
     with warnings.catch_warnings():  # torch's FSDP1 optimizer gather warns about its own internal helpers
         warnings.simplefilter("ignore", UserWarning)
@@ -227,37 +352,79 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optim = get_optimizer_state_dict(model, optimizer, options=options)
         optim = _renamed(optim, fsdp_wrap.natural_lora_names(model))
-    rngs = [None] * dist.get_world_size() if rank == 0 else None
+    rngs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(_rng_state(), rngs, dst=0)
     state = dataclasses.replace(state, scheduler=scheduler.state_dict())
     final = Path(out_dir) / f"checkpoint-{state.step}"
-    error = [None]
-    if rank == 0:
-        try:
-            _write(final, state, adapter, optim, rngs)
-            for old in list_checkpoints(out_dir)[:-keep_last] if keep_last else []:
-                shutil.rmtree(old, ignore_errors=True)
-        except Exception as e:  # OSError, or torch.save's RuntimeError on a full disk: every rank must hear of it
-            error[0] = f"saving {final} failed ({e}); the earlier checkpoints are intact"
-    dist.broadcast_object_list(error, src=0)  # every rank stops if rank 0 could not write, none waits forever
-    if error[0]:
-        raise OSError(error[0])
+
+    def write() -> None:
+        write_run_files(final, adapter, state.config, {
+            "optimizer.pt": lambda path: torch.save(optim, path),
+            "rng_state.pt": lambda path: torch.save(rngs, path),
+            "trainer_state.json": lambda path: path.write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n"),
+        })
+        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    _on_rank0(write, final, "the earlier checkpoints are intact")
     return final
 
 
-def _write(final: Path, state: TrainerState, adapter: dict, optim: dict, rngs: list) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+def save_final(out_dir: Path, model, config: dict) -> None:
+    """The trained adapter and the run's config into output_dir itself, as a set; a collective."""
+    adapter = fsdp_wrap.gather_lora_state(model)
+    _on_rank0(lambda: write_run_files(Path(out_dir), adapter, config), Path(out_dir),
+              "the checkpoints in it are intact; --resume auto saves again")
+
+
+def _on_rank0(write: Callable[[], None], path: Path, intact: str) -> None:
+    """Run `write` on rank 0 alone; if it fails, every rank raises the same error, so none waits forever."""
+    error = [None]
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except Exception as e:  # OSError, or torch.save's RuntimeError on a full disk: every rank must hear of it
+            error[0] = f"saving {path} failed ({_disk_full(e, path) or e}); {intact}"
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise OSError(error[0])
+
+
+def _disk_full(error: Exception, path: Path) -> str | None:
+    """'no space left on device ...' when that is why a write failed. torch.save says only "unexpected pos N vs M"
+    when its writes come up short, which a full disk does; the free space tells."""
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    errors = [error, error.__cause__, error.__context__]
+    if any(getattr(e, "errno", None) == errno.ENOSPC for e in errors) or (
+            "unexpected pos" in str(error) and free < 2**28):
+        return f"no space left on device: {free / 2**20:.1f} MiB free in {path.parent}; free some space"
+    return None
+
+
+def write_run_files(final: Path, adapter: dict, config: dict, extra: dict[str, Callable[[Path], None]] | None = None):
+    """The one writer of a run folder: the adapter in PEFT's format, the run's config, and `extra` files (name ->
+    writer), each fsynced in a temporary sibling first, then put in place as a set (module docstring).
+
+    A checkpoint folder (extra given) is new: the temporary folder, with its COMPLETE manifest, is renamed to it.
+    output_dir holds other files, so there the files are renamed in, adapter_config.json last.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-" if extra is None else f"{final.name}.tmp-",
+                                dir=final.parent if extra is not None else final))
     try:
-        cfg = state.config
-        lora.save_adapter(adapter, tmp, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["model"])
-        torch.save(optim, tmp / "optimizer.pt")
-        torch.save(rngs, tmp / "rng_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+        lora.save_adapter(adapter, tmp, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
+                          config["model"])
+        (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for name, writer in (extra or {}).items():
+            writer(tmp / name)
         files = {}
         for file in sorted(tmp.iterdir()):
             _fsync(file)  # on disk before the marker that vouches for them
             files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
-        (tmp / COMPLETE).write_text(json.dumps({"step": state.step, "files": files}, indent=2) + "\n")
+        if extra is None:
+            _replace_files(tmp, final, order=sorted(files, key=lambda f: f == "adapter_config.json"))
+            return
+        (tmp / COMPLETE).write_text(json.dumps({"step": json.loads((tmp / "trainer_state.json").read_text())["step"],
+                                                "files": files}, indent=2) + "\n")
         _fsync(tmp / COMPLETE)
         _fsync(tmp)
         if final.exists():  # saved before by a run that fell back past it: set it aside, then replace it
@@ -270,6 +437,16 @@ def _write(final: Path, state: TrainerState, adapter: dict, optim: dict, rngs: l
         _fsync(final.parent)  # the rename itself is durable only once the directory is synced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed save leaves nothing
+
+
+def _replace_files(src: Path, dst: Path, order: list[str]) -> None:
+    """Rename src's files into dst in this order, after removing the last one's old copy from dst: a reader finds
+    the whole new set, or the set without its last file, never a mix whose last file belongs to another."""
+    (dst / order[-1]).unlink(missing_ok=True)
+    _fsync(dst)
+    for name in order:
+        os.replace(src / name, dst / name)
+    _fsync(dst)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:

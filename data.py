@@ -11,6 +11,7 @@ Formats (--dataset_format, `auto` picks by column names):
     text               text, every token trained; a document longer than seq_len becomes several rows
 """
 import bisect
+import hashlib
 import os
 import random
 import statistics
@@ -278,6 +279,19 @@ def ensure_pad_token(tokenizer) -> None:
     """Many base models ship no pad token; padding is masked out of attention and loss, so EOS can serve."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def fingerprint(ds) -> str:
+    """A hash of the tokenized rows in order (input ids, labels, and positions when packed): what a resumed run must
+    train on again. It changes with the files, the tokenizer and every tokenizing setting, and not with a file's path."""
+    h = hashlib.sha256()
+    columns = [c for c in ("input_ids", "labels", "position_ids") if c in ds.column_names]
+    for table in ds.with_format("arrow", columns=columns).iter(batch_size=2**16):
+        for name in columns:
+            rows = table.column(name).combine_chunks()  # a list column: row lengths, then all values
+            h.update(rows.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+            h.update(rows.flatten().to_numpy(zero_copy_only=False).tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

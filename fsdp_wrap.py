@@ -55,6 +55,8 @@ class CausalLMWithLoss(nn.Module):
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        use_cache=False).last_hidden_state
         hidden, labels = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()  # token t predicts token t+1
+        if len(labels) == 0:  # rows of one token predict nothing; zero still reaches every LoRA weight in backward,
+            return hidden.sum() * 0.0  # whose FSDP hooks must fire on every rank for gradients to be reduced
         weight = self.model.get_output_embeddings().weight
         return sum(checkpoint(self._chunk_loss, hidden[i:i + self.chunk_tokens], weight,
                               labels[i:i + self.chunk_tokens], use_reentrant=False)

@@ -219,12 +219,6 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     return config
 
 
-def trained_quant(adapter_dir: Path) -> str:
-    """The base quantization the adapter was trained against: train.py saves its config beside the adapter."""
-    config_file = Path(adapter_dir) / "train_config.json"
-    return json.loads(config_file.read_text()).get("quant", "nf4") if config_file.is_file() else "nf4"
-
-
 def adapter_scaling(config: dict) -> float:
     """alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA (PEFT's use_rslora)."""
     return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
 
+import checkpointing
 import lora
 import model_loading
 from model_loading import TensorEntry
@@ -68,9 +69,8 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
         raise MergeError(f"--shard_size_mb must be positive, got {shard_size_mb}")
     base_dir, adapter_dir, out_dir = model_loading.resolve_model_dir(model), Path(adapter), Path(out)
     adapter_config = lora.read_adapter_config(adapter_dir)
-    train_config_file = adapter_dir / "train_config.json"  # for the model card
-    train_config = json.loads(train_config_file.read_text()) if train_config_file.is_file() else {}
-    quant = lora.trained_quant(adapter_dir)
+    train_config = checkpointing.read_run_config(adapter_dir)  # the base as trained, and for the model card
+    quant = checkpointing.trained_quant(adapter_dir)
     _check_out_dir(out_dir, overwrite, base_dir, adapter_dir)
 
     # Everything is checked from the headers before a byte is written: base against its config, adapter against base.

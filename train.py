@@ -63,7 +63,7 @@ class Config:
     # optimization
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW on the LoRA weights"})
     lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"], "help": "decay after warmup"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup from 0"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup: step k <= N trains at lr * k / (N + 1)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm; 0 disables"})
     # LoRA
@@ -107,6 +107,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 def validate(cfg: Config) -> None:
     """Combinations that cannot work fail here, on every rank, before anything is loaded."""
+    for name in ["lr", "lora_alpha", "max_grad_norm", "weight_decay", "eval_fraction", "lora_dropout"]:
+        if not math.isfinite(getattr(cfg, name)):  # NaN fails every comparison below, and would pass them all
+            raise ValueError(f"--{name} must be a finite number, got {getattr(cfg, name)}")
     positive = ["seq_len", "batch_size", "grad_accum", "lr", "lora_rank", "lora_alpha", "log_every", "dist_timeout"]
     for name in positive:
         if getattr(cfg, name) <= 0:
@@ -194,7 +197,7 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
 def lr_lambda(cfg: Config, total_steps: int):
     """Multiplier of --lr at each step: linear warmup, then cosine or linear decay to 0, or constant."""
     def fn(step: int) -> float:
-        if step < cfg.warmup_steps:
+        if step < cfg.warmup_steps:  # `step` counts steps done: step k = step + 1 trains at lr * k / (N + 1)
             return (step + 1) / (cfg.warmup_steps + 1)
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[cfg.lr_schedule]
@@ -267,23 +270,16 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def save(model, cfg: Config, out_dir: Path, rank: int) -> None:
-    state = fsdp_wrap.gather_lora_state(model)  # collective: all ranks
-    if rank == 0:
-        lora.save_adapter(state, out_dir, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.model)
-        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    dist.barrier()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 
 
 def train(cfg: Config) -> list[dict]:
     """The whole run; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
     rank, local_rank, world, device = init_distributed(cfg.dist_timeout)
-    stop, metrics_file = checkpointing.StopOnSignal(), None
+    stop, metrics_file, lock = checkpointing.StopOnSignal(), None, None
     try:
         out_dir = Path(cfg.output_dir)
+        lock = checkpointing.lock_output_dir(out_dir)  # before anything in it is read or removed
         checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
         model_dir = model_loading.resolve_model_dir(cfg.model)
 
@@ -307,7 +303,8 @@ def train(cfg: Config) -> list[dict]:
         steps_per_epoch = len(loader) // cfg.grad_accum
         total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
         run = dict(world_size=world, steps_per_epoch=steps_per_epoch, base_model=cfg.model,
-                   base_fingerprint=checkpointing.fingerprint(model_dir), config=dataclasses.asdict(cfg))
+                   base_fingerprint=checkpointing.fingerprint(model_dir), data_fingerprint=data.fingerprint(train_ds),
+                   config=dataclasses.asdict(cfg))
         resume_from = checkpointing.select_resume(cfg.resume, out_dir)
         resumed = checkpointing.read_state(resume_from) if resume_from else None
         if resumed:  # refused here, before the model loads
@@ -327,9 +324,11 @@ def train(cfg: Config) -> list[dict]:
             print0(f"resumed from {resume_from}: step {step}, epoch {epoch}")
         print0(f"{len(train_ds)} rows, {per_step} per step, {total_steps} steps on {world} rank(s), {device.type}")
 
-        history, bad_steps, last_saved, stopping = [], 0, resume_from, False
+        # A checkpoint is good once the step after it had a finite loss: one saved after a step that blew the
+        # weights up to huge but finite values is not (its next step is NaN), though nothing was skipped before it.
+        history, bad_steps, last_saved, good, stopping = [], 0, resume_from, None, False
         bar = tqdm(total=total_steps, initial=step, desc="training", disable=rank != 0)
-        metrics_file = open_metrics(out_dir / "metrics.jsonl", step) if rank == 0 else None
+        metrics_file = checkpointing.open_metrics(out_dir / "metrics.jsonl", step) if rank == 0 else None
         model.train()
         while step < total_steps and not stopping:
             loader.sampler.set_epoch(epoch)  # an epoch's order is a function of (seed, epoch) alone
@@ -366,14 +365,15 @@ def train(cfg: Config) -> list[dict]:
                                             + (f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
                 bar.update()
                 bad_steps = bad_steps + 1 if m["skipped"] else 0
+                good = good if m["skipped"] else last_saved
                 if m["skipped"]:
                     print0(f"step {step}: loss {m['loss']}, grad norm {m['grad_norm']}: update skipped "
                            f"({bad_steps} in a row)")
                 if cfg.max_bad_steps and bad_steps >= cfg.max_bad_steps:
                     raise RuntimeError(
                         f"{bad_steps} consecutive steps (up to step {step}) had a non-finite loss or grad norm; "
-                        f"stopping. Skipped steps change no weight, so the last checkpoint, {last_saved or 'none yet'}, "
-                        "is good: check the data near these steps, or start again with a lower --lr")
+                        f"stopping. The last checkpoint whose next step was finite is {good or 'none'}: "
+                        "check the data near these steps, or start again with a lower --lr")
                 stopping = stop.agreed(device) and step < total_steps
                 saving = bool(cfg.save_every) and step % cfg.save_every == 0
                 if stopping or saving:
@@ -391,8 +391,12 @@ def train(cfg: Config) -> list[dict]:
             skip = 0
             epoch += 1
         bar.close()
+        if not stopping and history and history[-1]["skipped"]:  # --max_bad_steps 0 ran on; the run still failed
+            raise RuntimeError(f"the last step, {step}, had a non-finite loss or grad norm, so no adapter was saved. "
+                               f"The last checkpoint whose next step was finite is {good or 'none'}; start again "
+                               "with a lower --lr, or check the data")
         if not stopping:
-            save(model, cfg, out_dir, rank)
+            checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg))
             generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step, device, cfg.sample_tokens)
             if history:  # empty when a finished run is resumed
                 print0(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; adapter saved to {out_dir}")
@@ -405,18 +409,10 @@ def train(cfg: Config) -> list[dict]:
     finally:
         if metrics_file:
             metrics_file.close()
+        if lock:
+            lock.close()  # releases the output_dir
         stop.restore()
         dist.destroy_process_group()
-
-
-def open_metrics(path: Path, resumed_step: int):
-    """metrics.jsonl, keeping the lines up to the resumed step, so a resumed run's file reads as one run."""
-    kept = []
-    if resumed_step and path.is_file():
-        kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= resumed_step]
-    f = path.open("w")
-    f.writelines(kept)
-    return f
 
 
 if __name__ == "__main__":

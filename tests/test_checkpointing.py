@@ -3,7 +3,9 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ def small_run(checkpoints, tmp_path_factory):
         return ["--model", str(checkpoints("llama")), "--dataset", str(data_file), "--output_dir", str(out),
                 "--max_steps", str(steps), "--seq_len", "64", "--batch_size", "2", "--lora_rank", "4",
                 "--lora_alpha", "8", "--lora_dropout", "0.1", "--lr", "1e-2", "--warmup_steps", "2", *extra]
+    args.data_file = data_file
     return args
 
 
@@ -126,10 +129,26 @@ def test_failed_save_keeps_previous_checkpoint(small_run, tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "run"
-    with pytest.raises(OSError, match="checkpoint-4 failed.*No space left on device.*earlier checkpoints are intact"):
+    with pytest.raises(OSError, match="checkpoint-4 failed.*no space left on device.*earlier checkpoints are intact"):
         run_inprocess(small_run(out, 6, "--save_every", "2"))
     assert list_checkpoints(out) == [out / "checkpoint-2"] and damage(out / "checkpoint-2") is None
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # no half-written folder left
+
+
+def test_full_disk_says_so_with_the_path(small_run, tmp_path):
+    """A real full disk (a 96 KiB tmpfs) in a checkpoint save: "no space left on device" with the folder, not torch's
+    "unexpected pos", and no half-written checkpoint left."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with pytest.raises(OSError, match=rf"saving {disk}/run/checkpoint-2 failed \(no space left on device: "
+                                          rf"[\d.]+ MiB free in {disk}/run"):
+            run_inprocess(small_run(disk / "run", 2, "--save_every", "2"))
+        assert list_checkpoints(disk / "run") == [] and not list((disk / "run").glob("*tmp*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_keep_last(small_run, tmp_path):
@@ -215,10 +234,45 @@ def test_nonfinite_step_is_skipped_and_changes_nothing(small_run, tmp_path, monk
     assert all(torch.equal(a[p][s], b[p][s]) for p in a for s in a[p])
 
 
-def test_too_many_bad_steps_stop_with_the_last_checkpoint(small_run, tmp_path, monkeypatch):
-    poison(monkeypatch, set(range(2, 100)))
-    with pytest.raises(RuntimeError, match=r"2 consecutive steps \(up to step 3\).*checkpoint-2"):
-        run_inprocess(small_run(tmp_path / "run", 6, "--save_every", "2", "--max_bad_steps", "2"))
+def test_too_many_bad_steps_name_the_last_checkpoint_whose_next_step_was_finite(small_run, tmp_path, monkeypatch):
+    """NaN from step 4 on, checkpoints at 2 and 4: the stop names checkpoint-2, whose next step (3) was finite, not
+    checkpoint-4, whose next step was NaN."""
+    poison(monkeypatch, set(range(4, 100)))
+    with pytest.raises(RuntimeError, match=r"2 consecutive steps \(up to step 5\).*next step was finite is \S+"
+                                           r"checkpoint-2:"):
+        run_inprocess(small_run(tmp_path / "run", 8, "--save_every", "2", "--max_bad_steps", "2"))
+
+
+def test_a_checkpoint_after_a_step_that_blew_the_weights_up_is_not_called_good(small_run, tmp_path):
+    """--lr 1e30: step 1 is finite but makes the weights huge, and every step after it is NaN, so no checkpoint is
+    good: the stop says none, not checkpoint-2."""
+    with pytest.raises(RuntimeError, match=r"consecutive steps .*next step was finite is none"):
+        run_inprocess(small_run(tmp_path / "run", 8, "--save_every", "2", "--max_bad_steps", "3", "--lr", "1e30"))
+    assert metrics(tmp_path / "run")[0]["skipped"] is False and metrics(tmp_path / "run")[-1]["skipped"] is True
+
+
+def test_max_bad_steps_0_runs_on_but_a_non_finite_last_step_fails(small_run, tmp_path, monkeypatch):
+    """--max_bad_steps 0 never stops early, but a run whose last step was NaN fails at the end and saves no adapter."""
+    poison(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"the last step, 6, had a non-finite loss.*none"):
+        run_inprocess(small_run(out, 6, "--max_bad_steps", "0"))
+    assert len(metrics(out)) == 6 and not (out / "adapter_model.safetensors").exists()
+
+
+def test_torn_metrics_line_does_not_block_resume(small_run, tmp_path):
+    """A kill (or a full disk) mid-write leaves half a line in metrics.jsonl: --resume auto cuts the file back to
+    the checkpoint's step and goes on, and the file then reads as the uninterrupted run's."""
+    out = tmp_path / "run"
+    ref = run_inprocess(small_run(out, 6, "--save_every", "3"))
+    shutil.rmtree(out / "checkpoint-6")  # as if killed while writing step 6's line, after checkpoint-3
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_config.json"):
+        (out / name).unlink()
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:5]) + lines[5][:20])
+    resumed = run_inprocess(small_run(out, 6, "--save_every", "3", "--resume", "auto"))
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    assert [m["loss"] for m in metrics(out)] == losses(ref)  # every line whole, each step once
 
 
 def test_out_of_memory_says_what_to_lower(small_run, tmp_path, monkeypatch):
@@ -232,6 +286,65 @@ def test_out_of_memory_says_what_to_lower(small_run, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Refusals, before any work
+
+
+def test_output_dir_with_a_finished_run_is_refused(small_run, tmp_path):
+    """A finished run without checkpoints (adapter, metrics) is not overwritten without --overwrite, nor restarted by
+    --resume auto; --overwrite replaces the whole run, metrics included."""
+    out = tmp_path / "run"
+    run_inprocess(small_run(out, 2))
+    for flags in ([], ["--resume", "auto"]):
+        with pytest.raises(ResumeError, match="holds a finished run's adapter and no checkpoint.*--overwrite"):
+            run_inprocess(small_run(out, 3, *flags))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    run_inprocess(small_run(out, 3, "--overwrite"))
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_second_run_in_one_output_dir_is_refused_and_a_killed_runs_lock_does_not_block(small_run, tmp_path):
+    """While a run trains in output_dir, another (even --resume auto) is refused at once, naming the holder's host
+    and pid; once that run is SIGKILLed, the same command starts."""
+    out = tmp_path / "run"
+    proc = launch(small_run(out, 500, "--resume", "auto"), tmp_path / "log")
+    wait_until(lambda: metrics(out), proc)
+    rank0 = worker_pids(proc)[0]
+    with pytest.raises(ResumeError, match=rf"is in use by another run \(host {socket.gethostname()} pid {rank0}\)"):
+        run_inprocess(small_run(out, 2, "--resume", "auto"))
+    for pid in worker_pids(proc).values():
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert [h["step"] for h in run_inprocess(small_run(out, 2, "--resume", "auto"))] == [1, 2]
+
+
+def test_final_save_killed_midway_leaves_no_mixed_adapter(small_run, tmp_path):
+    """SIGKILL while the final adapter's files are renamed into output_dir: the folder holds no adapter_config.json
+    that could describe other weights, and relaunching with --resume auto writes the whole set and removes the
+    temporary folder."""
+    out = tmp_path / "run"
+    args = small_run(out, 2, "--save_every", "2", "--resume", "auto")
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train
+real = os.replace
+def replace(src, dst):  # the kill falls just before the last file of the final adapter goes in
+    if str(src).endswith("adapter_config.json") and "checkpoint" not in str(dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+os.replace = replace
+train.train(train.parse_config({args!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert list(out.glob(".*.tmp-*"))  # what the kill left behind
+    run_inprocess(args)
+    assert not list(out.glob("*.tmp-*")) and not list(out.glob(".*.tmp-*"))
+    saved = load_file(out / "adapter_model.safetensors")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert all(v.shape[0] == 4 or v.shape[1] == 4 for v in saved.values())
+    assert json.loads((out / "train_config.json").read_text())["lora_rank"] == 4
 
 
 def test_output_dir_with_another_runs_checkpoints_is_refused(small_run, tmp_path):
@@ -254,12 +367,18 @@ def saved_run(small_run, tmp_path_factory):
     (["--lora_rank", "8"], "--lora_rank is 8, the checkpoint's run used 4"),
     (["--lora_targets", "q_proj"], "--lora_targets is 'q_proj'"),
     (["--model", "MISTRAL"], "is not the base model the checkpoint was trained on"),
-    (["--dataset", "builtin"], "an epoch is 1024 steps now, 6 then: the data changed"),
+    (["--dataset", "builtin"], r"the training rows differ .*--dataset '\S+d.jsonl' -> 'builtin'"),
+    (["--dataset", "OTHER"], r"the training rows differ .*-> '\S+other.jsonl'"),  # as many rows: epochs agree
+    (["--seq_len", "32"], "--seq_len is 32, the checkpoint's run used 64"),
+    (["--max_grad_norm", "0.5"], "--max_grad_norm is 0.5, the checkpoint's run used 1.0"),
+    (["--max_steps", "4"], r"--max_steps is 4, the checkpoint's run used 2 \(the LR schedule"),
 ])
 def test_resume_with_other_model_or_lora_is_refused_before_loading(small_run, saved_run, checkpoints, monkeypatch,
                                                                    flags, message):
     monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
-    flags = [str(checkpoints("mistral")) if f == "MISTRAL" else f for f in flags]
+    other = small_run.data_file.with_name("other.jsonl")  # the same number of rows, other words
+    other.write_text(small_run.data_file.read_text().replace("red", "pink").replace("dog", "fox"))
+    flags = [str(checkpoints("mistral")) if f == "MISTRAL" else str(other) if f == "OTHER" else f for f in flags]
     with pytest.raises(ResumeError, match=message):
         run_inprocess(small_run(saved_run, 2, "--resume", "auto", *flags))
 
@@ -267,7 +386,8 @@ def test_resume_with_other_model_or_lora_is_refused_before_loading(small_run, sa
 def test_resume_on_another_world_size_is_refused(saved_run):
     path = list_checkpoints(saved_run)[-1]
     state = read_state(path)
-    run = dict(world_size=2, steps_per_epoch=3, base_fingerprint=state.base_fingerprint, config=state.config)
+    run = dict(world_size=2, steps_per_epoch=3, base_fingerprint=state.base_fingerprint,
+               data_fingerprint=state.data_fingerprint, config=state.config)
     with pytest.raises(ResumeError, match="2 ranks now, 1 saved it"):
         checkpointing.check_resumable(state, path, run)
 

@@ -1,6 +1,7 @@
 """The training loop under FSDP: sharding, accumulation and checkpointing change nothing but speed and memory."""
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -142,12 +143,35 @@ def test_packed_training_learns(tmp_path):
     (["--max_steps", "0", "--epochs", "0"], "nothing to train"),
     (["--lora_dropout", "1.5"], "lora_dropout"),
     (["--cpu_offload"], "no GPU"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),  # NaN passed every check: no clipping
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--lora_alpha", "nan"], "--lora_alpha must be a finite number"),
 ])
 def test_impossible_config_is_refused(flags, message):
     if "--cpu_offload" in flags and torch.cuda.is_available():
         pytest.skip("there is a GPU")
     with pytest.raises(ValueError, match=message):
         train.parse_config(flags)
+
+
+def test_warmup_is_the_schedule_its_help_states():
+    """--warmup_steps N: step k <= N trains at lr * k / (N + 1), as the help says; then the decay starts from lr."""
+    cfg = train.parse_config(["--warmup_steps", "4", "--lr_schedule", "constant"])
+    assert "lr * k / (N + 1)" in next(f for f in train.dataclasses.fields(train.Config)
+                                      if f.name == "warmup_steps").metadata["help"]
+    fn = train.lr_lambda(cfg, total_steps=10)
+    assert [fn(k - 1) for k in range(1, 7)] == [1 / 5, 2 / 5, 3 / 5, 4 / 5, 1.0, 1.0]  # fn takes the steps done
+
+
+def test_rows_of_one_token_train_on_two_ranks(checkpoints, tmp_path):
+    """A micro-batch with no target token (a document one token longer than a multiple of --seq_len leaves a row of
+    one) contributes zero to the loss on its rank, and the step goes on: the issue's own reproduction."""
+    text = tmp_path / "t.txt"
+    text.write_text("abc\n" * 400)  # BOS + 3 tokens + EOS: rows of 4 and of 1 at --seq_len 4
+    history = run_torchrun(["--model", str(checkpoints("llama")), "--dataset", str(text), "--seq_len", "4",
+                            "--batch_size", "1", "--max_steps", "6", "--output_dir", str(tmp_path / "out")], nproc=2)
+    assert [h["step"] for h in history] == list(range(1, 7)) and all(math.isfinite(h["loss"]) for h in history)
+    assert all(0 < h["tokens"] <= 8 for h in history) and any(h["tokens"] < 8 for h in history)  # a 1-token row ran
 
 
 def test_unknown_quant_is_refused(checkpoints, capsys):
