@@ -142,6 +142,7 @@ def test_packed_training_learns(tmp_path):
     (["--max_steps", "0", "--epochs", "0"], "nothing to train"),
     (["--lora_dropout", "1.5"], "lora_dropout"),
     (["--cpu_offload"], "no GPU"),
+    (["--lora_targets", "q_proj,*_proj"], r"'\*_proj' is not a valid regular expression \(nothing to repeat"),
 ])
 def test_impossible_config_is_refused(flags, message):
     if "--cpu_offload" in flags and torch.cuda.is_available():
