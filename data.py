@@ -12,6 +12,7 @@ Formats (--dataset_format, `auto` picks by column names):
 """
 import bisect
 import hashlib
+import json
 import os
 import random
 import statistics
@@ -84,9 +85,14 @@ def load_raw(dataset: str, config_name: str | None = None, split: str = "train")
             raise DataError(f"--dataset {path}: need one file type among {sorted(FILE_BUILDERS)}, found "
                             f"{sorted(suffixes) or 'none'}")
         builder = FILE_BUILDERS[files[0].suffix]
+        # pyarrow reads bytes that are not UTF-8 into strings that fail only when used, naming no file: check first
+        if not any([check_lines(p, as_json=False) for p in files]):  # every file checked, not only up to one with rows
+            raise DataError(f"{path} holds no rows: {'every file in it is' if path.is_dir() else 'the file is'} empty")
         try:
             return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
-        except Exception as e:  # datasets wraps parse errors in several types
+        except Exception as e:  # datasets wraps parse errors in several types, naming neither file nor line
+            for p in (p for p in files if p.suffix == ".jsonl"):
+                check_lines(p, as_json=True)  # raises at the first line that does not parse, if one does
             raise DataError(f"cannot read {path} as {builder}: {e}") from e
     if dataset.count("/") != 1 or dataset.startswith((".", "/", "~")):
         raise DataError(f"--dataset {dataset!r}: no such file or folder, and not a Hub dataset id 'org/name'")
@@ -95,6 +101,34 @@ def load_raw(dataset: str, config_name: str | None = None, split: str = "train")
     except Exception as e:
         raise DataError(f"cannot load Hub dataset {dataset!r} (config {config_name}, split {split!r}): {e}. "
                         "Offline? Point --dataset at local files instead.") from e
+
+
+def check_lines(file: Path, as_json: bool) -> bool:
+    """Whether a data file holds anything but blank lines; a DataError naming file:line for the first line that is
+    not UTF-8 or (as_json) not one JSON object. Parquet is binary: only its size tells."""
+    if file.suffix == ".parquet":
+        return file.stat().st_size > 0
+    rows, offset = 0, 0
+    with file.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}:{n}: the byte at offset {offset + e.start} (0x{line[e.start]:02x}) is not "
+                                "UTF-8; re-encode the file as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)") from None
+            offset += len(line)
+            if not text.strip():
+                continue
+            rows += 1
+            if as_json:  # without its newline, an unclosed object is reported at the end of its own line
+                try:
+                    record = json.loads(text.rstrip("\r\n"))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line of a "
+                                    ".jsonl file is one JSON object") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{file}:{n}: a line of a .jsonl file must be one JSON object {{...}}")
+    return rows > 0
 
 
 def apply_field_map(ds, field_map: str):
@@ -145,6 +179,15 @@ def segments(example: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
         prompt, response = render({k: _str(v) for k, v in example.items()})
         return [(prompt, False), (response, True)]
     messages = example["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise DataError(f"'messages' must be a list of {{role, content}} objects, not {messages!r:.80}")
+    for j, message in enumerate(messages):
+        # arrow gives every message every key seen in the column: a key missing from this one reads as None
+        missing = [key for key in ("role", "content") if message.get(key) is None]
+        if missing:
+            has = sorted(k for k, v in message.items() if v is not None)
+            raise DataError(f"message {j} has no {' and no '.join(map(repr, missing))} (it has {has}); every message "
+                            "needs a role and a content")
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     pieces, done = [], 0
     for i, message in enumerate(messages):
@@ -191,15 +234,20 @@ def tokenize(example: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: 
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "dropped": not has_response}
 
 
-def tokenize_batch(batch: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: bool = False) -> dict:
-    """datasets.map(batched=True) form of `tokenize`. Plain text longer than seq_len is split into several rows
-    (continued pre-training loses nothing); other formats give one row per example."""
+def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt: str,
+                   train_on_prompt: bool = False) -> dict:
+    """datasets.map(batched=True, with_indices=True) form of `tokenize`. Plain text longer than seq_len is split into
+    several rows (continued pre-training loses nothing); other formats give one row per example."""
     out = {"input_ids": [], "labels": [], "truncated": [], "dropped": []}
-    for example in ({k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()))))):
-        row = tokenize(example, tokenizer, 10**12 if fmt == "text" else seq_len, fmt, train_on_prompt)
-        for i in range(0, len(row["input_ids"]), seq_len):
+    for i, index in enumerate(indices):
+        example = {k: batch[k][i] for k in batch}
+        try:
+            row = tokenize(example, tokenizer, 10**12 if fmt == "text" else seq_len, fmt, train_on_prompt)
+        except DataError as e:
+            raise DataError(f"row {index} (counting from 0): {e}") from None
+        for start in range(0, len(row["input_ids"]), seq_len):
             for key in ("input_ids", "labels"):
-                out[key].append(row[key][i:i + seq_len])
+                out[key].append(row[key][start:start + seq_len])
             out["truncated"].append(row["truncated"])
             out["dropped"].append(row["dropped"])
     return out
@@ -216,14 +264,19 @@ def prepare(cfg, tokenizer, local_rank: int = 0, log=print):
     if cfg.chat_template:
         tokenizer.chat_template = CHATML if cfg.chat_template == "chatml" else cfg.chat_template
     distributed = dist.is_available() and dist.is_initialized()
+    eval_file = bool(cfg.eval_split) and Path(cfg.eval_split).expanduser().exists()
+    if cfg.eval_split and not eval_file and (cfg.dataset == BUILTIN_DATASET or Path(cfg.dataset).expanduser().exists()):
+        # load_raw would read the training files again: the eval loss would be measured on the training data
+        raise DataError(f"--eval_split {cfg.eval_split!r}: no such file, and the local dataset {cfg.dataset} has no "
+                        "splits; pass a file or folder to --eval_split, or carve one out with --eval_fraction")
     if distributed and local_rank != 0:
         dist.barrier()
     try:
-        train = _tokenized(load_raw(cfg.dataset, cfg.dataset_config, cfg.dataset_split), cfg, tokenizer, log)
+        train = _tokenized(load_raw(cfg.dataset, cfg.dataset_config, cfg.dataset_split), cfg.dataset, cfg, tokenizer,
+                           log)
         if cfg.eval_split:
-            source = cfg.eval_split if Path(cfg.eval_split).exists() else cfg.dataset
-            split = "train" if Path(cfg.eval_split).exists() else cfg.eval_split
-            evals = _tokenized(load_raw(source, cfg.dataset_config, split), cfg, tokenizer, log)
+            source, split = (cfg.eval_split, "train") if eval_file else (cfg.dataset, cfg.eval_split)
+            evals = _tokenized(load_raw(source, cfg.dataset_config, split), source, cfg, tokenizer, log)
         elif cfg.eval_fraction > 0:
             parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
             train, evals = parts["train"], parts["test"]
@@ -235,19 +288,23 @@ def prepare(cfg, tokenizer, local_rank: int = 0, log=print):
     return train, evals
 
 
-def _tokenized(raw, cfg, tokenizer, log):
+def _tokenized(raw, source: str, cfg, tokenizer, log):
     raw = apply_field_map(raw, cfg.field_map)
     fmt = detect_format(raw.column_names, cfg.dataset_format)
     if cfg.dataset_format == "auto":
         log(f"dataset format: {fmt} (detected from columns {raw.column_names})")
-    ds = raw.map(tokenize_batch, batched=True, remove_columns=raw.column_names, desc="tokenizing",
-                 fn_kwargs=dict(tokenizer=tokenizer, seq_len=cfg.seq_len, fmt=fmt, train_on_prompt=cfg.train_on_prompt))
+    try:
+        ds = raw.map(tokenize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+                     desc="tokenizing", fn_kwargs=dict(tokenizer=tokenizer, seq_len=cfg.seq_len, fmt=fmt,
+                                                       train_on_prompt=cfg.train_on_prompt))
+    except DataError as e:  # datasets re-raises the function's own exception, as it was
+        raise DataError(f"{source}, {e}") from None
     n_truncated, n_dropped = sum(ds["truncated"]), sum(ds["dropped"])
     ds = ds.filter(lambda dropped: not dropped, input_columns="dropped").remove_columns(["truncated", "dropped"])
     log(f"{len(raw)} examples: {n_truncated} truncated to {cfg.seq_len} tokens, {n_dropped} dropped (no response "
         f"left), {len(ds)} kept")
     if len(ds) == 0:
-        raise DataError(f"no example of {cfg.dataset} is left after filtering: check the format and --seq_len")
+        raise DataError(f"no example of {source} is left after filtering: check the format and --seq_len")
     if cfg.packing:
         ds = pack(ds, cfg.seq_len)
         log(f"packed into {len(ds)} rows of {cfg.seq_len}: {packing_efficiency(ds, cfg.seq_len):.1%} of slots are real")
@@ -446,8 +503,6 @@ def describe(ds, tokenizer, seq_len: int, show: int, color: bool) -> str:
 if __name__ == "__main__":
     import argparse
 
-    from transformers import AutoTokenizer
-
     import model_loading
     import train
 
@@ -455,6 +510,6 @@ if __name__ == "__main__":
     parser.add_argument("--show", type=int, default=3, help="rows to print")
     known, rest = parser.parse_known_args()
     cfg = train.parse_config(rest)
-    tok = AutoTokenizer.from_pretrained(model_loading.resolve_model_dir(cfg.model))
+    tok = model_loading.load_tokenizer(model_loading.resolve_model_dir(cfg.model))
     train_ds, _ = prepare(cfg, tok)
     print(describe(train_ds, tok, cfg.seq_len, known.show, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 import checkpointing
 import data
@@ -132,6 +131,7 @@ def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file:
 def load(model: str, adapter: str | None, quant: str | None, device: torch.device) -> tuple[torch.nn.Module, object]:
     """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model."""
     model_dir = model_loading.resolve_model_dir(model)
+    tokenizer = model_loading.load_tokenizer(model_dir)  # a folder without one fails before the model loads
     if adapter:
         lora.read_adapter_config(Path(adapter))  # a missing adapter fails before the model loads
     if quant is None:  # as trained with an adapter; a merged or plain model in 16 bits
@@ -139,7 +139,6 @@ def load(model: str, adapter: str | None, quant: str | None, device: torch.devic
     net = model_loading.load_model(model_dir, quant, device).eval()
     if adapter:
         lora.apply_adapter(net, Path(adapter))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return net, tokenizer
 
 

@@ -120,12 +120,26 @@ class _MergedLoRA(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None, None, None
 
 
+def parse_targets(targets: str | list[str]) -> list[str]:
+    """--lora_targets' comma-separated text (or a list already split) as module names or regexes, each checked to
+    compile: a bad pattern is named here, before the model loads, not raised as re.error from deep in matching."""
+    found = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    for target in found:
+        try:
+            re.compile(target)
+        except re.error as e:
+            raise ValueError(f"--lora_targets: {target!r} is not a valid regular expression ({e}); a name matches as "
+                             r"it is, a pattern is a Python regex (.*_proj, not the glob *_proj; \. for a dot)") from e
+    return found
+
+
 def matching_modules(model: nn.Module, targets: list[str], within: type[nn.Module]) -> dict[str, nn.Module]:
     """Linear layers inside `within` (the decoder layers) whose name ends with, or fully matches, a target pattern.
 
     Same rule as PEFT's target_modules, so the saved list selects the same layers when PEFT loads the adapter.
     lm_head and the embeddings are outside the decoder layers, so they are never adapted.
     """
+    targets = parse_targets(targets)
     inside = {id(m) for layer in model.modules() if isinstance(layer, within) for m in layer.modules()}
     found = {}
     for name, module in model.named_modules():

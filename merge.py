@@ -74,7 +74,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     _check_out_dir(out_dir, overwrite, base_dir, adapter_dir)
 
     # Everything is checked from the headers before a byte is written: base against its config, adapter against base.
-    config = AutoConfig.from_pretrained(base_dir)
+    config = model_loading.read_config(base_dir)
     entries = model_loading.index_checkpoint(base_dir)
     model_loading.check_checkpoint(entries, model_loading.build_skeleton(config, "none"))
     updates = plan_updates(entries, adapter_dir, adapter_config)

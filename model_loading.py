@@ -2,6 +2,8 @@
 
 The path, top to bottom:
   resolve_model_dir   a local folder, or a Hub repo id downloaded into the huggingface_hub cache
+  read_config         its config.json, refused unless transformers can build it as a causal LM
+  load_tokenizer      the tokenizer saved beside it, or an error that names the folder
   index_checkpoint    which file holds which tensor, validated against the model before any data is read
   build_skeleton      the transformers model on the meta device (no memory), its decoder-layer linears swapped
                       for Linear4bit shells
@@ -25,13 +27,18 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 import torch.nn as nn
+import transformers
 from bitsandbytes.nn import Params4bit
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 QUANT_TYPES = ("nf4", "fp4", "none")
 BUILTIN_MODEL = "tiny"  # the embedded default: a tiny random Llama written to the cache on first use
+# A tokenizer's vocabulary is in one of these (tokenizer_config.json alone holds none): the fast tokenizers' file,
+# sentencepiece models, BPE's vocab.json (with merges.txt), WordPiece's vocab.txt, tiktoken and Mistral's tekken.
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken", "tekken.json")
 
 
 class CheckpointError(ValueError):
@@ -75,6 +82,38 @@ def _download(repo_id: str) -> Path:
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it where there is network "
             f"(`hf download {repo_id}`) or pass a local folder to --model."
         ) from e
+
+
+def read_config(model_dir: Path) -> PretrainedConfig:
+    """config.json of a causal LM this transformers can build; the one check, run before any data is tokenized."""
+    file = model_dir / "config.json"
+    try:
+        model_type = json.loads(file.read_text()).get("model_type")
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"cannot read {file}: {e}; it must be the model's config.json") from e
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, KeyError, OSError) as e:  # an unknown model_type; a field this version cannot parse
+        reason = str(e).partition("\n")[0].rstrip(".")
+        raise CheckpointError(
+            f"cannot read {file} (model_type {model_type!r}) with transformers {transformers.__version__}: {reason}. "
+            "Upgrade transformers if the model is newer than it, or check model_type in config.json"
+        ) from e
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CheckpointError(f"{file}: model_type {config.model_type!r} is not a causal LM transformers can build "
+                              "(AutoModelForCausalLM has no class for it): --model needs a decoder-only language model")
+    return config
+
+
+def load_tokenizer(model_dir: Path):
+    """The tokenizer saved beside the model, or a CheckpointError naming the folder and the fix."""
+    fix = f"copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into {model_dir}"
+    if not any(next(model_dir.glob(pattern), None) for pattern in TOKENIZER_FILES):
+        raise CheckpointError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {fix}")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers' and the Rust tokenizers' many types, often naming no file
+        raise CheckpointError(f"cannot load the tokenizer in {model_dir} ({e}); if its files are damaged, {fix}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,12 +212,8 @@ def decoder_layer_class(model: nn.Module) -> type[nn.Module]:
 
 def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: str | None = None) -> nn.Module:
     """The model on the meta device, with every nn.Linear inside the decoder layers replaced by a Linear4bit shell."""
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                     attn_implementation=attn_implementation)
-    except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
-        raise CheckpointError(f"{config.model_type!r} is not a causal LM transformers can build: {e}") from e
+    with torch.device("meta"):  # `config` from read_config, which refuses what AutoModelForCausalLM cannot build
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn_implementation)
     layer_cls = decoder_layer_class(model)
     if quant != "none":
         for layer in (m for m in model.modules() if isinstance(m, layer_cls)):
@@ -219,11 +254,7 @@ def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str =
         raise CheckpointError(f"--quant {quant!r}: choose one of {QUANT_TYPES}")
     device = torch.device(device)
     keep_on = torch.device(keep_on) if keep_on is not None else device
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"cannot read {model_dir / 'config.json'}: {e}") from e
-    model = build_skeleton(config, quant, attn_implementation)
+    model = build_skeleton(read_config(model_dir), quant, attn_implementation)
     _init_nonpersistent_buffers(model, keep_on)
     by_file = check_checkpoint(index_checkpoint(model_dir), model)
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer
 
 import checkpointing
 import data
@@ -130,7 +129,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.cpu_offload and not torch.cuda.is_available():
         raise ValueError("--cpu_offload moves GPU shards to CPU memory; there is no GPU here")
-    if not [t for t in cfg.lora_targets.split(",") if t.strip()]:
+    if not lora.parse_targets(cfg.lora_targets):  # which also refuses a pattern that does not compile
         raise ValueError("--lora_targets is empty")
 
 
@@ -179,7 +178,7 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
                                      keep_on=keep_on)
     layer_cls = model_loading.decoder_layer_class(model)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
-    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    targets = lora.parse_targets(cfg.lora_targets)
     # LoRA goes straight to the GPU even where the base waits in CPU memory: it is small (168M parameters for an 8B
     # model at r=64), its init there is one kernel per matrix instead of about a second of CPU time, and every world
     # size then draws the same A from the same generator. FSDP moves the CPU-resident rest unit by unit as it wraps.
@@ -282,12 +281,13 @@ def train(cfg: Config) -> list[dict]:
         lock = checkpointing.lock_output_dir(out_dir)  # before anything in it is read or removed
         checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
         model_dir = model_loading.resolve_model_dir(cfg.model)
+        config = model_loading.read_config(model_dir)  # an architecture transformers lacks fails before tokenizing
 
         # Data first: a bad dataset should fail in seconds, not after the model has loaded.
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = model_loading.load_tokenizer(model_dir)
         train_ds, eval_ds = data.prepare(cfg, tokenizer, local_rank, log=print0)
         prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
-        top_id, vocab = max(max(x) for x in train_ds["input_ids"]), AutoConfig.from_pretrained(model_dir).vocab_size
+        top_id, vocab = max(max(x) for x in train_ds["input_ids"]), config.vocab_size
         if top_id >= vocab:
             raise ValueError(f"the tokenizer in {model_dir} produced token id {top_id}, but the model has only {vocab} "
                              "embeddings: the tokenizer does not belong to this model")

@@ -247,6 +247,46 @@ def test_bad_dataset_errors(tmp_path, tokenizer, setup, kwargs, message):
         data.prepare(cfg(setup(tmp_path), **kwargs), tokenizer, log=lambda *_: None)
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("d.jsonl", b"", r"d\.jsonl holds no rows: the file is empty"),
+    ("d.jsonl", b'{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n',
+     r"d\.jsonl:3: not valid JSON \(Expecting ',' delimiter at column 13\)"),  # the blank line 2 counts
+    ("d.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n',
+     r"d\.jsonl:2: the byte at offset 27 \(0xe9\) is not UTF-8; re-encode"),
+    ("d.txt", b"first\ncaf\xe9\n", r"d\.txt:2: the byte at offset 9 \(0xe9\) is not UTF-8; re-encode"),
+])
+def test_bad_file_names_itself_and_its_line(tmp_path, tokenizer, name, content, message):
+    """An empty file, a line that is not JSON, a byte that is not UTF-8: the error names the file and the line."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+        data.prepare(cfg(tmp_path / name), tokenizer, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("rows, message", [
+    (CHAT * 2 + [{"messages": [{"role": "user", "content": "hi"}, {"content": "Lima"}]}],
+     r"row 2 \(counting from 0\): message 1 has no 'role' \(it has \['content'\]\)"),
+    (CHAT * 2 + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}],
+     r"row 2 \(counting from 0\): message 1 has no 'content'"),
+    ([{"messages": "Capital of Peru?"}], r"row 0 \(counting from 0\): 'messages' must be a list of \{role, content\}"),
+])
+def test_bad_chat_message_names_its_row(tmp_path, tokenizer, rows, message):
+    """A chat message without role or content, or messages that are no list: the error names file, row and fault."""
+    with pytest.raises(data.DataError, match=rf"c\.jsonl, {message}"):
+        data.prepare(cfg(write(tmp_path / "c.jsonl", rows)), tokenizer, log=lambda *_: None)
+
+
+def test_eval_split_of_a_local_dataset_must_be_a_file(tmp_path, tokenizer):
+    """A local dataset has no splits: --eval_split validation is refused (it would evaluate on the training file), and
+    --eval_split FILE evaluates on that file."""
+    path = write(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)])
+    with pytest.raises(data.DataError, match=r"--eval_split 'validation': no such file, and the local dataset "
+                                             r".*d\.jsonl has no splits; pass a file .* or .*--eval_fraction"):
+        data.prepare(cfg(path, eval_split="validation"), tokenizer, log=lambda *_: None)
+    evals = write(tmp_path / "e.jsonl", [{"prompt": "held out", "completion": "out"}])
+    train, ev = data.prepare(cfg(path, eval_split=str(evals)), tokenizer, log=lambda *_: None)
+    assert len(train) == 4 and trained_text(tokenizer, ev[0]) == "out</s>"
+
+
 def test_missing_chat_template_is_a_clear_error_and_chatml_the_fix(tmp_path):
     path = write(tmp_path / "c.jsonl", CHAT)
     bare = data.builtin_tokenizer()

@@ -43,6 +43,12 @@ def test_targets_select_modules_and_never_lm_head(checkpoints):
         adapted(checkpoints("llama"), targets=["query_key_value"])
 
 
+def test_invalid_target_regex_names_the_pattern():
+    """A target that is no regex is a ValueError naming it, also for callers of matching_modules itself."""
+    with pytest.raises(ValueError, match=r"--lora_targets: '\(q_proj' is not a valid regular expression"):
+        lora.matching_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)), ["k_proj", "(q_proj"], torch.nn.Linear)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_peft_loads_our_adapter_with_same_logits(checkpoints, tmp_path, arch):
     """PEFT loads the saved adapter with no missing or unexpected LoRA keys and computes the same logits."""

@@ -158,6 +158,45 @@ def test_unknown_or_unsupported_architecture(broken, model_type, message):
         load_model(broken, progress=False)
 
 
+def refused_before_loading(monkeypatch, tmp_path, model_dir, *, tokenizes: bool):
+    """`python train.py --model model_dir`, failing the test if the model (or, unless `tokenizes`, the data) is
+    loaded: the refusal must come first."""
+    import data
+    import train
+    from test_training import run_inprocess
+
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    if not tokenizes:
+        monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("tokenized the data before refusing"))
+    run_inprocess(["--model", str(model_dir), "--output_dir", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("model_type, message", [
+    ("not-a-model", r"cannot read .*config\.json \(model_type 'not-a-model'\) with transformers [\d.]+: .*"
+                    r"Upgrade transformers .*or check model_type in config\.json"),
+    ("t5", r"config\.json: model_type 't5' is not a causal LM transformers can build"),
+])
+def test_unknown_architecture_is_refused_before_the_data_is_tokenized(broken, tmp_path, monkeypatch, model_type,
+                                                                      message):
+    """A model_type transformers lacks, or cannot build as a causal LM, fails before tokenizing, naming config.json."""
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    with pytest.raises(CheckpointError, match=message):
+        refused_before_loading(monkeypatch, tmp_path, broken, tokenizes=False)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("remove", r"ckpt has no tokenizer \(none of tokenizer\.json, .*\): copy the base model's tokenizer files"),
+    ("truncate", r"cannot load the tokenizer in .*ckpt \(.*\); if its files are damaged, copy the base model's"),
+])
+def test_folder_without_a_tokenizer_names_itself(broken, tmp_path, monkeypatch, damage, message):
+    """A model folder without its tokenizer files, or with a damaged one: a CheckpointError naming the folder."""
+    for file in broken.glob("tokenizer*"):
+        file.unlink() if damage == "remove" else file.write_text(file.read_text()[:100])
+    with pytest.raises(CheckpointError, match=message):
+        refused_before_loading(monkeypatch, tmp_path, broken, tokenizes=True)
+
+
 def test_folder_without_config_and_nonexistent_path(tmp_path):
     from model_loading import resolve_model_dir
 

@@ -146,6 +146,7 @@ def test_packed_training_learns(tmp_path):
     (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),  # NaN passed every check: no clipping
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--lora_alpha", "nan"], "--lora_alpha must be a finite number"),
+    (["--lora_targets", "q_proj,*_proj"], r"'\*_proj' is not a valid regular expression \(nothing to repeat"),
 ])
 def test_impossible_config_is_refused(flags, message):
     if "--cpu_offload" in flags and torch.cuda.is_available():
