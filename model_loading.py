@@ -13,11 +13,13 @@ The path, top to bottom:
 Every rank runs this and builds the identical model: FSDP is later told not to broadcast (sync_module_states=False),
 and quantization is deterministic, so the same files give the same packed bytes on every rank.
 """
+import fcntl
 import json
 import os
 import queue
 import re
 import shutil
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -29,6 +31,7 @@ import torch
 import torch.nn as nn
 import transformers
 from bitsandbytes.nn import Params4bit
+from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
@@ -399,33 +402,57 @@ def _init_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
 
 def write_random_checkpoint(config: PretrainedConfig, out_dir: Path, max_shard_size: str = "1MB", seed: int = 0,
                             tokenizer=None, device: str = "cpu") -> Path:
-    """Random weights for a real architecture, saved by transformers as sharded safetensors (plus tokenizer).
+    """Random weights for a real architecture as sharded safetensors, config and tokenizer: the files save_pretrained
+    writes, shard for shard.
 
-    device="cuda" initialises an 8B model in seconds instead of minutes.
+    Written through huggingface_hub rather than model.save_pretrained: inside a process group transformers (5.24)
+    writes the model files on rank 0 only, whatever is_main_process says, and the rank that builds the default model
+    (build_tiny_checkpoint) may be any rank. device="cuda" initialises an 8B model in seconds instead of minutes.
     """
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # a tied lm_head is saved once, as the embedding
+    state = {name: t for name, t in model.state_dict().items() if name not in tied}
+    save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    model.config.save_pretrained(out_dir)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return Path(out_dir)
+    return out_dir
 
 
 def build_tiny_checkpoint(cache_dir: Path | None = None) -> Path:
     """The built-in model: a 4-layer Llama with a small BPE tokenizer, built once into the cache.
 
-    Every rank may get here at once: each writes into its own temporary folder and renames it into place, so
-    no rank waits for another and a half-written folder is never seen.
+    Every rank (and every job sharing the cache) may get here at once, and a folder may be left incomplete by a crash
+    or by an older version of this function: one process builds under a file lock while the others wait on it, the
+    folder is complete before its name appears, and a folder that does not pass `_is_complete` is rebuilt.
     """
+    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fsdp_qlora"
+    target = cache_dir / "tiny-llama-v2"
+    if _is_complete(target):  # the usual case: no lock taken
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # A lock file in the cache itself, not a barrier: the ranks of a multi-node job may each have their own cache,
+    # and a process group may not exist (python train.py, merge.py). The lock is released when the file is closed,
+    # also when the holder dies.
+    with open(cache_dir / "tiny-llama-v2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_complete(target):  # the first holder builds; the others find its folder complete
+            _build_tiny(cache_dir, target)
+    return target
+
+
+def _build_tiny(cache_dir: Path, target: Path) -> None:
     from transformers import LlamaConfig
 
     from data import builtin_tokenizer
 
-    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fsdp_qlora"
-    target = cache_dir / "tiny-llama-v2"
-    if (target / "config.json").is_file():
-        return target
     tokenizer = builtin_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -435,10 +462,37 @@ def build_tiny_checkpoint(cache_dir: Path | None = None) -> Path:
         # with 0.02 and a separate lm_head, the built-in task's loss stalls near 3.3 after 60 steps; here it reaches ~0.1.
         tie_word_embeddings=True, initializer_range=0.1,
     )
-    tmp = cache_dir / f".tmp-{os.getpid()}"
-    write_random_checkpoint(config, tmp, max_shard_size="1MB", tokenizer=tokenizer)
+    for stale in cache_dir.glob(".tmp-tiny-*"):  # we hold the lock: these are from builders that were killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=cache_dir))  # beside the target: the rename is atomic
     try:
+        write_random_checkpoint(config, tmp, max_shard_size="1MB", tokenizer=tokenizer)
+        if not _is_complete(tmp):
+            raise CheckpointError(f"building the built-in model in {tmp} left an incomplete folder")
+        for file in tmp.iterdir():  # on disk before the name appears: a power cut leaves no empty shards behind it
+            with file.open("rb") as f:
+                os.fsync(f.fileno())
+        if target.exists():  # incomplete (checked under the lock): rebuilt, never trusted
+            shutil.rmtree(target)
         tmp.rename(target)
-    except OSError:  # another rank won the race; its files are identical
+        dir_fd = os.open(cache_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself
+        finally:
+            os.close(dir_fd)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+def _is_complete(folder: Path) -> bool:
+    """config.json names an architecture, every shard of the index is there with a readable header, the tokenizer
+    loads. (A shard's header lists its tensors' offsets; safetensors refuses a file shorter than they say.)"""
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        AutoConfig.from_pretrained(folder)  # no model_type: ValueError
+        index_checkpoint(folder)  # no index, a missing or truncated shard: CheckpointError (a ValueError)
+        AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError):
+        return False
+    return True

@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of real architectures, written once per test session through save_pretrained."""
+"""Tiny random checkpoints of real architectures, written once per test session as save_pretrained writes them."""
 import sys
 from datetime import timedelta
 from pathlib import Path

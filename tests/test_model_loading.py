@@ -1,14 +1,17 @@
 """The streaming 4-bit loader against transformers' own loading and bitsandbytes' own dequantization."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, DEVICE
+from conftest import ARCHS, DEVICE, ROOT
 from safetensors.torch import load_file, save_file
 
-from model_loading import CheckpointError, load_model
+from model_loading import CheckpointError, build_tiny_checkpoint, load_model
 
 TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 250, 64, 11], [2, 9, 9, 120, 33, 4, 8, 15, 16, 23]], device=DEVICE)
 
@@ -217,6 +220,64 @@ def test_offline_hub_download_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
         resolve_model_dir("some-org/some-model")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The built-in model's cache folder
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory):
+    """file name -> bytes of the built-in model, built by one process alone."""
+    folder = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-cache"))
+    return {f.name: f.read_bytes() for f in folder.iterdir()}
+
+
+def folder_files(folder):
+    return {f.name: f.read_bytes() for f in folder.iterdir()}
+
+
+@pytest.mark.parametrize("left", ["tokenizer only", "config without weights", "one shard missing"])
+def test_incomplete_builtin_model_folder_is_rebuilt(tiny_reference, tmp_path, left):
+    """An incomplete folder in the cache (a crashed build, or a rank that wrote only the tokenizer) is rebuilt, and a
+    killed build's temporary folder is removed."""
+    folder = tmp_path / "tiny-llama-v2"
+    folder.mkdir()
+    (tmp_path / ".tmp-tiny-killed").mkdir()
+    kept = {"tokenizer only": ["tokenizer.json", "tokenizer_config.json"],
+            "config without weights": ["config.json", "tokenizer.json", "tokenizer_config.json"],
+            "one shard missing": [n for n in tiny_reference if n != "model-00003-of-00006.safetensors"]}[left]
+    for name in kept:
+        (folder / name).write_bytes(tiny_reference[name])
+    assert build_tiny_checkpoint(tmp_path) == folder
+    assert folder_files(folder) == tiny_reference
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["tiny-llama-v2"]
+
+
+BUILD_IN_PROCESS_GROUP = """
+import datetime, sys
+import torch.distributed as dist
+import model_loading
+rank, init, cache = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+print(model_loading.build_tiny_checkpoint(model_loading.Path(cache)))
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_building_at_once_leave_one_complete_folder(tiny_reference, tmp_path):
+    """Two ranks of a gloo process group build the built-in model into one empty cache at once: both get the folder
+    one process alone builds, and no temporary folder is left."""
+    cache, init = tmp_path / "cache", f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_IN_PROCESS_GROUP, str(rank), init, str(cache)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for rank in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [out.strip() for out, _ in outs] == [str(cache / "tiny-llama-v2")] * 2
+    assert folder_files(cache / "tiny-llama-v2") == tiny_reference
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == ["tiny-llama-v2"]
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="tensors are staged through page-locked buffers only on their way to a GPU")

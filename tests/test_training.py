@@ -26,11 +26,12 @@ def run_inprocess(args: list[str]) -> list[dict]:
         os.environ.update(saved)
 
 
-def run_torchrun(args: list[str], nproc: int) -> list[dict]:
+def run_torchrun(args: list[str], nproc: int, env: dict[str, str] | None = None) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *args]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**inherited, "OMP_NUM_THREADS": "1", **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out_dir = args[args.index("--output_dir") + 1]
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -123,6 +124,25 @@ def test_builtin_task_loss_falls(tmp_path):
     history = run_inprocess(["--output_dir", str(tmp_path), "--max_steps", "40", "--batch_size", "16"])
     first, last = history[0]["loss"], sum(losses(history[-5:])) / 5
     assert first > 5 and last < 1.0, (first, last)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_quick_start_from_an_empty_cache(tmp_path):
+    """`torchrun --nproc_per_node 2 train.py` on a fresh machine trains, and leaves a complete built-in model behind.
+
+    Both ranks find the cache empty and reach the build at once, inside their process group.
+    """
+    from transformers import AutoTokenizer
+
+    home = tmp_path / "home"
+    home.mkdir()
+    history = run_torchrun(["--output_dir", str(tmp_path / "out"), "--max_steps", "3", "--batch_size", "2"], nproc=2,
+                           env={"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")})
+    assert [h["step"] for h in history] == [1, 2, 3]
+    cache = home / ".cache" / "fsdp_qlora"
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == ["tiny-llama-v2"]  # no leftovers
+    load_model(cache / "tiny-llama-v2", progress=False)  # every tensor the config asks for, with its shape
+    assert len(AutoTokenizer.from_pretrained(cache / "tiny-llama-v2")) > 256
 
 
 def test_packed_training_learns(tmp_path):
