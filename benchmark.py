@@ -32,9 +32,9 @@ import torch
 ORIGINAL_ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # before train.py sets its default
 
 import train  # noqa: E402
-from data import builtin_tokenizer, tokenize
+from builtin import make_tokenizer, write_random_checkpoint
+from data import tokenize
 from lora import DEFAULT_TARGETS
-from model_loading import write_random_checkpoint
 
 SHAPES = {  # transformers config kwargs of real models
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -59,7 +59,7 @@ def synthetic_checkpoint(shape: str, layers: int, root: Path) -> Path:
     if not (out / "config.json").is_file():
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        write_random_checkpoint(config, out, max_shard_size="5GB", tokenizer=builtin_tokenizer(), device=device)
+        write_random_checkpoint(config, out, max_shard_size="5GB", tokenizer=make_tokenizer(), device=device)
     return out
 
 
@@ -106,7 +106,7 @@ def run_ours(model_dir: Path, data_file: Path, out: Path, bs: int, args) -> dict
     fresh_memory()
     flags = ["--model", str(model_dir), "--dataset", str(data_file), "--output_dir", str(out), "--seq_len",
              str(args.seq_len), "--batch_size", str(bs), "--max_steps", str(args.steps), "--lora_rank", str(args.r),
-             "--lora_alpha", str(args.alpha), "--lr", "1e-4", *args.extra.split()]
+             "--lora_alpha", str(args.alpha), "--lr", "1e-4", "--overwrite", *args.extra.split()]
     history = train.train(train.parse_config(flags))
     return dict(tps=statistics.median(h["tokens_per_s"] for h in history[3:]), first_loss=history[0]["loss"],
                 load_s=history[0]["load_s"], mem=memory())
@@ -211,7 +211,7 @@ def run_one(name: str, bs: int, model_dir: Path, data_file: Path, rows_text: lis
         return run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)
     # the same rows in the same order as ours: its DistributedSampler's epoch-0 permutation
     order = torch.randperm(len(rows_text), generator=torch.Generator().manual_seed(0)).tolist()
-    tok = builtin_tokenizer()
+    tok = make_tokenizer()
     ids = [tokenize(rows_text[i], tok, args.seq_len, "prompt_completion")["input_ids"] for i in order]
     batches = [torch.tensor(ids[s * bs:(s + 1) * bs]) for s in range(args.steps)]
     return run_reference(model_dir, batches, name == "tuned", args)

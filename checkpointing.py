@@ -62,39 +62,13 @@ from tqdm import tqdm
 import fsdp_wrap
 import lora
 import model_loading
+import quantization
 
 COMPLETE = "COMPLETE"
 TRAIN_CONFIG = "train_config.json"
 LOCK = ".lock"
 NAME = re.compile(r"checkpoint-(\d+)")
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", TRAIN_CONFIG, "metrics.jsonl", "samples.jsonl")
-# What a resumed run may set differently from the checkpoint's run, and why that is safe. Every other setting must
-# match, named in the refusal (the optimizer, schedule, LoRA shape, batches and data order, the tokenizing settings),
-# so a flag added later is checked unless someone decides here that it may change.
-MAY_CHANGE = {
-    "output_dir": "the run folder may have moved",
-    "model": "the base is compared by its fingerprint instead: a moved folder, or a Hub id of the same files, is fine",
-    # --dataset: compared through the fingerprint of its tokenized rows instead, where the checkpoint has one
-    "resume": "how this launch starts, not what it trains",
-    "overwrite": "how this launch starts, not what it trains",
-    "sharding": "where the shards live: the same math, up to rounding",
-    "cpu_offload": "where the shards live: the same math, up to rounding",
-    "grad_checkpointing": "what is recomputed in backward: the same math",
-    "compile": "fused kernels: the same math, up to rounding",
-    "log_every": "bookkeeping", "save_every": "bookkeeping", "keep_last": "bookkeeping",
-    "max_bad_steps": "bookkeeping", "dist_timeout": "bookkeeping",
-    "eval_split": "what is evaluated, not what is trained", "eval_every": "what is evaluated, not what is trained",
-    "sample_prompts": "samples only read the model", "sample_tokens": "samples only read the model",
-}
-# The settings that shape the tokenized training rows, named when the rows' fingerprint differs from the checkpoint's.
-DATA = ("dataset", "dataset_config", "dataset_split", "dataset_format", "field_map", "chat_template", "seq_len",
-        "train_on_prompt", "packing", "eval_fraction")
-WHY_MUST_MATCH = {"max_steps": "the LR schedule is laid over the planned steps, so another count makes the LR jump; "
-                               "to train longer, start a new run in another --output_dir",
-                  "epochs": "the LR schedule is laid over the planned steps, so another count makes the LR jump; "
-                            "to train longer, start a new run in another --output_dir"}
-
-
 class ResumeError(ValueError):
     """A checkpoint that cannot be continued, or an output_dir that would mix two runs; the message says which."""
 
@@ -222,30 +196,33 @@ def read_run_config(folder: Path) -> dict:
 
 
 def trained_quant(folder: Path) -> str:
-    """The base quantization an adapter was trained against; nf4 (the default) for an adapter from elsewhere."""
+    """The base quantization an adapter was trained against; the default for an adapter from elsewhere."""
     config = read_run_config(folder)
     if "quant" not in config:
-        tqdm.write(f"{folder} does not say how its base was quantized (no {TRAIN_CONFIG}): assuming nf4")
-    return config.get("quant", "nf4")
+        tqdm.write(f"{folder} does not say how its base was quantized (no {TRAIN_CONFIG}): assuming "
+                   f"{quantization.DEFAULT}")
+    return config.get("quant", quantization.DEFAULT)
 
 
-def check_resumable(state: TrainerState, path: Path, run: dict) -> None:
+def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[str, dict]) -> None:
     """Refuse to continue a checkpoint with another base model, data, LoRA shape, optimizer, schedule or world size.
 
-    `run` holds this run's TrainerState fields (all but the step, position and scheduler). Every setting outside
-    MAY_CHANGE must be as it was; the data by their fingerprint where the checkpoint has one.
+    `run` holds this run's TrainerState fields (all but the step, position and scheduler). `settings` maps each
+    setting to its metadata (train.Config): it must be as it was, unless its "may_change" says why it need not; a
+    "must_match" reason is given in the refusal; "rows" settings are named when the data's fingerprint differs.
     """
     config, saved = run["config"], state.config
     by_rows = bool(state.data_fingerprint)  # else (an older checkpoint) --dataset is compared by name like the rest
-    skip = MAY_CHANGE.keys() | ({"dataset"} if by_rows else set())  # a moved dataset file is fine if its rows are
+    skip = {k for k, meta in settings.items() if "may_change" in meta} | ({"dataset"} if by_rows else set())
     differ = [k for k in config if k in saved and saved[k] != config[k]]  # keys a checkpoint predates: unknowable
-    problems = [f"--{k} is {config[k]!r}, the checkpoint's run used {saved[k]!r}"
-                + (f" ({WHY_MUST_MATCH[k]})" if k in WHY_MUST_MATCH else "") for k in differ if k not in skip]
+    why = {k: f" ({meta['must_match']})" for k, meta in settings.items() if "must_match" in meta}
+    problems = [f"--{k} is {config[k]!r}, the checkpoint's run used {saved[k]!r}{why.get(k, '')}"
+                for k in differ if k not in skip]
     if by_rows and state.data_fingerprint != run["data_fingerprint"]:
-        settings = [f"--{k} {saved[k]!r} -> {config[k]!r}" for k in differ if k in DATA]
+        named = [f"--{k} {saved[k]!r} -> {config[k]!r}" for k in differ if settings.get(k, {}).get("rows")]
         problems.insert(0, f"the training rows differ from the checkpoint's run's (fingerprints "
                            f"{run['data_fingerprint']} and {state.data_fingerprint}): "
-                           + ("; ".join(settings) if settings else "the same settings, so the files changed"))
+                           + ("; ".join(named) if named else "the same settings, so the files changed"))
     if state.base_fingerprint != run["base_fingerprint"]:
         problems.insert(0, f"--model {config['model']} is not the base model the checkpoint was trained on "
                            f"({state.base_model}; fingerprints {run['base_fingerprint']} and {state.base_fingerprint})")

@@ -1,6 +1,6 @@
 """Datasets -> token ids with loss labels -> per-rank batches: padded, grouped by length, or packed.
 
-    python data.py --model M --dataset D --show 3     # rendered examples with the trained-on spans marked, and stats
+    python train.py --model M --dataset D --show 3    # rendered rows with the trained-on spans marked, and stats
 
 Each example becomes a list of text segments, each trained on or not: the prompt is not, the response is. Labels are
 the input ids with -100 (ignored by the loss) on untrained tokens and on padding; the loss shifts them by one.
@@ -13,10 +13,9 @@ Formats (--dataset_format, `auto` picks by column names):
 import bisect
 import hashlib
 import json
-import os
 import random
 import statistics
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +33,27 @@ PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 # --chat_template chatml: for tokenizers that ship no template (base models). The ChatML layout of Qwen and others.
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@dataclass
+class DataConfig:
+    """The data settings, as train.py's flags (train.Config extends this): each written once, with its help.
+
+    "rows": the setting shapes the tokenized training rows, so a resumed run names it when their fingerprint differs.
+    """
+    dataset: str = field(default=BUILTIN_DATASET, metadata={"rows": True, "help": "Hub dataset id, local file or folder (.jsonl .json .parquet .csv .txt), or 'builtin'"})
+    dataset_config: str = field(default="", metadata={"rows": True, "help": "Hub dataset configuration name"})
+    dataset_split: str = field(default="train", metadata={"rows": True, "help": "Hub dataset split to train on"})
+    dataset_format: str = field(default="auto", metadata={"rows": True, "choices": FORMATS, "help": "how examples are rendered; auto: from the columns"})
+    field_map: str = field(default="", metadata={"rows": True, "help": "rename columns, ours=theirs: 'instruction=question,output=answer'"})
+    chat_template: str = field(default="", metadata={"rows": True, "help": "'chatml', or a Jinja template, for tokenizers without one"})
+    seq_len: int = field(default=512, metadata={"rows": True, "help": "longest row in tokens; longer prompts are cut first"})
+    train_on_prompt: bool = field(default=False, metadata={"rows": True, "help": "also train on prompt tokens"})
+    packing: bool = field(default=False, metadata={"rows": True, "help": "fill rows with whole examples, none attending to another"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (without --packing)"})
+    eval_split: str = field(default="", metadata={"may_change": "what is evaluated, not what is trained", "help": "eval data: a split of --dataset, or a file"})
+    eval_fraction: float = field(default=0.0, metadata={"rows": True, "help": "or carve this fraction out of the training data"})
+    seed: int = field(default=0, metadata={"help": "data order, the eval carve-out and LoRA init"})
 
 
 class DataError(ValueError):
@@ -257,8 +277,8 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt
 # The whole preparation, as train.py and `python data.py` run it
 
 
-def prepare(cfg, tokenizer, local_rank: int = 0, log=print):
-    """(train, eval or None) tokenized datasets for `cfg` (train.Config). Rank 0 of each node tokenizes and fills
+def prepare(cfg: DataConfig, tokenizer, local_rank: int = 0, log=print):
+    """(train, eval or None) tokenized datasets for `cfg`. Rank 0 of each node tokenizes and fills
     the datasets cache; the other ranks wait at a barrier, then read that cache instead of repeating the work."""
     ensure_pad_token(tokenizer)
     if cfg.chat_template:
@@ -288,7 +308,7 @@ def prepare(cfg, tokenizer, local_rank: int = 0, log=print):
     return train, evals
 
 
-def _tokenized(raw, source: str, cfg, tokenizer, log):
+def _tokenized(raw, source: str, cfg: DataConfig, tokenizer, log):
     raw = apply_field_map(raw, cfg.field_map)
     fmt = detect_format(raw.column_names, cfg.dataset_format)
     if cfg.dataset_format == "auto":
@@ -309,27 +329,6 @@ def _tokenized(raw, source: str, cfg, tokenizer, log):
         ds = pack(ds, cfg.seq_len)
         log(f"packed into {len(ds)} rows of {cfg.seq_len}: {packing_efficiency(ds, cfg.seq_len):.1%} of slots are real")
     return ds
-
-
-def builtin_tokenizer():
-    """The built-in model's tokenizer, made locally: BPE trained in a blink on the built-in examples.
-
-    The task's words become single tokens, so a tiny model learns the task in minutes; any other text still
-    encodes, as characters, and decodes back to itself.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                                 pre_tokenizers.Metaspace(prepend_scheme="never")])
-    tok.decoder = decoders.Metaspace(prepend_scheme="never")
-    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\u2581"]  # printable ASCII, newline, Metaspace's space
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator([text for ex in builtin_examples() for text in render(ex)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -476,7 +475,7 @@ def eval_batches(ds, batch_size: int, pad_id: int, rank: int, world: int, block_
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Inspection: `python data.py --model M --dataset D --show 3`
+# Inspection: `python train.py --dataset D --show 3`
 
 
 def describe(ds, tokenizer, seq_len: int, show: int, color: bool) -> str:
@@ -498,18 +497,3 @@ def describe(ds, tokenizer, seq_len: int, show: int, color: bool) -> str:
                f"\nlength: min {lengths[0]}, median {q[49]:.0f}, p90 {q[89]:.0f}, p99 {q[98]:.0f}, max {lengths[-1]}"
                f" (seq_len {seq_len}); slots filled: {packing_efficiency(ds, seq_len):.1%}")
     return "\n".join(out)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    import model_loading
-    import train
-
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--show", type=int, default=3, help="rows to print")
-    known, rest = parser.parse_known_args()
-    cfg = train.parse_config(rest)
-    tok = model_loading.load_tokenizer(model_loading.resolve_model_dir(cfg.model))
-    train_ds, _ = prepare(cfg, tok)
-    print(describe(train_ds, tok, cfg.seq_len, known.show, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))

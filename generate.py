@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import builtin
 import checkpointing
 import data
 import lora
 import model_loading
+import quantization
 
 
 def render_prompt(prompt: str) -> str:
@@ -130,7 +132,7 @@ def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file:
 
 def load(model: str, adapter: str | None, quant: str | None, device: torch.device) -> tuple[torch.nn.Module, object]:
     """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model."""
-    model_dir = model_loading.resolve_model_dir(model)
+    model_dir = builtin.model_dir(model)
     tokenizer = model_loading.load_tokenizer(model_dir)  # a folder without one fails before the model loads
     if adapter:
         lora.read_adapter_config(Path(adapter))  # a missing adapter fails before the model loads
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--max_new_tokens", type=int, default=defaults["max_new_tokens"])
     parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="0: greedy")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="for temperature > 0")
-    parser.add_argument("--quant", default=None, choices=["nf4", "fp4", "none"],
+    parser.add_argument("--quant", default=None, choices=quantization.QUANT_TYPES,
                         help="base quantization (default: the adapter's, as trained; none without an adapter)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

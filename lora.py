@@ -7,12 +7,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from bitsandbytes.functional import dequantize_4bit
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import skip_init
 
+import quantization
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
+FACTORS = ("lora_A", "lora_B")
 
 
 class LoRAFactor(nn.Linear):
@@ -81,17 +83,16 @@ class LoRALinear(nn.Module):
         return _MergedLoRA.apply(rows, self.base.weight, a, b, bias, self.base, self.scaling)
 
 
+def add_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B @ A as a new matrix, in the dtype of its inputs: the one place the merged weight is computed
+    (in training, bf16; merge.py, fp32)."""
+    return torch.addmm(weight, b, a, alpha=scaling)
+
+
 def _merged_weight(base: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    scaling: float) -> torch.Tensor:
-    """W + scaling * B @ A as a new bf16 (out, in) matrix, W dequantized from 4 bits or taken as it is.
-
-    FSDP hands the 4-bit weight over as a plain view of its flat parameter, without the quantization state bitsandbytes
-    hangs on it; the Linear4bit module keeps a copy (model_loading.quantize_4bit).
-    """
-    quant_state = getattr(weight, "quant_state", None) or getattr(base, "quant_state", None)
-    if quant_state is not None:
-        weight = dequantize_4bit(weight.view(-1, 1), quant_state)
-    return torch.addmm(weight, b, a, alpha=scaling)
+    """W + scaling * B @ A as a new bf16 (out, in) matrix, W dequantized from 4 bits or taken as it is."""
+    return add_update(quantization.dequantize(weight, base) if quantization.is_4bit(base) else weight, a, b, scaling)
 
 
 class _MergedLoRA(torch.autograd.Function):
@@ -166,14 +167,18 @@ def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear by its plain model path, with FSDP / checkpoint wrapper prefixes removed."""
-    return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """Every LoRALinear of an unwrapped model by its path (fsdp_wrap.lora_modules for a wrapped one)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def clean_name(name: str) -> str:
-    """The module path without the wrappers' own attributes: FSDP, activation checkpointing, torch.compile, and
-    fsdp_wrap.LayerAdapters."""
-    return re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_adapters_wrapped_module)\.", "", name)
+def factor_weights(modules: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """Each A and B weight by its key in the model's state dict, "<path>.lora_A.weight": PEFT's key, unprefixed."""
+    return {f"{path}.{ab}.weight": getattr(module, ab).weight for path, module in modules.items() for ab in FACTORS}
+
+
+def peft_key(key: str) -> str:
+    """"<path>.lora_A.weight" as PEFT's adapter file names it: after the path of the model inside PEFT's wrappers."""
+    return PEFT_PREFIX + key
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -185,7 +190,7 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
     """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" to full (unsharded) tensors."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    tensors = {peft_key(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
     targets = sorted({k.split(".lora_")[0].split(".")[-1] for k in state})
     config = {
@@ -200,20 +205,16 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
 def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
     """Copy a PEFT-format adapter into the LoRALinear modules of an unwrapped model (before FSDP)."""
     tensors = load_file(Path(adapter_dir) / "adapter_model.safetensors")
-    modules = lora_modules(model)
-    expected = {f"{PEFT_PREFIX}{n}.{ab}.weight" for n in modules for ab in ("lora_A", "lora_B")}
-    if set(tensors) != expected:
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    wanted = {peft_key(k): weight for k, weight in factor_weights(lora_modules(model)).items()}
+    if set(tensors) != set(wanted):
+        missing, unexpected = sorted(wanted.keys() - tensors.keys()), sorted(tensors.keys() - wanted.keys())
         raise ValueError(f"adapter in {adapter_dir} does not fit this model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]} (different base model, rank or targets?)")
     with torch.no_grad():
-        for name, module in modules.items():
-            for ab in ("lora_A", "lora_B"):
-                src = tensors[f"{PEFT_PREFIX}{name}.{ab}.weight"]
-                dst = getattr(module, ab).weight
-                if src.shape != dst.shape:
-                    raise ValueError(f"{name}.{ab} has shape {list(src.shape)} in the adapter, {list(dst.shape)} here")
-                dst.copy_(src)
+        for key, dst in wanted.items():
+            if tensors[key].shape != dst.shape:
+                raise ValueError(f"{key} has shape {list(tensors[key].shape)} in the adapter, {list(dst.shape)} here")
+            dst.copy_(tensors[key])
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:

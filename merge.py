@@ -34,14 +34,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from bitsandbytes.functional import dequantize_4bit
 from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
 
+import builtin
 import checkpointing
 import lora
 import model_loading
+import quantization
 from model_loading import TensorEntry
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -67,7 +68,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
         raise MergeError(f"--dtype {dtype!r} / --semantics {semantics!r}: choose from {list(DTYPES)} / {SEMANTICS}")
     if shard_size_mb <= 0:
         raise MergeError(f"--shard_size_mb must be positive, got {shard_size_mb}")
-    base_dir, adapter_dir, out_dir = model_loading.resolve_model_dir(model), Path(adapter), Path(out)
+    base_dir, adapter_dir, out_dir = builtin.model_dir(model), Path(adapter), Path(out)
     adapter_config = lora.read_adapter_config(adapter_dir)
     train_config = checkpointing.read_run_config(adapter_dir)  # the base as trained, and for the model card
     quant = checkpointing.trained_quant(adapter_dir)
@@ -143,7 +144,7 @@ def plan_updates(entries: dict[str, TensorEntry], adapter_dir: Path, config: dic
         if found != {"A", "B"}:
             raise MergeError(f"{path} has lora_{found.pop()} but not its partner in {source}; the file is incomplete")
         weight, r = f"{path}.weight", config["r"]
-        a, b = (shapes[f"{lora.PEFT_PREFIX}{path}.lora_{x}.weight"] for x in "AB")
+        a, b = (shapes[lora.peft_key(f"{path}.{ab}.weight")] for ab in lora.FACTORS)
         if weight not in entries:
             raise MergeError(f"{source} adapts {path}, which this base model does not have: "
                              "merge it into the model it was trained on")
@@ -195,7 +196,7 @@ def read_in_order(entries: dict[str, TensorEntry]) -> Iterator[tuple[str, torch.
 def read_factors(adapter_dir: Path, path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA's A and B for one module, read as the base tensors are (a 70B r=64 adapter is 3 GB in fp32)."""
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
-        a, b = (f.get_tensor(f"{lora.PEFT_PREFIX}{path}.lora_{x}.weight") for x in "AB")
+        a, b = (f.get_tensor(lora.peft_key(f"{path}.{ab}.weight")) for ab in lora.FACTORS)
     return a, b
 
 
@@ -203,11 +204,9 @@ def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: fl
                   device: torch.device) -> torch.Tensor:
     """W + B @ A * scaling in fp32, W being the base weight or its 4-bit round trip (see the module docstring)."""
     w = w.to(device)
-    if semantics == "dequantized" and quant != "none":
-        packed = model_loading.quantize_4bit(w.to(torch.bfloat16), quant, device)  # exactly as the loader quantizes
-        w = dequantize_4bit(packed.data, packed.quant_state)
-    w = w.float()  # a copy, unless W was fp32 already: in place from here, so that only W and the update coexist
-    return w.add_((b.to(device, torch.float32) @ a.to(device, torch.float32)).mul_(scaling))
+    if semantics == "dequantized" and quant != "none":  # exactly as the loader quantizes
+        w = quantization.dequantize(quantization.quantize(w, quant, device))
+    return lora.add_update(w.float(), a.to(device, torch.float32), b.to(device, torch.float32), scaling)
 
 
 def safetensors_header(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> bytes:

@@ -13,32 +13,26 @@ The path, top to bottom:
 Every rank runs this and builds the identical model: FSDP is later told not to broadcast (sync_module_states=False),
 and quantization is deterministic, so the same files give the same packed bytes on every rank.
 """
-import fcntl
 import json
 import os
 import queue
 import re
-import shutil
-import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 import torch.nn as nn
 import transformers
-from bitsandbytes.nn import Params4bit
-from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-QUANT_TYPES = ("nf4", "fp4", "none")
-BUILTIN_MODEL = "tiny"  # the embedded default: a tiny random Llama written to the cache on first use
+import quantization
+
 # A tokenizer's vocabulary is in one of these (tokenizer_config.json alone holds none): the fast tokenizers' file,
 # sentencepiece models, BPE's vocab.json (with merges.txt), WordPiece's vocab.txt, tiktoken and Mistral's tekken.
 TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken", "tekken.json")
@@ -53,9 +47,7 @@ class CheckpointError(ValueError):
 
 
 def resolve_model_dir(model: str) -> Path:
-    """A local folder as is; `tiny` built into the cache; anything shaped like `org/name` from the Hub."""
-    if model == BUILTIN_MODEL:
-        return build_tiny_checkpoint()
+    """A local folder as is; anything shaped like `org/name` from the Hub. (builtin.model_dir adds 'tiny'.)"""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -192,7 +184,7 @@ def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module) -> dict[
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     for name, module in model.named_modules():  # Linear4bit shells: the checkpoint holds the dense (out, in) weight
-        if _is_4bit(module):
+        if quantization.is_4bit(module):
             shapes[f"{name}.weight"] = (module.out_features, module.in_features)
     return shapes
 
@@ -222,46 +214,28 @@ def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: st
         for layer in (m for m in model.modules() if isinstance(m, layer_cls)):
             for name, linear in list(layer.named_modules()):
                 if type(linear) is nn.Linear:
-                    layer.set_submodule(name, _linear4bit_shell(linear, quant))
+                    layer.set_submodule(name, quantization.linear4bit_shell(linear, quant))
     return model
 
 
-def _linear4bit_shell(linear: nn.Linear, quant: str) -> nn.Module:
-    shell = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None,
-        compute_dtype=torch.bfloat16,
-        compress_statistics=True,  # double quantization: the absmax scales are themselves 8-bit, ~0.4 bit/param saved
-        quant_type=quant,
-        quant_storage=torch.bfloat16,  # must equal FSDP's param_dtype, or FSDP casts the packed bytes (fsdp_wrap.py)
-        device="meta",
-    )
-    # CPU trap: with avx512_bf16, an eval-mode no-grad forward repacks the weight in place and training afterwards
-    # silently loses gradients. Keeping the portable CPU path costs nothing on GPU.
-    shell.support_avx512bf16_for_cpu = False
-    return shell
-
-
-def _is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit"
-
-
-def load_model(model_dir: Path, quant: str = "nf4", device: torch.device | str = "cpu", progress: bool = True,
-               attn_implementation: str | None = None, keep_on: torch.device | str | None = None) -> nn.Module:
+def load_model(model_dir: Path, quant: str = quantization.DEFAULT, device: torch.device | str = "cpu",
+               progress: bool = True, attn_implementation: str | None = None,
+               keep_on: torch.device | str | None = None) -> nn.Module:
     """Build the model from `model_dir`, streaming one tensor at a time onto `device`; all parameters frozen.
 
     attn_implementation: transformers' name ("sdpa", "flash_attention_2", ...); None lets transformers choose.
     keep_on: where the quantized tensors then wait (default: `device`). "cpu" keeps a model larger than one GPU off
     it: FSDP moves one unit at a time to the GPU as it wraps it, keeping only this rank's shard there.
     """
-    if quant not in QUANT_TYPES:
-        raise CheckpointError(f"--quant {quant!r}: choose one of {QUANT_TYPES}")
+    if quant not in quantization.QUANT_TYPES:
+        raise CheckpointError(f"--quant {quant!r}: choose one of {quantization.QUANT_TYPES}")
     device = torch.device(device)
     keep_on = torch.device(keep_on) if keep_on is not None else device
     model = build_skeleton(read_config(model_dir), quant, attn_implementation)
     _init_nonpersistent_buffers(model, keep_on)
     by_file = check_checkpoint(index_checkpoint(model_dir), model)
 
-    quantized = {f"{name}.weight" for name, module in model.named_modules() if _is_4bit(module)}
+    quantized = {f"{name}.weight" for name, module in model.named_modules() if quantization.is_4bit(module)}
     where = {name: device if name in quantized else keep_on for names in by_file.values() for name in names}
     bar = tqdm(total=len(where), desc="loading", unit="tensor", disable=not progress)
     for name, tensor in _read_ahead(by_file, where):
@@ -360,26 +334,14 @@ class _PinnedCopier:
 def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, keep_on: torch.device) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if _is_4bit(module) and attr == "weight":  # quantized on `device`; .to moves quant_state along (the same object)
-        tensor = tensor.to(device=device, dtype=torch.bfloat16)
-        module.weight = quantize_4bit(tensor, module.weight.quant_type, device, module).to(keep_on)
+    if quantization.is_4bit(module) and attr == "weight":  # quantized on `device`; .to moves quant_state along
+        module.weight = quantization.quantize(tensor.to(device), module.weight.quant_type, device, module).to(keep_on)
         return
     tensor = tensor.to(device=keep_on, dtype=torch.bfloat16)  # the rest goes where it waits, with no round trip
     if attr in module._buffers:
         module._buffers[attr] = tensor
     else:
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
-
-
-def quantize_4bit(weight: torch.Tensor, quant: str, device: torch.device, module: nn.Module | None = None):
-    """A bf16 weight as bitsandbytes' packed 4-bit Params4bit on `device`: nf4 or fp4, double quantization, bf16
-    storage, as build_skeleton's shells declare. The one quantization the loader and merge.py both use.
-
-    `module=` makes bnb also keep quant_state on the Linear4bit: FSDP flattens the weight and drops the attribute
-    from it, and Linear4bit.forward restores it from the module.
-    """
-    return Params4bit(weight, requires_grad=False, quant_type=quant, compress_statistics=True,
-                      quant_storage=torch.bfloat16, module=module)._quantize(device)
 
 
 def _init_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
@@ -394,105 +356,3 @@ def _init_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
             owner._buffers[attr] = torch.empty_like(owner._buffers[attr], device=device)
         if names:
             model._init_weights(owner)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tiny checkpoints with random weights, written exactly as real ones are (the default model, and the tests)
-
-
-def write_random_checkpoint(config: PretrainedConfig, out_dir: Path, max_shard_size: str = "1MB", seed: int = 0,
-                            tokenizer=None, device: str = "cpu") -> Path:
-    """Random weights for a real architecture as sharded safetensors, config and tokenizer: the files save_pretrained
-    writes, shard for shard.
-
-    Written through huggingface_hub rather than model.save_pretrained: inside a process group transformers (5.24)
-    writes the model files on rank 0 only, whatever is_main_process says, and the rank that builds the default model
-    (build_tiny_checkpoint) may be any rank. device="cuda" initialises an 8B model in seconds instead of minutes.
-    """
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # a tied lm_head is saved once, as the embedding
-    state = {name: t for name, t in model.state_dict().items() if name not in tied}
-    save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
-    model.config.save_pretrained(out_dir)
-    if model.can_generate():
-        model.generation_config.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def build_tiny_checkpoint(cache_dir: Path | None = None) -> Path:
-    """The built-in model: a 4-layer Llama with a small BPE tokenizer, built once into the cache.
-
-    Every rank (and every job sharing the cache) may get here at once, and a folder may be left incomplete by a crash
-    or by an older version of this function: one process builds under a file lock while the others wait on it, the
-    folder is complete before its name appears, and a folder that does not pass `_is_complete` is rebuilt.
-    """
-    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fsdp_qlora"
-    target = cache_dir / "tiny-llama-v2"
-    if _is_complete(target):  # the usual case: no lock taken
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # A lock file in the cache itself, not a barrier: the ranks of a multi-node job may each have their own cache,
-    # and a process group may not exist (python train.py, merge.py). The lock is released when the file is closed,
-    # also when the holder dies.
-    with open(cache_dir / "tiny-llama-v2.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _is_complete(target):  # the first holder builds; the others find its folder complete
-            _build_tiny(cache_dir, target)
-    return target
-
-
-def _build_tiny(cache_dir: Path, target: Path) -> None:
-    from transformers import LlamaConfig
-
-    from data import builtin_tokenizer
-
-    tokenizer = builtin_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        # Tied embeddings and a wide init give a random model logits sharp enough for LoRA alone to learn the task:
-        # with 0.02 and a separate lm_head, the built-in task's loss stalls near 3.3 after 60 steps; here it reaches ~0.1.
-        tie_word_embeddings=True, initializer_range=0.1,
-    )
-    for stale in cache_dir.glob(".tmp-tiny-*"):  # we hold the lock: these are from builders that were killed
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=cache_dir))  # beside the target: the rename is atomic
-    try:
-        write_random_checkpoint(config, tmp, max_shard_size="1MB", tokenizer=tokenizer)
-        if not _is_complete(tmp):
-            raise CheckpointError(f"building the built-in model in {tmp} left an incomplete folder")
-        for file in tmp.iterdir():  # on disk before the name appears: a power cut leaves no empty shards behind it
-            with file.open("rb") as f:
-                os.fsync(f.fileno())
-        if target.exists():  # incomplete (checked under the lock): rebuilt, never trusted
-            shutil.rmtree(target)
-        tmp.rename(target)
-        dir_fd = os.open(cache_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself
-        finally:
-            os.close(dir_fd)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _is_complete(folder: Path) -> bool:
-    """config.json names an architecture, every shard of the index is there with a readable header, the tokenizer
-    loads. (A shard's header lists its tensors' offsets; safetensors refuses a file shorter than they say.)"""
-    if not (folder / "config.json").is_file():
-        return False
-    try:
-        AutoConfig.from_pretrained(folder)  # no model_type: ValueError
-        index_checkpoint(folder)  # no index, a missing or truncated shard: CheckpointError (a ValueError)
-        AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError):
-        return False
-    return True

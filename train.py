@@ -7,6 +7,7 @@
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -22,43 +23,43 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import builtin
 import checkpointing
 import data
 import fsdp_wrap
 import generate
 import lora
 import model_loading
+import quantization
 
 # The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern: at batch 8 on an
 # 8B model they reserved 8.6 GiB more than was ever allocated. Segments that grow in place keep reserved near allocated
 # (BENCHMARKS.md). Set before the first CUDA allocation; a value the user exported wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+# Why a setting may change on resume (Config's metadata); the rest must match, or must for the reason given.
+SAME_MATH = "where tensors live, what is recomputed, which kernels: the same math, up to rounding"
+BOOKKEEPING = "how the run is launched, logged and saved, not what it trains"
+SCHEDULE = ("the LR schedule is laid over the planned steps, so another count makes the LR jump; to train longer, "
+            "start a new run in another --output_dir")
 
 
 @dataclass
-class Config:
+class Config(data.DataConfig):
+    """Every flag of train.py (the data flags come from data.DataConfig), each written once with its default and help.
+
+    On resume, a setting must be as it was in the checkpoint's run unless its metadata says "may_change", with why
+    that is safe (checkpointing.check_resumable).
+    """
     # what to train
-    model: str = field(default=model_loading.BUILTIN_MODEL, metadata={"help": "local folder, Hub repo id, or 'tiny'"})
-    dataset: str = field(default=data.BUILTIN_DATASET, metadata={"help": "Hub dataset id, local file or folder (.jsonl .json .parquet .csv .txt), or 'builtin'"})
-    output_dir: str = field(default="out", metadata={"help": "adapters, metrics.jsonl and checkpoints go here"})
-    # data (data.py)
-    dataset_config: str = field(default="", metadata={"help": "Hub dataset configuration name"})
-    dataset_split: str = field(default="train", metadata={"help": "Hub dataset split to train on"})
-    dataset_format: str = field(default="auto", metadata={"choices": list(data.FORMATS), "help": "how examples are rendered; auto: from the columns"})
-    field_map: str = field(default="", metadata={"help": "rename columns, ours=theirs: 'instruction=question,output=answer'"})
-    chat_template: str = field(default="", metadata={"help": "'chatml', or a Jinja template, for tokenizers without one"})
-    seq_len: int = field(default=512, metadata={"help": "longest row in tokens; longer prompts are cut first"})
-    train_on_prompt: bool = field(default=False, metadata={"help": "also train on prompt tokens"})
-    packing: bool = field(default=False, metadata={"help": "fill rows with whole examples, none attending to another"})
-    group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (without --packing)"})
-    eval_split: str = field(default="", metadata={"help": "eval data: a split of --dataset, or a file"})
-    eval_fraction: float = field(default=0.0, metadata={"help": "or carve this fraction out of the training data"})
-    eval_every: int = field(default=0, metadata={"help": "steps between eval losses; 0: only at the end, if there is eval data"})
+    model: str = field(default=builtin.MODEL, metadata={"help": "local folder, Hub repo id, or 'tiny'", "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, is fine"})
+    output_dir: str = field(default="out", metadata={"help": "adapters, metrics.jsonl and checkpoints go here", "may_change": "the run folder may have moved"})
+    eval_every: int = field(default=0, metadata={"help": "steps between eval losses; 0: only at the end, if there is eval data", "may_change": "what is evaluated, not what is trained"})
+    show: int = field(default=0, metadata={"help": "print this many tokenized rows, trained spans marked, and the data's statistics; then exit without training", "may_change": "it trains nothing"})
     # batch and length of training
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per rank"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 means run --epochs"})
-    epochs: int = field(default=1, metadata={"help": "passes over the data, when --max_steps is 0"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 means run --epochs", "must_match": SCHEDULE})
+    epochs: int = field(default=1, metadata={"help": "passes over the data, when --max_steps is 0", "must_match": SCHEDULE})
     # optimization
     lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW on the LoRA weights"})
     lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"], "help": "decay after warmup"})
@@ -71,22 +72,21 @@ class Config:
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_targets: str = field(default=",".join(lora.DEFAULT_TARGETS), metadata={"help": "comma-separated module names or regexes"})
     # memory and sharding
-    quant: str = field(default="nf4", metadata={"choices": list(model_loading.QUANT_TYPES), "help": "4-bit type of the base, or none (plain LoRA)"})
-    sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes"})
-    cpu_offload: bool = field(default=False, metadata={"help": "keep parameter shards in CPU memory (GPU only)"})
-    grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": list(fsdp_wrap.CHECKPOINTING), "help": "activation checkpointing of decoder layers"})
-    compile: bool = field(default=True, metadata={"help": "torch.compile the norms, rotary embedding and MLP activation of each decoder layer, and the loss (GPU only)"})
+    quant: str = field(default=quantization.DEFAULT, metadata={"choices": quantization.QUANT_TYPES, "help": "4-bit type of the base, or none (plain LoRA)"})
+    sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
+    cpu_offload: bool = field(default=False, metadata={"help": "keep parameter shards in CPU memory (GPU only)", "may_change": SAME_MATH})
+    grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": list(fsdp_wrap.CHECKPOINTING), "help": "activation checkpointing of decoder layers", "may_change": SAME_MATH})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the norms, rotary embedding and MLP activation of each decoder layer, and the loss (GPU only)", "may_change": SAME_MATH})
     # bookkeeping
-    seed: int = field(default=0, metadata={"help": "data order and LoRA init"})
-    log_every: int = field(default=1, metadata={"help": "steps between progress-line updates"})
-    save_every: int = field(default=0, metadata={"help": "save a checkpoint to output_dir/checkpoint-N every N steps; 0: only the final adapter"})
-    keep_last: int = field(default=0, metadata={"help": "keep only the newest K checkpoints; 0 keeps all"})
-    resume: str = field(default="", metadata={"help": "'auto': continue from the newest checkpoint in output_dir (if any); or a checkpoint folder"})
-    overwrite: bool = field(default=False, metadata={"help": "delete another run's checkpoints in output_dir instead of refusing to start"})
-    max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive skipped steps (non-finite loss or grad norm); 0: never"})
-    dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing"})
-    sample_prompts: str = field(default="", metadata={"help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = built-in prompts with --dataset builtin"})
-    sample_tokens: int = field(default=64, metadata={"help": "longest sample, in new tokens"})
+    log_every: int = field(default=1, metadata={"help": "steps between progress-line updates", "may_change": BOOKKEEPING})
+    save_every: int = field(default=0, metadata={"help": "save a checkpoint to output_dir/checkpoint-N every N steps; 0: only the final adapter", "may_change": BOOKKEEPING})
+    keep_last: int = field(default=0, metadata={"help": "keep only the newest K checkpoints; 0 keeps all", "may_change": BOOKKEEPING})
+    resume: str = field(default="", metadata={"help": "'auto': continue from the newest checkpoint in output_dir (if any); or a checkpoint folder", "may_change": BOOKKEEPING})
+    overwrite: bool = field(default=False, metadata={"help": "replace the run in output_dir (its checkpoints, adapter and metrics) instead of refusing to start", "may_change": BOOKKEEPING})
+    max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive skipped steps (non-finite loss or grad norm); 0: never", "may_change": BOOKKEEPING})
+    dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing", "may_change": BOOKKEEPING})
+    sample_prompts: str = field(default="", metadata={"help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = built-in prompts with --dataset builtin", "may_change": "samples only read the model"})
+    sample_tokens: int = field(default=64, metadata={"help": "longest sample, in new tokens", "may_change": "samples only read the model"})
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -270,147 +270,216 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The run: data, then the model, then the loop
+
+
+@dataclass
+class Batches:
+    """What the loop reads: this rank's share of the training rows, batched, and the eval batches."""
+    loader: torch.utils.data.DataLoader
+    evals: list[dict] | None
+    steps_per_epoch: int
+    rows: int
+    fingerprint: str  # data.fingerprint of the training rows, kept in checkpoints
+
+
+def prepare_batches(cfg: Config, tokenizer, vocab: int, device: torch.device) -> Batches:
+    """Tokenized rows into per-rank batches; data that cannot fill a step or that the model cannot embed fails here,
+    before the model loads."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    train_ds, eval_ds = data.prepare(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", 0)), log=print0)
+    top_id = max(max(x) for x in train_ds["input_ids"])
+    if top_id >= vocab:
+        raise ValueError(f"the tokenizer produced token id {top_id}, but the model has only {vocab} embeddings: the "
+                         "tokenizer does not belong to this model")
+    block_mask = data.packed_attention(device) == "sdpa"
+    loader = data.build_loader(train_ds, cfg.batch_size, tokenizer.pad_token_id, rank, world, cfg.seed,
+                               cfg.group_by_length, block_mask)
+    evals = None if eval_ds is None else data.eval_batches(eval_ds, cfg.batch_size, tokenizer.pad_token_id, rank,
+                                                           world, block_mask)
+    if len(loader) < cfg.grad_accum:
+        raise ValueError(f"{len(train_ds)} rows cannot fill one step of {cfg.batch_size * cfg.grad_accum * world} "
+                         f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} ranks): lower them or "
+                         "add data")
+    return Batches(loader, evals, len(loader) // cfg.grad_accum, len(train_ds), data.fingerprint(train_ds))
+
+
+def find_resume(cfg: Config, out_dir: Path, run: dict) -> tuple[Path | None, checkpointing.TrainerState | None]:
+    """The checkpoint to continue from and its state, or (None, None); a mismatch is refused before the model loads."""
+    path = checkpointing.select_resume(cfg.resume, out_dir)
+    if path is None:
+        return None, None
+    state = checkpointing.read_state(path)
+    checkpointing.check_resumable(state, path, run, {f.name: f.metadata for f in dataclasses.fields(Config)})
+    return path, state
+
+
+class StepLog:
+    """Rank 0's record of each step: the progress line, metrics.jsonl (one JSON object per step), and the history
+    train() returns. A resumed run's file keeps the lines up to the checkpoint's step."""
+
+    def __init__(self, cfg: Config, out_dir: Path, total_steps: int, step: int, load_s: float):
+        self.cfg, self.total_steps, self.load_s, self.history = cfg, total_steps, load_s, []
+        self.rank0 = dist.get_rank() == 0
+        self.bar = tqdm(total=total_steps, initial=step, desc="training", disable=not self.rank0)
+        self.file = checkpointing.open_metrics(out_dir / "metrics.jsonl", step) if self.rank0 else None
+
+    def record(self, m: dict) -> None:
+        if not self.history:
+            m["load_s"] = self.load_s
+        self.history.append(m)
+        self.bar.update()
+        if not self.rank0:
+            return
+        self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+        if m["step"] % self.cfg.log_every == 0 or m["step"] == self.total_steps:
+            self.bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
+                                     f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB"
+                                     + (f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+class BadSteps:
+    """Consecutive skipped steps (non-finite loss or grad norm), and the last good checkpoint: one whose next step
+    had a finite loss. (A step can stay finite while it blows the weights up; the checkpoint after it is not good.)"""
+
+    def __init__(self, limit: int, resumed_from: Path | None):
+        self.limit, self.in_a_row, self.last_saved, self.good = limit, 0, resumed_from, None
+
+    def after(self, m: dict) -> None:
+        self.in_a_row = self.in_a_row + 1 if m["skipped"] else 0
+        self.good = self.good if m["skipped"] else self.last_saved
+        if m["skipped"]:
+            print0(f"step {m['step']}: loss {m['loss']}, grad norm {m['grad_norm']}: update skipped "
+                   f"({self.in_a_row} in a row)")
+        if self.limit and self.in_a_row >= self.limit:
+            raise RuntimeError(
+                f"{self.in_a_row} consecutive steps (up to step {m['step']}) had a non-finite loss or grad norm; "
+                f"stopping. The last checkpoint whose next step was finite is {self.good or 'none'}: check the data "
+                "near these steps, or start again with a lower --lr")
+
+    def check_last(self, history: list[dict]) -> None:
+        """--max_bad_steps 0 runs on; a run whose last step was not finite has still failed."""
+        if history and history[-1]["skipped"]:
+            raise RuntimeError(f"the last step, {history[-1]['step']}, had a non-finite loss or grad norm, so no "
+                               f"adapter was saved. The last checkpoint whose next step was finite is "
+                               f"{self.good or 'none'}; start again with a lower --lr, or check the data")
+
+
+def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_steps: int, position: tuple,
+              save, sample, log: StepLog, bad: BadSteps, stop: checkpointing.StopOnSignal) -> bool:
+    """Steps from `position` (step, epoch, steps done in that epoch) to total_steps: evaluating, saving and sampling
+    on schedule. Returns whether a signal stopped the run (after saving a checkpoint)."""
+    device = next(model.parameters()).device
+    step, epoch, skip = position
+    model.train()
+    while step < total_steps:
+        batches.loader.sampler.set_epoch(epoch)  # an epoch's order is a function of (seed, epoch) alone
+        micro = iter(batches.loader)
+        for _ in range(skip * cfg.grad_accum):  # resumed mid-epoch: pass the micro-batches already trained on
+            next(micro)
+        for in_epoch in range(skip, min(batches.steps_per_epoch, skip + total_steps - step)):
+            t0, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+            try:
+                m = train_step(model, optimizer, [next(micro) for _ in range(cfg.grad_accum)], cfg, device)
+            except torch.cuda.OutOfMemoryError as e:
+                raise torch.cuda.OutOfMemoryError(
+                    f"out of GPU memory in step {step + 1}: lower --batch_size (now {cfg.batch_size}; raise "
+                    f"--grad_accum to keep the step size) or --seq_len (now {cfg.seq_len}), or add --cpu_offload") from e
+            scheduler.step()
+            step += 1
+            m.update(step=step, epoch=epoch, lr=lr, tokens_per_s=m["tokens"] / (time.perf_counter() - t0),
+                     peak_mem_gib=peak_memory_gib(device))
+            if batches.evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
+                m["eval_loss"] = evaluate(model, batches.evals, device)
+            log.record(m)
+            bad.after(m)
+            stopping = stop.agreed(device) and step < total_steps
+            saving = bool(cfg.save_every) and step % cfg.save_every == 0
+            if stopping or saving:
+                done = in_epoch + 1 < batches.steps_per_epoch
+                bad.last_saved = save(step, (epoch, in_epoch + 1) if done else (epoch + 1, 0))
+            if stopping:
+                print0(f"got {stop.signal or 'a signal on another rank'}: saved {bad.last_saved}; continue with "
+                       "--resume auto")
+                return True
+            if step < total_steps and ("eval_loss" in m or saving):
+                sample(step)
+        skip, epoch = 0, epoch + 1
+    return False
 
 
 def train(cfg: Config) -> list[dict]:
-    """The whole run; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
-    rank, local_rank, world, device = init_distributed(cfg.dist_timeout)
-    stop, metrics_file, lock = checkpointing.StopOnSignal(), None, None
+    """The whole run, as an outline; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
+    rank, _, world, device = init_distributed(cfg.dist_timeout)
+    stop, lock, log = checkpointing.StopOnSignal(), None, None
     try:
         out_dir = Path(cfg.output_dir)
-        lock = checkpointing.lock_output_dir(out_dir)  # before anything in it is read or removed
-        checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
-        model_dir = model_loading.resolve_model_dir(cfg.model)
+        if not cfg.show:  # --show only reads
+            lock = checkpointing.lock_output_dir(out_dir)  # before anything in the folder is read or removed
+            checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
+        model_dir = builtin.model_dir(cfg.model)
         config = model_loading.read_config(model_dir)  # an architecture transformers lacks fails before tokenizing
-
-        # Data first: a bad dataset should fail in seconds, not after the model has loaded.
         tokenizer = model_loading.load_tokenizer(model_dir)
-        train_ds, eval_ds = data.prepare(cfg, tokenizer, local_rank, log=print0)
-        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
-        top_id, vocab = max(max(x) for x in train_ds["input_ids"]), config.vocab_size
-        if top_id >= vocab:
-            raise ValueError(f"the tokenizer in {model_dir} produced token id {top_id}, but the model has only {vocab} "
-                             "embeddings: the tokenizer does not belong to this model")
-        block_mask = data.packed_attention(device) == "sdpa"
-        loader = data.build_loader(train_ds, cfg.batch_size, tokenizer.pad_token_id, rank, world, cfg.seed,
-                                   cfg.group_by_length, block_mask)
-        evals = None if eval_ds is None else data.eval_batches(eval_ds, cfg.batch_size, tokenizer.pad_token_id, rank,
-                                                               world, block_mask)
-        per_step = cfg.batch_size * cfg.grad_accum * world
-        if len(loader) < cfg.grad_accum:
-            raise ValueError(f"{len(train_ds)} rows cannot fill one step of {per_step} (batch_size {cfg.batch_size} "
-                             f"x grad_accum {cfg.grad_accum} x {world} ranks): lower them or add data")
-        steps_per_epoch = len(loader) // cfg.grad_accum
-        total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-        run = dict(world_size=world, steps_per_epoch=steps_per_epoch, base_model=cfg.model,
-                   base_fingerprint=checkpointing.fingerprint(model_dir), data_fingerprint=data.fingerprint(train_ds),
+        batches = prepare_batches(cfg, tokenizer, config.vocab_size, device)  # a bad dataset fails in seconds
+        if cfg.show:
+            color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+            print0(data.describe(batches.loader.dataset, tokenizer, cfg.seq_len, cfg.show, color))
+            return []
+        total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+        run = dict(world_size=world, steps_per_epoch=batches.steps_per_epoch, base_model=cfg.model,
+                   base_fingerprint=checkpointing.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
                    config=dataclasses.asdict(cfg))
-        resume_from = checkpointing.select_resume(cfg.resume, out_dir)
-        resumed = checkpointing.read_state(resume_from) if resume_from else None
-        if resumed:  # refused here, before the model loads
-            checkpointing.check_resumable(resumed, resume_from, run)
+        resume_from, resumed = find_resume(cfg, out_dir, run)
 
         t0 = time.perf_counter()
         model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
         load_s = time.perf_counter() - t0
         print0(f"model loaded, adapted and sharded in {load_s:.1f}s")
-        params = [p for p in model.parameters() if p.requires_grad]  # the LoRA flat parameters only
         # fused: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-        step, epoch, skip = (resumed.step, resumed.epoch, resumed.step_in_epoch) if resumed else (0, 0, 0)
+        position = (0, 0, 0)
         if resumed:
             checkpointing.load_checkpoint(resume_from, model, optimizer, scheduler)
-            print0(f"resumed from {resume_from}: step {step}, epoch {epoch}")
-        print0(f"{len(train_ds)} rows, {per_step} per step, {total_steps} steps on {world} rank(s), {device.type}")
+            position = (resumed.step, resumed.epoch, resumed.step_in_epoch)
+            print0(f"resumed from {resume_from}: step {resumed.step}, epoch {resumed.epoch}")
+        print0(f"{batches.rows} rows, {cfg.batch_size * cfg.grad_accum * world} per step, {total_steps} steps on "
+               f"{world} rank(s), {device.type}")
 
-        # A checkpoint is good once the step after it had a finite loss: one saved after a step that blew the
-        # weights up to huge but finite values is not (its next step is NaN), though nothing was skipped before it.
-        history, bad_steps, last_saved, good, stopping = [], 0, resume_from, None, False
-        bar = tqdm(total=total_steps, initial=step, desc="training", disable=rank != 0)
-        metrics_file = checkpointing.open_metrics(out_dir / "metrics.jsonl", step) if rank == 0 else None
-        model.train()
-        while step < total_steps and not stopping:
-            loader.sampler.set_epoch(epoch)  # an epoch's order is a function of (seed, epoch) alone
-            batches = iter(loader)
-            for _ in range(skip * cfg.grad_accum):  # resumed mid-epoch: pass the micro-batches already trained on
-                next(batches)
-            for in_epoch in range(skip, steps_per_epoch):
-                if step >= total_steps:
-                    break
-                t0 = time.perf_counter()
-                try:
-                    m = train_step(model, optimizer, [next(batches) for _ in range(cfg.grad_accum)], cfg, device)
-                except torch.cuda.OutOfMemoryError as e:
-                    raise torch.cuda.OutOfMemoryError(
-                        f"out of GPU memory in step {step + 1}: lower --batch_size (now {cfg.batch_size}; raise "
-                        f"--grad_accum to keep the step size) or --seq_len (now {cfg.seq_len}), "
-                        "or add --cpu_offload") from e
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                step += 1
-                m.update(step=step, epoch=epoch, lr=lr, tokens_per_s=m["tokens"] / (time.perf_counter() - t0),
-                         peak_mem_gib=peak_memory_gib(device))
-                if evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                    m["eval_loss"] = evaluate(model, evals, device)
-                if not history:
-                    m["load_s"] = load_s
-                history.append(m)
-                if rank == 0:
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
-                    if step % cfg.log_every == 0 or step == total_steps:
-                        bar.set_postfix_str(f"loss {m['loss']:.4f} lr {lr:.2e} gnorm {m['grad_norm']:.3f} "
-                                            f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB"
-                                            + (f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
-                bar.update()
-                bad_steps = bad_steps + 1 if m["skipped"] else 0
-                good = good if m["skipped"] else last_saved
-                if m["skipped"]:
-                    print0(f"step {step}: loss {m['loss']}, grad norm {m['grad_norm']}: update skipped "
-                           f"({bad_steps} in a row)")
-                if cfg.max_bad_steps and bad_steps >= cfg.max_bad_steps:
-                    raise RuntimeError(
-                        f"{bad_steps} consecutive steps (up to step {step}) had a non-finite loss or grad norm; "
-                        f"stopping. The last checkpoint whose next step was finite is {good or 'none'}: "
-                        "check the data near these steps, or start again with a lower --lr")
-                stopping = stop.agreed(device) and step < total_steps
-                saving = bool(cfg.save_every) and step % cfg.save_every == 0
-                if stopping or saving:
-                    position = (epoch, in_epoch + 1) if in_epoch + 1 < steps_per_epoch else (epoch + 1, 0)
-                    state = checkpointing.TrainerState(step, *position, **run)
-                    last_saved = checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler,
-                                                               cfg.keep_last)
-                if not stopping and step < total_steps and ("eval_loss" in m or saving):
-                    generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step, device,
-                                         cfg.sample_tokens)  # a collective: every rank samples, rank 0 writes
-                if stopping:
-                    print0(f"got {stop.signal or 'a signal on another rank'}: saved {last_saved}; continue with "
-                           f"--resume auto")
-                    break
-            skip = 0
-            epoch += 1
-        bar.close()
-        if not stopping and history and history[-1]["skipped"]:  # --max_bad_steps 0 ran on; the run still failed
-            raise RuntimeError(f"the last step, {step}, had a non-finite loss or grad norm, so no adapter was saved. "
-                               f"The last checkpoint whose next step was finite is {good or 'none'}; start again "
-                               "with a lower --lr, or check the data")
-        if not stopping:
-            checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg))
-            generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step, device, cfg.sample_tokens)
-            if history:  # empty when a finished run is resumed
-                print0(f"done: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; adapter saved to {out_dir}")
-        return history
+        def save(step: int, data_position: tuple[int, int]) -> Path:
+            state = checkpointing.TrainerState(step, *data_position, **run)
+            return checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler, cfg.keep_last)
+
+        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
+        sample = functools.partial(generate.log_samples, model, tokenizer, prompts, out_dir / "samples.jsonl",
+                                   device=device, max_new_tokens=cfg.sample_tokens)  # collective; rank 0 writes
+        log, bad = StepLog(cfg, out_dir, total_steps, position[0], load_s), BadSteps(cfg.max_bad_steps, resume_from)
+        if run_steps(cfg, model, optimizer, scheduler, batches, total_steps, position, save, sample, log, bad, stop):
+            return log.history  # stopped by a signal, checkpoint saved
+        bad.check_last(log.history)
+        checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg))
+        sample(total_steps)
+        if log.history:  # empty when a finished run is resumed
+            print0(f"done: loss {log.history[0]['loss']:.4f} -> {log.history[-1]['loss']:.4f}; adapter saved to "
+                   f"{out_dir}")
+        return log.history
     except RuntimeError as e:
         if isinstance(e, dist.DistError) or "gloo" in str(e):  # NCCL: DistError; gloo: a RuntimeError naming it
             print(f"rank {rank}: lost contact with another rank ({e}). The launcher's log names the rank that "
                   "failed; once it is back, continue with --resume auto.", flush=True)
         raise
     finally:
-        if metrics_file:
-            metrics_file.close()
-        if lock:
-            lock.close()  # releases the output_dir
+        for held in (log, lock):  # closing the lock file releases the output_dir
+            if held:
+                held.close()
         stop.restore()
         dist.destroy_process_group()
 

@@ -1,4 +1,9 @@
-"""Tiny random checkpoints of real architectures, written once per test session as save_pretrained writes them."""
+"""Shared fixtures and helpers of the tests: tiny random checkpoints of real architectures (written once per test
+session, as save_pretrained writes them), runs of train.py, adapters, and transformers' reference model."""
+import json
+import os
+import random
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -10,7 +15,11 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model_loading import write_random_checkpoint  # noqa: E402
+import lora  # noqa: E402
+import train  # noqa: E402
+from builtin import make_tokenizer, write_random_checkpoint  # noqa: E402
+from model_loading import decoder_layer_class, load_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 # One small shape for all; head_dim 16, every linear's size a multiple of the 4-bit block size (64).
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -33,8 +42,6 @@ DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device(
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """arch -> {"sharded": dir, "single": dir}, with the built-in tokenizer beside the weights."""
-    from data import builtin_tokenizer
-
     made = {}
 
     def get(arch: str, layout: str = "sharded") -> Path:
@@ -43,7 +50,7 @@ def checkpoints(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"{arch}-{layout}")
             # 40KB shards split the ~0.5 MB model into many files; "1GB" keeps it in one model.safetensors
             write_random_checkpoint(tiny_config(arch), out, "40KB" if layout == "sharded" else "1GB",
-                                    seed=1, tokenizer=builtin_tokenizer())
+                                    seed=1, tokenizer=make_tokenizer())
             made[key] = out
         return made[key]
 
@@ -62,3 +69,96 @@ def process_group():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """TEST_ORDER=reverse or TEST_ORDER=shuffle:SEED runs the suite in another order: no test may depend on another
+    having run first (a cached checkpoint, a compiled function, a drawn random number)."""
+    order = os.environ.get("TEST_ORDER", "")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("shuffle:"):
+        random.Random(int(order.split(":")[1])).shuffle(items)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers the test files share
+
+
+TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 250, 64, 11], [2, 9, 9, 120, 33, 4, 8, 15, 16, 23]], device=DEVICE)
+
+
+def reference_model(path):
+    """transformers' own model from the folder: the reference our loader is compared with."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+
+
+def run_inprocess(args: list[str]) -> list[dict]:
+    """`python train.py ARGS` in this process (a 1-rank process group), leaving the environment as it was."""
+    saved = dict(os.environ)
+    try:
+        return train.train(train.parse_config(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_torchrun(args: list[str], nproc: int, env: dict[str, str] | None = None) -> list[dict]:
+    """`torchrun --nproc_per_node NPROC train.py ARGS` in a subprocess; its metrics.jsonl, one dict per step."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *args]
+    inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**inherited, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out_dir = args[args.index("--output_dir") + 1]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def common(path, out, steps=3):
+    """Flags of a short, fast run on a tiny checkpoint."""
+    return ["--model", str(path), "--output_dir", str(out), "--max_steps", str(steps), "--warmup_steps", "0",
+            "--lr", "1e-2", "--seq_len", "64", "--lora_rank", "4", "--lora_alpha", "8"]
+
+
+def losses(history):
+    """The loss of each step."""
+    return [h["loss"] for h in history]
+
+
+def adapted_4bit(path, keep_on=None):
+    """A 4-bit model with LoRA (r=4) as train.py builds it, before wrapping, and its decoder-layer class. A comes from
+    the global seed, on the GPU if there is one; B from a fixed CPU generator, the same wherever the model lives, and
+    nonzero, so that A gets gradients too."""
+    model = load_model(path, "nf4", DEVICE, progress=False, keep_on=keep_on)
+    layer_cls = decoder_layer_class(model)
+    lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)
+    g = torch.Generator().manual_seed(1)
+    for m in lora.lora_modules(model).values():
+        m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+    return model, layer_cls
+
+
+def adapted(path, quant="none", r=4, alpha=8.0, targets=lora.DEFAULT_TARGETS):
+    """Our LoRA injected into the loaded model (eval mode), and the adapted module names."""
+    model = load_model(path, quant=quant, device=DEVICE, progress=False)
+    names = lora.inject_lora(model, list(targets), decoder_layer_class(model), r, alpha, 0.0, DEVICE)
+    return model.eval(), names
+
+
+def randomize_b(model):
+    """B starts at zero; give it values so that the adapter changes the output."""
+    with torch.no_grad():
+        for m in lora.lora_modules(model).values():
+            m.lora_B.weight.normal_(std=0.05)
+
+
+def make_adapter(base, out, quant="nf4"):
+    """A trained-looking adapter for `base` (our LoRA, r=4, with random B), saved as train.py saves it."""
+    model, _ = adapted(base)
+    randomize_b(model)
+    lora.save_adapter(lora.factor_weights(lora.lora_modules(model)), out, r=4, alpha=8.0, dropout=0.0, base_model=str(base))
+    (out / "train_config.json").write_text(json.dumps({"model": str(base), "quant": quant, "lora_rank": 4}))
+    return out
+

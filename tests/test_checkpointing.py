@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, ROOT
+from conftest import DEVICE, ROOT, losses, run_inprocess, run_torchrun
 from safetensors.torch import load_file
-from test_training import losses, run_inprocess, run_torchrun
 
 import checkpointing
 import train
@@ -389,7 +388,7 @@ def test_resume_on_another_world_size_is_refused(saved_run):
     run = dict(world_size=2, steps_per_epoch=3, base_fingerprint=state.base_fingerprint,
                data_fingerprint=state.data_fingerprint, config=state.config)
     with pytest.raises(ResumeError, match="2 ranks now, 1 saved it"):
-        checkpointing.check_resumable(state, path, run)
+        checkpointing.check_resumable(state, path, run, {})
 
 
 def test_resume_from_a_folder_that_is_no_checkpoint(small_run, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import ROOT
 
+import builtin
 import data
 
 ALPACA = [{"instruction": "Name the capital.", "input": "Peru", "output": "Lima"},
@@ -18,16 +19,14 @@ CHAT = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = data.builtin_tokenizer()
+    tok = builtin.make_tokenizer()
     tok.chat_template = data.CHATML
     return tok
 
 
 def cfg(dataset, **kw):
-    """The data fields of train.Config, with its defaults."""
-    import train
-
-    return train.Config(dataset=str(dataset), **kw)
+    """The data settings, with their defaults."""
+    return data.DataConfig(dataset=str(dataset), **kw)
 
 
 def write(path, rows):
@@ -289,7 +288,7 @@ def test_eval_split_of_a_local_dataset_must_be_a_file(tmp_path, tokenizer):
 
 def test_missing_chat_template_is_a_clear_error_and_chatml_the_fix(tmp_path):
     path = write(tmp_path / "c.jsonl", CHAT)
-    bare = data.builtin_tokenizer()
+    bare = builtin.make_tokenizer()
     with pytest.raises(Exception, match="chat_template|chat template"):
         data.prepare(cfg(path), bare, log=lambda *_: None)
     train, _ = data.prepare(cfg(path, chat_template="chatml"), bare, log=lambda *_: None)
@@ -297,17 +296,20 @@ def test_missing_chat_template_is_a_clear_error_and_chatml_the_fix(tmp_path):
 
 
 def test_missing_pad_token_is_handled(tokenizer):
-    tok = data.builtin_tokenizer()
+    tok = builtin.make_tokenizer()
     tok.pad_token = None
     data.ensure_pad_token(tok)
     assert tok.pad_token_id == tok.eos_token_id
 
 
 def test_show_marks_trained_tokens(tmp_path):
-    """`python data.py --show` prints each example with its trained span between markers, then statistics."""
+    """`python train.py --show 2` prints each row with its trained span between markers, then statistics, and
+    trains nothing: no output_dir is made."""
     path = write(tmp_path / "d.jsonl", [ALPACA[0]] * 3)
-    out = subprocess.run([sys.executable, str(ROOT / "data.py"), "--dataset", str(path), "--show", "2"],
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--dataset", str(path), "--show", "2",
+                          "--batch_size", "1", "--output_dir", str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
     assert out.stdout.count("### Response:\n[[Lima</s>]]") == 2
     assert "3 rows" in out.stdout and "median" in out.stdout

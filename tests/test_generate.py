@@ -4,10 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, DEVICE
-from test_merge import make_adapter
-from test_model_loading import reference_model
-from test_training import common, losses, run_inprocess, run_torchrun
+from conftest import ARCHS, DEVICE, common, losses, make_adapter, reference_model, run_inprocess, run_torchrun
 from transformers import AutoTokenizer
 
 import generate

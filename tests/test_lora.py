@@ -1,24 +1,10 @@
 """Our LoRA module and its PEFT-format adapters against PEFT itself."""
 import pytest
 import torch
-from conftest import ARCHS, DEVICE
+from conftest import ARCHS, DEVICE, TOKENS, adapted, randomize_b, reference_model
 
 import lora
-from model_loading import decoder_layer_class, load_model
-from test_model_loading import TOKENS, reference_model
-
-
-def adapted(path, quant="none", r=4, alpha=8.0, targets=lora.DEFAULT_TARGETS):
-    model = load_model(path, quant=quant, device=DEVICE, progress=False)
-    names = lora.inject_lora(model, list(targets), decoder_layer_class(model), r, alpha, 0.0, DEVICE)
-    return model.eval(), names
-
-
-def randomize_b(model):
-    """B starts at zero; give it values so that the adapter changes the output."""
-    with torch.no_grad():
-        for m in lora.lora_modules(model).values():
-            m.lora_B.weight.normal_(std=0.05)
+from model_loading import load_model
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])

@@ -6,25 +6,14 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, DEVICE, ROOT, SHAPE, tiny_config
+from conftest import (ARCHS, DEVICE, ROOT, SHAPE, TOKENS, common, make_adapter, reference_model, run_inprocess,
+                      tiny_config)
 from safetensors.torch import load_file
-from test_lora import adapted, randomize_b
-from test_model_loading import TOKENS, reference_model
 
 import lora
 import merge
-from model_loading import index_checkpoint, load_model, write_random_checkpoint
-
-
-def make_adapter(base, out, quant="nf4"):
-    """A trained-looking adapter for `base` (our LoRA, r=4, with random B), saved as train.py saves it."""
-    model, _ = adapted(base)
-    randomize_b(model)
-    state = {f"{n}.{ab}.weight": getattr(m, ab).weight for n, m in lora.lora_modules(model).items()
-             for ab in ("lora_A", "lora_B")}
-    lora.save_adapter(state, out, r=4, alpha=8.0, dropout=0.0, base_model=str(base))
-    (out / "train_config.json").write_text(json.dumps({"model": str(base), "quant": quant, "lora_rank": 4}))
-    return out
+from builtin import write_random_checkpoint
+from model_loading import index_checkpoint, load_model
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +198,28 @@ def test_existing_output_needs_overwrite(merged, tmp_path):
     assert not (out / "stale.txt").exists() and (out / "model.safetensors.index.json").is_file()
     with pytest.raises(merge.MergeError, match="is the base model or adapter folder"):
         merge.main(["--model", str(base), "--adapter", str(adapter), "--out", str(adapter), "--overwrite"])
+
+
+@pytest.mark.parametrize("quant", ["fp4", "none"])
+def test_checkpoint_folders_merge_and_sample_on_the_base_they_were_trained_on(checkpoints, tmp_path, quant):
+    """merge.py and generate.py, given a checkpoint-N of a --quant fp4 or none run, use that base, not nf4: the
+    merged weight is that base's W + B @ A * alpha/r, and the sampled model holds that base."""
+    import generate
+    import quantization
+
+    base = checkpoints("llama")
+    run_inprocess(common(base, tmp_path / "run", steps=1) + ["--quant", quant, "--save_every", "1",
+                                                                "--batch_size", "4"])
+    ckpt, name = tmp_path / "run" / "checkpoint-1", "model.layers.0.mlp.up_proj"
+    net, _ = generate.load(str(base), str(ckpt), None, DEVICE)
+    layer = net.get_submodule(name).base
+    assert layer.weight.quant_type == quant if quant != "none" else not quantization.is_4bit(layer)
+
+    merge.merge(str(base), ckpt, tmp_path / "merged", progress=False, verify=False)
+    factors = load_file(ckpt / "adapter_model.safetensors")
+    a, b = (factors[lora.peft_key(f"{name}.{ab}.weight")].to(DEVICE) for ab in lora.FACTORS)
+    trained = load_model(base, quant=quant, device=DEVICE, progress=False).get_submodule(name)
+    w = trained.weight if quant == "none" else quantization.dequantize(trained.weight, trained)
+    expected = (w.float() + b @ a * 2.0).bfloat16()  # alpha / r = 8 / 4
+    torch.testing.assert_close(merged_state(tmp_path / "merged")[f"{name}.weight"].to(DEVICE), expected,
+                               rtol=0, atol=0)

@@ -8,18 +8,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, DEVICE, ROOT
+from conftest import ARCHS, DEVICE, ROOT, TOKENS, reference_model, run_inprocess
 from safetensors.torch import load_file, save_file
 
-from model_loading import CheckpointError, build_tiny_checkpoint, load_model
-
-TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 250, 64, 11], [2, 9, 9, 120, 33, 4, 8, 15, 16, 23]], device=DEVICE)
-
-
-def reference_model(path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+from builtin import tiny_checkpoint
+from model_loading import CheckpointError, load_model
 
 
 def test_linear4bit_matches_dequantized_linear():
@@ -166,7 +159,6 @@ def refused_before_loading(monkeypatch, tmp_path, model_dir, *, tokenizes: bool)
     loaded: the refusal must come first."""
     import data
     import train
-    from test_training import run_inprocess
 
     monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
     if not tokenizes:
@@ -229,7 +221,7 @@ def test_offline_hub_download_says_so(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory):
     """file name -> bytes of the built-in model, built by one process alone."""
-    folder = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-cache"))
+    folder = tiny_checkpoint(tmp_path_factory.mktemp("tiny-cache"))
     return {f.name: f.read_bytes() for f in folder.iterdir()}
 
 
@@ -249,18 +241,18 @@ def test_incomplete_builtin_model_folder_is_rebuilt(tiny_reference, tmp_path, le
             "one shard missing": [n for n in tiny_reference if n != "model-00003-of-00006.safetensors"]}[left]
     for name in kept:
         (folder / name).write_bytes(tiny_reference[name])
-    assert build_tiny_checkpoint(tmp_path) == folder
+    assert tiny_checkpoint(tmp_path) == folder
     assert folder_files(folder) == tiny_reference
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["tiny-llama-v2"]
 
 
 BUILD_IN_PROCESS_GROUP = """
-import datetime, sys
+import datetime, pathlib, sys
 import torch.distributed as dist
-import model_loading
+import builtin
 rank, init, cache = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-print(model_loading.build_tiny_checkpoint(model_loading.Path(cache)))
+print(builtin.tiny_checkpoint(pathlib.Path(cache)))
 dist.destroy_process_group()
 """
 

@@ -2,49 +2,14 @@
 import functools
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import DEVICE, ROOT
+from conftest import DEVICE, adapted_4bit, common, losses, run_inprocess, run_torchrun
 
 import fsdp_wrap
-import lora
 import train
-from model_loading import CheckpointError, decoder_layer_class, load_model
-
-
-def run_inprocess(args: list[str]) -> list[dict]:
-    """`python train.py ARGS` in this process (a 1-rank process group), leaving the environment as it was."""
-    saved = dict(os.environ)
-    try:
-        return train.train(train.parse_config(args))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def run_torchrun(args: list[str], nproc: int, env: dict[str, str] | None = None) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *args]
-    inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**inherited, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out_dir = args[args.index("--output_dir") + 1]
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def common(path, out, steps=3):
-    return ["--model", str(path), "--output_dir", str(out), "--max_steps", str(steps), "--warmup_steps", "0",
-            "--lr", "1e-2", "--seq_len", "64", "--lora_rank", "4", "--lora_alpha", "8"]
-
-
-def losses(history):
-    return [h["loss"] for h in history]
+from model_loading import CheckpointError, load_model
 
 
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
@@ -229,19 +194,6 @@ def test_missing_model_fails_before_loading(tmp_path):
         run_inprocess(["--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")])
 
 
-def adapted_4bit(path, keep_on=None):
-    """A 4-bit model with LoRA (r=4) as train.py builds it, before wrapping, and its decoder-layer class. A comes from
-    the global seed, on the GPU if there is one; B from a fixed CPU generator, the same wherever the model lives, and
-    nonzero, so that A gets gradients too."""
-    model = load_model(path, "nf4", DEVICE, progress=False, keep_on=keep_on)
-    layer_cls = decoder_layer_class(model)
-    lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)
-    g = torch.Generator().manual_seed(1)
-    for m in lora.lora_modules(model).values():
-        m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
-    return model, layer_cls
-
-
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="staging in CPU memory only differs from loading there on a GPU")
 def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoints, process_group):
     """Quantized on the GPU, kept in CPU memory (LoRA on the GPU already), moved back unit by unit by FSDP: same
@@ -264,10 +216,10 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
     kernels round once instead of per op)."""
     backend, tol = ("inductor", 2e-2) if DEVICE.type == "cuda" else ("aot_eager", 0.0)
     ids = torch.randint(4, 400, (4, 48), device=DEVICE)  # more rows than features: LoRA merged into the weights
-    losses, grads = [], []
+    path, losses, grads = checkpoints(arch), [], []  # the path first: writing a checkpoint draws random numbers
     for compile in (None, backend):
         torch.manual_seed(0)  # the same A
-        model, layer_cls = adapted_4bit(checkpoints(arch))
+        model, layer_cls = adapted_4bit(path)
         model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, compile=compile)
         fused = [m for m in model.modules() if isinstance(getattr(m, "forward", None), functools.partial)]
         per_layer = 4 + 1 if arch == "qwen3" else 2 + 1  # the norms (Qwen3's q/k norms too) and the MLP
@@ -279,3 +231,24 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(losses[1], losses[0], rtol=tol, atol=0)
     assert (grads[1] - grads[0]).norm() <= tol * grads[0].norm()
+
+
+def test_compiling_one_model_leaves_transformers_and_other_models_as_they_were(checkpoints, process_group):
+    """compile_elementwise changes the instance it is given: transformers' modeling module keeps its own rotary
+    function, and a model built beside ours computes exactly what it computed before."""
+    import sys
+
+    from conftest import TOKENS, reference_model
+
+    other = reference_model(checkpoints("llama"))
+    modeling = sys.modules[type(other).__module__]
+    rotary = modeling.apply_rotary_pos_emb
+    with torch.no_grad():
+        before = other(TOKENS).logits
+    model, layer_cls = adapted_4bit(checkpoints("llama"))
+    fsdp_wrap.wrap_model(model, layer_cls, DEVICE, compile="aot_eager")
+    assert modeling.apply_rotary_pos_emb is rotary and "forward" not in vars(other.model.layers[0].self_attn)
+    attention = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
+    assert len(attention) == 2 and all("forward" in vars(m) for m in attention)  # ours got the compiled one
+    with torch.no_grad():
+        torch.testing.assert_close(other(TOKENS).logits, before, rtol=0, atol=0)

@@ -1,0 +1,149 @@
+"""The model's own math, computed leaner: the chunked loss and the compiled elementwise work of the decoder layers.
+
+Nothing here changes what is computed (each replacement is checked against the module it replaces); only how much
+memory and how many kernels it takes. Everything is applied to the model instance built for training: transformers'
+modules, and any other model in the process, are left as they are.
+"""
+import functools
+import inspect
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class CausalLMWithLoss(nn.Module):
+    """The model and its loss in one forward, so that FSDP's root unit spans lm_head and the loss.
+
+    The loss never materialises the logits of the whole batch: at batch 8 x 2048 tokens a 128k vocabulary means 4 GiB of
+    bf16 logits, 8 GiB more in fp32 for the softmax, and as much again for their gradient. Instead lm_head and the
+    fp32 cross-entropy run over chunks of tokens, each recomputed in backward (checkpointed), costing one extra lm_head
+    matmul. Called without labels it is the plain transformers model (logits), for sampling.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 4096, compile: str | None = None):
+        super().__init__()
+        self.model, self.chunk_tokens = model, chunk_tokens
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
+        # Compiled, the upcast, softmax and loss read each bf16 logit once, and backward writes its gradient once in
+        # bf16; eagerly, every step passes over a chunk's fp32 logits (2 GiB at 4,096 tokens and 128k words).
+        self.logits_loss = torch.compile(_logits_loss, backend=compile) if compile else _logits_loss
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, **kwargs):
+        if labels is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       use_cache=False).last_hidden_state
+        hidden, labels = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()  # token t predicts token t+1
+        if len(labels) == 0:  # rows of one token predict nothing; zero still reaches every LoRA weight in backward,
+            return hidden.sum() * 0.0  # whose FSDP hooks must fire on every rank for gradients to be reduced
+        weight = self.model.get_output_embeddings().weight
+        return sum(checkpoint(self._chunk_loss, hidden[i:i + self.chunk_tokens], weight,
+                              labels[i:i + self.chunk_tokens], use_reentrant=False)
+                   for i in range(0, len(labels), self.chunk_tokens))
+
+    def _chunk_loss(self, hidden, weight, labels):
+        return self.logits_loss(F.linear(hidden, weight), labels, self.softcap)
+
+
+def _logits_loss(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """The summed cross-entropy of bf16 logits, in fp32; labels of -100 (prompt, padding) are ignored."""
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+# The elementwise work between the matmuls, written as functions of tensors alone, for torch.compile to fuse. Each
+# replaces a transformers module only where it computes exactly what that module computes (compile_elementwise).
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool) -> torch.Tensor:
+    h = x.float()  # statistics in fp32, as transformers computes them
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if plus_one:  # Gemma: scale by (1 + w) in fp32, then round
+        return (h * (1.0 + weight.float())).to(x.dtype)
+    return weight * h.to(x.dtype)  # Llama, Mistral, Qwen: round, then scale by w
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def _fused_norm(norm: nn.Module, fn, eps: float, plus_one: bool, x: torch.Tensor) -> torch.Tensor:
+    return fn(x, norm.weight, eps, plus_one)  # norm.weight read at each call: FSDP swaps in a new view per forward
+
+
+def _fused_mlp(mlp: nn.Module, fn, x: torch.Tensor) -> torch.Tensor:
+    return mlp.down_proj(fn(mlp.gate_proj(x), mlp.up_proj(x)))  # transformers' gated MLP
+
+
+def _norm_variant(norm: nn.Module) -> tuple[float, bool] | None:
+    """(eps, plus_one) if _rms_norm computes exactly what `norm` does on a random input, else None."""
+    eps, weight = getattr(norm, "variance_epsilon", getattr(norm, "eps", None)), getattr(norm, "weight", None)
+    if not isinstance(eps, float) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    x = torch.randn(2, 3, weight.numel(), dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        want = norm(x)
+        return next(((eps, p) for p in (False, True) if torch.equal(_rms_norm(x, weight, eps, p), want)), None)
+
+
+def _activation_variant(act_fn: nn.Module):
+    """The fused gate function that computes exactly what act_fn(gate) * up does, or None."""
+    gate = torch.randn(64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        return next((fn for fn, act in ((_silu_mul, F.silu), (_gelu_tanh_mul, lambda t: F.gelu(t, approximate="tanh")))
+                     if torch.equal(act_fn(gate), act(gate))), None)
+
+
+def compile_elementwise(model: nn.Module, layer_cls: type[nn.Module], backend: str = "inductor") -> None:
+    """Fuse the memory-bound work between the matmuls of every decoder layer with torch.compile, in place.
+
+    Eagerly, each elementwise op reads and writes whole activations: transformers' RMSNorm makes six passes (upcast,
+    square, mean, scale, downcast, weight), and at 8 x 2048 tokens a gate_proj output is 450 MB. Compiled, each piece
+    below is one kernel (BENCHMARKS.md has the speed). The matmuls stay eager, so bitsandbytes' kernels and FSDP's
+    parameter views are never traced. The pieces:
+      - RMSNorms (Llama-style and Gemma-style, including Qwen3's q/k norms);
+      - gated MLPs (gate_proj, up_proj, down_proj, act_fn: Llama, Mistral, Qwen, Gemma): act_fn(gate) * up;
+      - the rotary embedding: the modeling module's apply_rotary_pos_emb, which each attention forward looks up in
+        its module's globals. Each attention module of this model gets its own copy of that forward, reading a
+        private copy of those globals with the compiled function in it (_with_global): the library is untouched.
+    The compiled functions take tensors only: compiling the modules themselves fused less on the GPU (the multiply
+    after the activation and most of the norm stayed eager). A norm or MLP is replaced only after it computed
+    exactly what the replacement computes on a random input; any other module stays as it is.
+    backend="aot_eager" traces the same graphs without generating kernels (the CPU tests).
+    """
+    norm_fn, fused = torch.compile(_rms_norm, backend=backend), {}
+    for layer in (m for m in model.modules() if isinstance(m, layer_cls)):
+        for module in layer.modules():
+            if "RMSNorm" in type(module).__name__ and (variant := _norm_variant(module)):
+                module.forward = functools.partial(_fused_norm, module, norm_fn, *variant)
+            elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                if (fn := _activation_variant(module.act_fn)) is not None:
+                    fused.setdefault(fn, torch.compile(fn, backend=backend))
+                    module.forward = functools.partial(_fused_mlp, module, fused[fn])
+            elif (rotary := _global_of(module, "apply_rotary_pos_emb")) is not None:
+                fused.setdefault(rotary, torch.compile(rotary, backend=backend))
+                _with_global(module, "apply_rotary_pos_emb", fused[rotary])
+
+
+def _global_of(module: nn.Module, name: str):
+    """The module-level function `name` that the forward of `module`'s class calls, if it calls one."""
+    forward = inspect.unwrap(type(module).forward)  # past transformers' decorators (deprecated-kwarg renames)
+    found = forward.__globals__.get(name) if name in forward.__code__.co_names else None
+    return found if callable(found) else None
+
+
+def _with_global(module: nn.Module, name: str, value) -> None:
+    """Make this instance's forward see `value` as the global `name`: the class's own forward code, bound to the
+    instance, with a copy of its module's globals. The modeling module and every other instance keep theirs."""
+    forward = inspect.unwrap(type(module).forward)
+    scope = {**forward.__globals__, name: value}
+    copy = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__, forward.__closure__)
+    copy.__kwdefaults__ = forward.__kwdefaults__
+    module.forward = types.MethodType(copy, module)
