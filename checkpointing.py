@@ -1,25 +1,17 @@
-"""Training checkpoints that survive preemption, crashes and full disks: save, find and load them atomically.
+"""Training checkpoints that survive preemption, crashes and full disks: save, find, check and load them.
 
 A checkpoint is a folder output_dir/checkpoint-N holding what step N+1 needs to run exactly as it would have
-without the interruption:
+without the interruption, written by run_folder.write_run_files (atomically, with a COMPLETE manifest):
     adapter_model.safetensors  the LoRA weights in PEFT's format, with adapter_config.json (PEFT loads the folder)
+    train_config.json          the run's whole config (what merge.py and generate.py read: base, quant, LoRA shape)
     optimizer.pt               AdamW's moments and step counts, full tensors keyed by each LoRA weight's path
     rng_state.pt               every rank's torch, CUDA and Python RNG states (LoRA dropout draws from them)
-    train_config.json          the run's whole config (what merge.py and generate.py read: base, quant, LoRA shape)
     trainer_state.json         step, data position, LR-scheduler state, world size, config, base-model and data
                                fingerprints
     COMPLETE                   written last: size and sha256 of every other file
-The final adapter in output_dir is the first three files, written by the same function (write_run_files).
-
-Atomic: rank 0 writes into checkpoint-N.tmp-*, fsyncs every file, writes COMPLETE, renames the folder to
-checkpoint-N and fsyncs output_dir. A crash or a full disk midway leaves a .tmp folder, which is never taken (and is
-removed at the next start), and the previous checkpoint untouched. On resume the sha256s are checked first: a
-damaged checkpoint gives way to the one before it. The final adapter goes into output_dir itself, which holds other
-files, so its files are renamed in one by one with adapter_config.json (what makes a folder an adapter) removed first
-and put back last: a kill midway leaves no adapter rather than weights of one run beside the config of another.
-
-One run at a time per output_dir: rank 0 holds an exclusive lock on output_dir/.lock for the whole run
-(lock_output_dir); the kernel drops it when the process dies, so a killed run never blocks the next.
+A crash or a full disk midway leaves a .tmp folder, which is never taken (and is removed at the next start), and the
+previous checkpoint untouched. On resume the sha256s are checked first: a damaged checkpoint gives way to the one
+before it. The final adapter goes into output_dir itself, through the same writer.
 
 The optimizer state is gathered, not sharded. LoRA's is small: AdamW keeps two fp32 tensors per LoRA weight, ~1.3 GB
 for Llama-3-8B with r=64 on every linear, against 16 GB of base weights, so one all-gather per LoRA unit (into rank
@@ -39,7 +31,6 @@ exits cleanly; a second signal exits at once.
 """
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -47,8 +38,6 @@ import random
 import re
 import shutil
 import signal
-import socket
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,16 +49,15 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from tqdm import tqdm
 
 import fsdp_wrap
-import lora
 import model_loading
-import quantization
+import run_folder
+from run_folder import COMPLETE, TRAIN_CONFIG
 
-COMPLETE = "COMPLETE"
-TRAIN_CONFIG = "train_config.json"
-LOCK = ".lock"
 NAME = re.compile(r"checkpoint-(\d+)")
 FINAL_FILES = ("adapter_model.safetensors", "adapter_config.json", TRAIN_CONFIG, "metrics.jsonl", "samples.jsonl")
-class ResumeError(ValueError):
+
+
+class ResumeError(run_folder.FolderError):
     """A checkpoint that cannot be continued, or an output_dir that would mix two runs; the message says which."""
 
 
@@ -137,7 +125,7 @@ def damage(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != want["size"]:
             return f"{name} has {file.stat().st_size} bytes, {want['size']} were written"
-        if _sha256(file) != want["sha256"]:
+        if run_folder.sha256(file) != want["sha256"]:
             return f"{name} is corrupt (its sha256 differs from the one recorded at save)"
     return None
 
@@ -183,27 +171,6 @@ def read_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
-def read_run_config(folder: Path) -> dict:
-    """The config of the run that wrote a run folder (output_dir or checkpoint-N): base, quant, LoRA shape. Checkpoints
-    written before train_config.json was saved in them carry it in trainer_state.json. {} for an adapter trained
-    elsewhere."""
-    folder = Path(folder)
-    if (folder / TRAIN_CONFIG).is_file():
-        return json.loads((folder / TRAIN_CONFIG).read_text())
-    if (folder / "trainer_state.json").is_file():
-        return read_state(folder).config
-    return {}
-
-
-def trained_quant(folder: Path) -> str:
-    """The base quantization an adapter was trained against; the default for an adapter from elsewhere."""
-    config = read_run_config(folder)
-    if "quant" not in config:
-        tqdm.write(f"{folder} does not say how its base was quantized (no {TRAIN_CONFIG}): assuming "
-                   f"{quantization.DEFAULT}")
-    return config.get("quant", quantization.DEFAULT)
-
-
 def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[str, dict]) -> None:
     """Refuse to continue a checkpoint with another base model, data, LoRA shape, optimizer, schedule or world size.
 
@@ -235,40 +202,6 @@ def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[s
         raise ResumeError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
-def lock_output_dir(out_dir: Path):
-    """Make output_dir, and take it for this run: rank 0 holds an exclusive lock on output_dir/.lock until the run
-    ends. A second run is refused at once, naming the holder; a killed holder's lock is gone with its process.
-
-    Returns the open lock file on rank 0 (close it to release) and None elsewhere; a collective.
-    """
-    handle, error = None, [None]
-    if dist.get_rank() == 0:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=out_dir):
-                pass
-            handle = open(out_dir / LOCK, "a+")
-        except OSError as e:
-            error[0] = PermissionError(f"--output_dir {out_dir} is not writable: {e.strerror or e}")
-        else:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                handle.truncate(0)  # "a+": every write appends, so this line becomes the whole file
-                handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
-                handle.flush()
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "a process that has not written its name yet"
-                handle.close()
-                handle = None
-                error[0] = ResumeError(f"{out_dir} is in use by another run ({holder}): wait for it to end, stop it, "
-                                       "or choose another --output_dir")
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise error[0]
-    return handle
-
-
 def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
     """Make sure output_dir holds no other run's work; clear leftovers of interrupted saves. Call it under the lock.
 
@@ -294,25 +227,6 @@ def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
     dist.barrier()  # nobody looks at the folder before it is clean
 
 
-def open_metrics(path: Path, resumed_step: int):
-    """metrics.jsonl to append to, holding the whole lines up to the resumed step, so a resumed run's file reads as one
-    run. A line torn by a kill or a full disk is not whole: it is dropped, as are the steps after the checkpoint.
-    The kept lines replace the file atomically: a kill here loses nothing."""
-    kept = []
-    if resumed_step and path.is_file():
-        for line in path.read_bytes().decode(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resumed_step:
-                kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return path.open("a")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Saving and loading
 
@@ -335,7 +249,7 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
     final = Path(out_dir) / f"checkpoint-{state.step}"
 
     def write() -> None:
-        write_run_files(final, adapter, state.config, {
+        run_folder.write_run_files(final, adapter, state.config, {
             "optimizer.pt": lambda path: torch.save(optim, path),
             "rng_state.pt": lambda path: torch.save(rngs, path),
             "trainer_state.json": lambda path: path.write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n"),
@@ -350,7 +264,7 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
 def save_final(out_dir: Path, model, config: dict) -> None:
     """The trained adapter and the run's config into output_dir itself, as a set; a collective."""
     adapter = fsdp_wrap.gather_lora_state(model)
-    _on_rank0(lambda: write_run_files(Path(out_dir), adapter, config), Path(out_dir),
+    _on_rank0(lambda: run_folder.write_run_files(Path(out_dir), adapter, config), Path(out_dir),
               "the checkpoints in it are intact; --resume auto saves again")
 
 
@@ -376,54 +290,6 @@ def _disk_full(error: Exception, path: Path) -> str | None:
             "unexpected pos" in str(error) and free < 2**28):
         return f"no space left on device: {free / 2**20:.1f} MiB free in {path.parent}; free some space"
     return None
-
-
-def write_run_files(final: Path, adapter: dict, config: dict, extra: dict[str, Callable[[Path], None]] | None = None):
-    """The one writer of a run folder: the adapter in PEFT's format, the run's config, and `extra` files (name ->
-    writer), each fsynced in a temporary sibling first, then put in place as a set (module docstring).
-
-    A checkpoint folder (extra given) is new: the temporary folder, with its COMPLETE manifest, is renamed to it.
-    output_dir holds other files, so there the files are renamed in, adapter_config.json last.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-" if extra is None else f"{final.name}.tmp-",
-                                dir=final.parent if extra is not None else final))
-    try:
-        lora.save_adapter(adapter, tmp, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
-                          config["model"])
-        (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        for name, writer in (extra or {}).items():
-            writer(tmp / name)
-        files = {}
-        for file in sorted(tmp.iterdir()):
-            _fsync(file)  # on disk before the marker that vouches for them
-            files[file.name] = {"size": file.stat().st_size, "sha256": _sha256(file)}
-        if extra is None:
-            _replace_files(tmp, final, order=sorted(files, key=lambda f: f == "adapter_config.json"))
-            return
-        (tmp / COMPLETE).write_text(json.dumps({"step": json.loads((tmp / "trainer_state.json").read_text())["step"],
-                                                "files": files}, indent=2) + "\n")
-        _fsync(tmp / COMPLETE)
-        _fsync(tmp)
-        if final.exists():  # saved before by a run that fell back past it: set it aside, then replace it
-            aside = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-            final.rename(aside)
-            tmp.rename(final)
-            shutil.rmtree(aside)
-        else:
-            tmp.rename(final)
-        _fsync(final.parent)  # the rename itself is durable only once the directory is synced
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed save leaves nothing
-
-
-def _replace_files(src: Path, dst: Path, order: list[str]) -> None:
-    """Rename src's files into dst in this order, after removing the last one's old copy from dst: a reader finds
-    the whole new set, or the set without its last file, never a mix whose last file belongs to another."""
-    (dst / order[-1]).unlink(missing_ok=True)
-    _fsync(dst)
-    for name in order:
-        os.replace(src / name, dst / name)
-    _fsync(dst)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:
@@ -457,22 +323,6 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # files and directories alike
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

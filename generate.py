@@ -19,11 +19,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import builtin
-import checkpointing
 import data
 import lora
 import model_loading
 import quantization
+import run_folder
 
 
 def render_prompt(prompt: str) -> str:
@@ -137,7 +137,7 @@ def load(model: str, adapter: str | None, quant: str | None, device: torch.devic
     if adapter:
         lora.read_adapter_config(Path(adapter))  # a missing adapter fails before the model loads
     if quant is None:  # as trained with an adapter; a merged or plain model in 16 bits
-        quant = checkpointing.trained_quant(Path(adapter)) if adapter else "none"
+        quant = run_folder.trained_quant(Path(adapter)) if adapter else "none"
     net = model_loading.load_model(model_dir, quant, device).eval()
     if adapter:
         lora.apply_adapter(net, Path(adapter))

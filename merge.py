@@ -39,10 +39,10 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 import builtin
-import checkpointing
 import lora
 import model_loading
 import quantization
+import run_folder
 from model_loading import TensorEntry
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,8 +70,8 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
         raise MergeError(f"--shard_size_mb must be positive, got {shard_size_mb}")
     base_dir, adapter_dir, out_dir = builtin.model_dir(model), Path(adapter), Path(out)
     adapter_config = lora.read_adapter_config(adapter_dir)
-    train_config = checkpointing.read_run_config(adapter_dir)  # the base as trained, and for the model card
-    quant = checkpointing.trained_quant(adapter_dir)
+    train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
+    quant = run_folder.trained_quant(adapter_dir)
     _check_out_dir(out_dir, overwrite, base_dir, adapter_dir)
 
     # Everything is checked from the headers before a byte is written: base against its config, adapter against base.

@@ -31,6 +31,7 @@ import generate
 import lora
 import model_loading
 import quantization
+import run_folder
 
 # The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern: at batch 8 on an
 # 8B model they reserved 8.6 GiB more than was ever allocated. Segments that grow in place keep reserved near allocated
@@ -322,7 +323,7 @@ class StepLog:
         self.cfg, self.total_steps, self.load_s, self.history = cfg, total_steps, load_s, []
         self.rank0 = dist.get_rank() == 0
         self.bar = tqdm(total=total_steps, initial=step, desc="training", disable=not self.rank0)
-        self.file = checkpointing.open_metrics(out_dir / "metrics.jsonl", step) if self.rank0 else None
+        self.file = run_folder.open_metrics(out_dir / "metrics.jsonl", step) if self.rank0 else None
 
     def record(self, m: dict) -> None:
         if not self.history:
@@ -422,7 +423,7 @@ def train(cfg: Config) -> list[dict]:
     try:
         out_dir = Path(cfg.output_dir)
         if not cfg.show:  # --show only reads
-            lock = checkpointing.lock_output_dir(out_dir)  # before anything in the folder is read or removed
+            lock = run_folder.lock_output_dir(out_dir)  # before anything in the folder is read or removed
             checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
         model_dir = builtin.model_dir(cfg.model)
         config = model_loading.read_config(model_dir)  # an architecture transformers lacks fails before tokenizing

@@ -17,6 +17,7 @@ from conftest import DEVICE, ROOT, losses, run_inprocess, run_torchrun
 from safetensors.torch import load_file
 
 import checkpointing
+import run_folder
 import train
 from checkpointing import ResumeError, damage, list_checkpoints, read_state
 
@@ -308,7 +309,7 @@ def test_second_run_in_one_output_dir_is_refused_and_a_killed_runs_lock_does_not
     proc = launch(small_run(out, 500, "--resume", "auto"), tmp_path / "log")
     wait_until(lambda: metrics(out), proc)
     rank0 = worker_pids(proc)[0]
-    with pytest.raises(ResumeError, match=rf"is in use by another run \(host {socket.gethostname()} pid {rank0}\)"):
+    with pytest.raises(run_folder.FolderError, match=rf"is in use by another run \(host {socket.gethostname()} pid {rank0}\)"):
         run_inprocess(small_run(out, 2, "--resume", "auto"))
     for pid in worker_pids(proc).values():
         os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,178 @@
+"""A run folder (output_dir, and each checkpoint-N in it): what it holds, its one writer, and who may write it.
+
+    adapter_model.safetensors, adapter_config.json   the LoRA weights in PEFT's format (PEFT loads the folder as is)
+    train_config.json                                the run's whole config: base, quant, LoRA shape, data, schedule
+    metrics.jsonl, samples.jsonl                     output_dir only: one JSON object per step, per sample
+    .lock                                            output_dir only: held by the run writing it
+
+write_run_files writes every folder, final or checkpoint, so the two never drift apart, and read_run_config reads
+back what an adapter was trained on (merge.py and generate.py take the base's quantization from it). Every file is
+fsynced in a temporary sibling before it is put in place: a checkpoint folder is renamed whole (with a COMPLETE
+manifest of sizes and sha256s, checked on resume); output_dir holds other files, so there the adapter's files are
+renamed in one by one with adapter_config.json (what makes a folder an adapter) removed first and put back last, and
+a kill midway leaves no adapter rather than weights of one run beside the config of another.
+
+One run at a time per output_dir: rank 0 holds an exclusive lock on output_dir/.lock for the whole run
+(lock_output_dir); the kernel drops it when the process dies, so a killed run never blocks the next.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+import lora
+import quantization
+
+COMPLETE = "COMPLETE"
+TRAIN_CONFIG = "train_config.json"
+LOCK = ".lock"
+
+
+class FolderError(ValueError):
+    """An output_dir that cannot be used for this run; the message says why and what to do."""
+
+
+def lock_output_dir(out_dir: Path):
+    """Make output_dir, and take it for this run: rank 0 holds an exclusive lock on output_dir/.lock until the run
+    ends. A second run is refused at once, naming the holder; a killed holder's lock is gone with its process.
+
+    Returns the open lock file on rank 0 (close it to release) and None elsewhere; a collective.
+    """
+    handle, error = None, [None]
+    if dist.get_rank() == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+            handle = open(out_dir / LOCK, "a+")
+        except OSError as e:
+            error[0] = PermissionError(f"--output_dir {out_dir} is not writable: {e.strerror or e}")
+        else:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                handle.truncate(0)  # "a+": every write appends, so this line becomes the whole file
+                handle.write(f"host {socket.gethostname()} pid {os.getpid()}\n")
+                handle.flush()
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "a process that has not written its name yet"
+                handle.close()
+                handle = None
+                error[0] = FolderError(f"{out_dir} is in use by another run ({holder}): wait for it to end, stop it, "
+                                       "or choose another --output_dir")
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+    return handle
+
+
+def write_run_files(final: Path, adapter: dict, config: dict, extra: dict[str, Callable[[Path], None]] | None = None):
+    """The one writer of a run folder: the adapter in PEFT's format, the run's config, and `extra` files (name ->
+    writer), each fsynced in a temporary sibling first, then put in place as a set (module docstring).
+
+    A checkpoint folder (extra given) is new: the temporary folder, with its COMPLETE manifest, is renamed to it.
+    output_dir holds other files, so there the files are renamed in, adapter_config.json last.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-" if extra is None else f"{final.name}.tmp-",
+                                dir=final.parent if extra is not None else final))
+    try:
+        lora.save_adapter(adapter, tmp, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
+                          config["model"])
+        (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for name, writer in (extra or {}).items():
+            writer(tmp / name)
+        files = {}
+        for file in sorted(tmp.iterdir()):
+            _fsync(file)  # on disk before the marker that vouches for them
+            files[file.name] = {"size": file.stat().st_size, "sha256": sha256(file)}
+        if extra is None:
+            _replace_files(tmp, final, order=sorted(files, key=lambda f: f == "adapter_config.json"))
+            return
+        (tmp / COMPLETE).write_text(json.dumps({"step": json.loads((tmp / "trainer_state.json").read_text())["step"],
+                                                "files": files}, indent=2) + "\n")
+        _fsync(tmp / COMPLETE)
+        _fsync(tmp)
+        if final.exists():  # saved before by a run that fell back past it: set it aside, then replace it
+            aside = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
+            final.rename(aside)
+            tmp.rename(final)
+            shutil.rmtree(aside)
+        else:
+            tmp.rename(final)
+        _fsync(final.parent)  # the rename itself is durable only once the directory is synced
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed save leaves nothing
+
+
+def _replace_files(src: Path, dst: Path, order: list[str]) -> None:
+    """Rename src's files into dst in this order, after removing the last one's old copy from dst: a reader finds
+    the whole new set, or the set without its last file, never a mix whose last file belongs to another."""
+    (dst / order[-1]).unlink(missing_ok=True)
+    _fsync(dst)
+    for name in order:
+        os.replace(src / name, dst / name)
+    _fsync(dst)
+
+
+def read_run_config(folder: Path) -> dict:
+    """The config of the run that wrote a run folder (output_dir or checkpoint-N): base, quant, LoRA shape. Checkpoints
+    written before train_config.json was saved in them carry it in trainer_state.json. {} for an adapter trained
+    elsewhere."""
+    folder = Path(folder)
+    if (folder / TRAIN_CONFIG).is_file():
+        return json.loads((folder / TRAIN_CONFIG).read_text())
+    if (folder / "trainer_state.json").is_file():
+        return json.loads((folder / "trainer_state.json").read_text())["config"]
+    return {}
+
+
+def trained_quant(folder: Path) -> str:
+    """The base quantization an adapter was trained against; the default for an adapter from elsewhere."""
+    config = read_run_config(folder)
+    if "quant" not in config:
+        tqdm.write(f"{folder} does not say how its base was quantized (no {TRAIN_CONFIG}): assuming "
+                   f"{quantization.DEFAULT}")
+    return config.get("quant", quantization.DEFAULT)
+
+
+def open_metrics(path: Path, resumed_step: int):
+    """metrics.jsonl to append to, holding the whole lines up to the resumed step, so a resumed run's file reads as one
+    run. A line torn by a kill or a full disk is not whole: it is dropped, as are the steps after the checkpoint.
+    The kept lines replace the file atomically: a kill here loses nothing."""
+    kept = []
+    if resumed_step and path.is_file():
+        for line in path.read_bytes().decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resumed_step:
+                kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return path.open("a")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # files and directories alike
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
