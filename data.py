@@ -274,7 +274,7 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The whole preparation, as train.py and `python data.py` run it
+# The whole preparation, as train.py runs it
 
 
 def prepare(cfg: DataConfig, tokenizer, local_rank: int = 0, log=print):

@@ -115,7 +115,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ["max_steps", "epochs", "warmup_steps", "weight_decay", "max_grad_norm", "save_every", "keep_last",
-                 "max_bad_steps"]:
+                 "max_bad_steps", "show"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps == 0 and cfg.epochs == 0:
@@ -214,7 +214,7 @@ def n_targets(batch: dict) -> torch.Tensor:
 
 
 def loss_sum(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed fp32 cross-entropy of every label token in the batch (fsdp_wrap.CausalLMWithLoss), and their count."""
+    """Summed fp32 cross-entropy of every label token in the batch (fused.CausalLMWithLoss), and their count."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in
               ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
     return model(**inputs), n_targets(batch)
