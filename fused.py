@@ -14,19 +14,28 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def head_transforms(config) -> tuple[float, float | None]:
+    """(scale, softcap): what a model does to lm_head's output before its loss. Cohere multiplies the logits by
+    logit_scale, Granite divides them by logits_scaling, Gemma 2 and 3 soft-cap them. check_loss refuses a model that
+    does something else."""
+    scale = (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
+    return scale, getattr(config, "final_logit_softcapping", None)
+
+
 class CausalLMWithLoss(nn.Module):
     """The model and its loss in one forward, so that FSDP's root unit spans lm_head and the loss.
 
     The loss never materialises the logits of the whole batch: at batch 8 x 2048 tokens a 128k vocabulary means 4 GiB of
-    bf16 logits, 8 GiB more in fp32 for the softmax, and as much again for their gradient. Instead lm_head and the
-    fp32 cross-entropy run over chunks of tokens, each recomputed in backward (checkpointed), costing one extra lm_head
-    matmul. Called without labels it is the plain transformers model (logits), for sampling.
+    bf16 logits, 8 GiB more in fp32 for the softmax, and as much again for their gradient. Instead lm_head, the model's
+    own logit transforms (head_transforms) and the fp32 cross-entropy run over chunks of tokens, each recomputed in
+    backward (checkpointed), costing one extra lm_head matmul. Called without labels it is the plain transformers
+    model (logits), for sampling and for check_loss.
     """
 
     def __init__(self, model: nn.Module, chunk_tokens: int = 4096, compile: str | None = None):
         super().__init__()
         self.model, self.chunk_tokens = model, chunk_tokens
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
+        self.scale, self.softcap = head_transforms(model.config)
         # Compiled, the upcast, softmax and loss read each bf16 logit once, and backward writes its gradient once in
         # bf16; eagerly, every step passes over a chunk's fp32 logits (2 GiB at 4,096 tokens and 128k words).
         self.logits_loss = torch.compile(_logits_loss, backend=compile) if compile else _logits_loss
@@ -45,15 +54,38 @@ class CausalLMWithLoss(nn.Module):
                    for i in range(0, len(labels), self.chunk_tokens))
 
     def _chunk_loss(self, hidden, weight, labels):
-        return self.logits_loss(F.linear(hidden, weight), labels, self.softcap)
+        return self.logits_loss(F.linear(hidden, weight), labels, self.scale, self.softcap)
 
 
-def _logits_loss(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _logits_loss(logits: torch.Tensor, labels: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
     """The summed cross-entropy of bf16 logits, in fp32; labels of -100 (prompt, padding) are ignored."""
     logits = logits.float()
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, labels, reduction="sum")
+
+
+@torch.no_grad()
+def check_loss(model: nn.Module, batch: dict[str, torch.Tensor], model_type: str, rtol: float = 2e-2) -> None:
+    """The chunked loss equals the cross-entropy of the model's own logits (its own head, whatever it scales or caps)
+    on `batch`, within bf16 rounding; else an error naming the model type and both numbers, before the first step.
+    A model that transforms its logits in a way head_transforms does not know can then never train on another
+    objective than its own. `model` is the CausalLMWithLoss (FSDP-wrapped or not): a collective under FSDP."""
+    was_training = model.training
+    model.eval()  # no dropout: both sides see the same weights
+    # Eager: the compiled functions would first be traced for this short row, then again, with dynamic shapes, for
+    # the training rows. (The compiled kernels' own numbers are a test's business, tests/test_training.py.)
+    with torch.compiler.set_stance("force_eager"):
+        ours = model(**batch).float()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    own = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum")
+    model.train(was_training)
+    if not torch.isclose(ours, own, rtol=rtol, atol=1e-3 * batch["labels"].numel()):
+        raise ValueError(f"{model_type}: the chunked loss ({ours.item():.4f}) is not the model's own loss "
+                         f"({own.item():.4f}) on the first rows: its head transforms the logits in a way "
+                         "fused.head_transforms does not reproduce; add it there before training this architecture")
 
 
 # The elementwise work between the matmuls, written as functions of tensors alone, for torch.compile to fuse. Each

@@ -27,6 +27,7 @@ import builtin
 import checkpointing
 import data
 import fsdp_wrap
+import fused
 import generate
 import lora
 import model_loading
@@ -213,11 +214,15 @@ def n_targets(batch: dict) -> torch.Tensor:
     return (batch["labels"][:, 1:] != data.IGNORE).sum()
 
 
+def model_inputs(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a collated batch that the model takes, on `device`."""
+    return {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "position_ids", "labels")
+            if k in batch}
+
+
 def loss_sum(model, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed fp32 cross-entropy of every label token in the batch (fused.CausalLMWithLoss), and their count."""
-    inputs = {k: batch[k].to(device, non_blocking=True) for k in
-              ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
-    return model(**inputs), n_targets(batch)
+    return model(**model_inputs(batch, device)), n_targets(batch)
 
 
 def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device: torch.device) -> dict:
@@ -282,6 +287,7 @@ class Batches:
     steps_per_epoch: int
     rows: int
     fingerprint: str  # data.fingerprint of the training rows, kept in checkpoints
+    probe: dict  # the start of the first row, every token a target: what fused.check_loss compares on
 
 
 def prepare_batches(cfg: Config, tokenizer, vocab: int, device: torch.device) -> Batches:
@@ -302,7 +308,9 @@ def prepare_batches(cfg: Config, tokenizer, vocab: int, device: torch.device) ->
         raise ValueError(f"{len(train_ds)} rows cannot fill one step of {cfg.batch_size * cfg.grad_accum * world} "
                          f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} ranks): lower them or "
                          "add data")
-    return Batches(loader, evals, len(loader) // cfg.grad_accum, len(train_ds), data.fingerprint(train_ds))
+    first = {k: v[:256] for k, v in train_ds[0].items()}  # short: the check's own logits are materialised whole
+    probe = data.collate([{**first, "labels": first["input_ids"]}], tokenizer.pad_token_id, block_mask)
+    return Batches(loader, evals, len(loader) // cfg.grad_accum, len(train_ds), data.fingerprint(train_ds), probe)
 
 
 def find_resume(cfg: Config, out_dir: Path, run: dict) -> tuple[Path | None, checkpointing.TrainerState | None]:
@@ -443,6 +451,7 @@ def train(cfg: Config) -> list[dict]:
         model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
         load_s = time.perf_counter() - t0
         print0(f"model loaded, adapted and sharded in {load_s:.1f}s")
+        fused.check_loss(model, model_inputs(batches.probe, device), config.model_type)  # the model's own objective
         # fused: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay, fused=device.type == "cuda")

@@ -234,6 +234,37 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
     assert (grads[1] - grads[0]).norm() <= tol * grads[0].norm()
 
 
+@pytest.mark.parametrize("arch", ["cohere", "granite", "gemma2"])
+def test_training_loss_is_the_models_own_loss(checkpoints, arch):
+    """On models that scale their logits (Cohere, Granite) or cap them (Gemma 2), the chunked training loss is
+    transformers' own forward(labels=...) loss on the same weights (16-bit base, LoRA B = 0), summed over targets."""
+    from conftest import reference_model
+
+    import fused
+
+    path = checkpoints(arch)
+    ids = torch.randint(4, 400, (2, 24), device=DEVICE)
+    with torch.no_grad():
+        own = reference_model(path)(input_ids=ids, labels=ids).loss.float() * ids[:, 1:].numel()
+        model = fused.CausalLMWithLoss(load_model(path, "none", DEVICE, progress=False).eval())
+        ours = model(input_ids=ids, labels=ids)
+        model.scale, model.softcap = 1.0, None
+        plain = model(input_ids=ids, labels=ids)  # lm_head alone, as the loss computed it before
+    assert abs(plain - own) > 0.01 * own  # the transform matters here, so the comparison below means something
+    torch.testing.assert_close(ours, own, rtol=2e-3, atol=0)  # Gemma 2 caps in bf16, we in fp32
+
+
+def test_a_head_we_do_not_reproduce_is_refused_before_the_first_step(checkpoints, tmp_path, monkeypatch):
+    """Were Cohere's logit scale unknown to the chunked loss, the startup check would refuse to train, naming the
+    model type and both losses, before any step."""
+    import fused
+
+    monkeypatch.setattr(fused, "head_transforms", lambda config: (1.0, None))
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match=r"cohere: the chunked loss \([\d.]+\) is not the model's own loss"):
+        run_inprocess(common(checkpoints("cohere"), tmp_path / "out", steps=1))
+
+
 def test_compiling_one_model_leaves_transformers_and_other_models_as_they_were(checkpoints, process_group):
     """compile_elementwise changes the instance it is given: transformers' modeling module keeps its own rotary
     function, and a model built beside ours computes exactly what it computed before."""
