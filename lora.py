@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,13 +142,19 @@ def matching_modules(model: nn.Module, targets: list[str], within: type[nn.Modul
     lm_head and the embeddings are outside the decoder layers, so they are never adapted.
     """
     targets = parse_targets(targets)
+    return {name: module for name, module in _layer_linears(model, within).items()
+            if any(_matches(t, name) for t in targets)}
+
+
+def _layer_linears(model: nn.Module, within: type[nn.Module]) -> dict[str, nn.Module]:
+    """Every linear layer inside the decoder layers, by its path."""
     inside = {id(m) for layer in model.modules() if isinstance(layer, within) for m in layer.modules()}
-    found = {}
-    for name, module in model.named_modules():
-        if id(module) in inside and hasattr(module, "in_features") and not isinstance(module, LoRALinear):
-            if any(name.split(".")[-1] == t or re.fullmatch(t, name) for t in targets):
-                found[name] = module
-    return found
+    return {name: module for name, module in model.named_modules()
+            if id(module) in inside and hasattr(module, "in_features") and not isinstance(module, LoRALinear)}
+
+
+def _matches(target: str, name: str) -> bool:
+    return name.split(".")[-1] == target or re.fullmatch(target, name) is not None
 
 
 def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r: int, alpha: float,
@@ -155,12 +162,19 @@ def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r
     """Replace each matching linear with a LoRALinear around it, its weights on `device`; returns the adapted names.
 
     A's random init is drawn on `device`, from torch's global generator for that device: seed it identically on every
-    rank (FSDP does not broadcast).
+    rank (FSDP does not broadcast). A target that matches nothing in some decoder layer is warned about.
     """
+    targets, linears = parse_targets(targets), _layer_linears(model, within)
     found = matching_modules(model, targets, within)
+    kinds = sorted({n.split(".")[-1] for n in linears})  # what the decoder layers have; lm_head is not among them
     if not found:
-        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "in_features")})
-        raise ValueError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {linears}")
+        raise ValueError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {kinds}")
+    layers = [name for name, m in model.named_modules() if isinstance(m, within)]
+    for target in targets:
+        missed = [layer for layer in layers if not any(_matches(target, n) for n in found if n.startswith(layer + "."))]
+        if missed:
+            warnings.warn(f"--lora_targets {target!r} matches nothing in {len(missed)} of {len(layers)} decoder layers "
+                          f"(first: {missed[0]}); their linears are {kinds}")
     for name, base in found.items():
         model.set_submodule(name, LoRALinear(base, r, alpha, dropout, device))
     return list(found)

@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 train.py --save_every 100 --resume auto  # continue where a killed run stopped
 """
 import argparse
+import collections
 import dataclasses
 import functools
 import json
@@ -189,7 +190,9 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
         lora.load_adapter(model, adapter_dir)
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"LoRA r={cfg.lora_rank} on {len(names)} layers: {n_lora / 1e6:.2f}M trainable parameters")
+    kinds = collections.Counter(name.split(".")[-1] for name in names)
+    print0(f"LoRA r={cfg.lora_rank} on {len(names)} linears ({', '.join(f'{k} x{n}' for k, n in kinds.items())}): "
+           f"{n_lora / 1e6:.2f}M trainable parameters")
     compile = "inductor" if cfg.compile and device.type == "cuda" else None  # CPU (tests, gloo): eager
     return fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing,
                                 compile)

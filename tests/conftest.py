@@ -30,10 +30,11 @@ def tiny_config(arch: str):
     import transformers
 
     cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-           "gemma": "GemmaConfig", "cohere": "CohereConfig", "granite": "GraniteConfig", "gemma2": "Gemma2Config"}[arch]
+           "gemma": "GemmaConfig", "cohere": "CohereConfig", "granite": "GraniteConfig", "gemma2": "Gemma2Config",
+           "phi3": "Phi3Config"}[arch]
     # Logits large enough for their transforms to matter: Granite divides them by 4, Cohere (logit_scale 1/16 by
     # default) multiplies, Gemma 2 caps them at 30.
-    extra = {"granite": dict(logits_scaling=4.0)}.get(arch, {}) | (
+    extra = {"granite": dict(logits_scaling=4.0), "phi3": dict(pad_token_id=0)}.get(arch, {}) | (
         dict(initializer_range=0.2) if arch in ("cohere", "granite", "gemma2") else {})
     return getattr(transformers, cls)(**SHAPE, **extra)
 

@@ -21,12 +21,24 @@ def test_lora_at_init_equals_base(checkpoints, quant):
 
 
 def test_targets_select_modules_and_never_lm_head(checkpoints):
-    model, names = adapted(checkpoints("llama"), targets=["q_proj", r".*mlp\.down_proj", "lm_head"])
+    """Targets select decoder-layer linears by name or regex; lm_head is none of them, so it is warned about as a
+    target that matches nothing, and it is not listed among the linears that exist."""
+    with pytest.warns(UserWarning, match=r"'lm_head' matches nothing in 2 of 2 decoder layers .*'down_proj'"):
+        model, names = adapted(checkpoints("llama"), targets=["q_proj", r".*mlp\.down_proj", "lm_head"])
     assert sorted(n.split(".", 3)[-1] for n in names) == ["mlp.down_proj", "mlp.down_proj", "self_attn.q_proj",
                                                           "self_attn.q_proj"]
     assert type(model.lm_head) is torch.nn.Linear
-    with pytest.raises(ValueError, match="match no linear layer"):
+    with pytest.raises(ValueError, match="match no linear layer") as refused:
         adapted(checkpoints("llama"), targets=["query_key_value"])
+    assert "'q_proj'" in str(refused.value) and "lm_head" not in str(refused.value)
+
+
+def test_default_targets_that_a_model_fuses_are_warned_about(checkpoints):
+    """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: the default targets then adapt only o_proj and
+    down_proj, and each missing target is warned about, naming the linears the layers do have."""
+    with pytest.warns(UserWarning, match=r"'q_proj' matches nothing in 2 of 2 decoder layers .*'qkv_proj'"):
+        _, names = adapted(checkpoints("phi3"))
+    assert sorted({n.split(".")[-1] for n in names}) == ["down_proj", "o_proj"]
 
 
 def test_invalid_target_regex_names_the_pattern():
