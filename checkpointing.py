@@ -1,7 +1,7 @@
 """Training checkpoints that survive preemption, crashes and full disks: save, find, check and load them.
 
 A checkpoint is a folder output_dir/checkpoint-N holding what step N+1 needs to run exactly as it would have
-without the interruption, written by run_folder.write_run_files (atomically, with a COMPLETE manifest):
+without the interruption, written by run_folder.write_checkpoint (atomically, with a COMPLETE manifest):
     adapter_model.safetensors  the LoRA weights in PEFT's format, with adapter_config.json (PEFT loads the folder)
     train_config.json          the run's whole config (what merge.py and generate.py read: base, quant, LoRA shape)
     optimizer.pt               AdamW's moments and step counts, full tensors keyed by each LoRA weight's path
@@ -249,7 +249,7 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
     final = Path(out_dir) / f"checkpoint-{state.step}"
 
     def write() -> None:
-        run_folder.write_run_files(final, adapter, state.config, {
+        run_folder.write_checkpoint(final, state.step, adapter, state.config, {
             "optimizer.pt": lambda path: torch.save(optim, path),
             "rng_state.pt": lambda path: torch.save(rngs, path),
             "trainer_state.json": lambda path: path.write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n"),
@@ -264,7 +264,7 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
 def save_final(out_dir: Path, model, config: dict) -> None:
     """The trained adapter and the run's config into output_dir itself, as a set; a collective."""
     adapter = fsdp_wrap.gather_lora_state(model)
-    _on_rank0(lambda: run_folder.write_run_files(Path(out_dir), adapter, config), Path(out_dir),
+    _on_rank0(lambda: run_folder.write_final(Path(out_dir), adapter, config), Path(out_dir),
               "the checkpoints in it are intact; --resume auto saves again")
 
 

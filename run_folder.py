@@ -5,7 +5,8 @@
     metrics.jsonl, samples.jsonl                     output_dir only: one JSON object per step, per sample
     .lock                                            output_dir only: held by the run writing it
 
-write_run_files writes every folder, final or checkpoint, so the two never drift apart, and read_run_config reads
+_write_set writes the files of every folder, final (write_final) or checkpoint (write_checkpoint), so the two
+never drift apart, and read_run_config reads
 back what an adapter was trained on (merge.py and generate.py take the base's quantization from it). Every file is
 fsynced in a temporary sibling before it is put in place: a checkpoint folder is renamed whole (with a COMPLETE
 manifest of sizes and sha256s, checked on resume); output_dir holds other files, so there the adapter's files are
@@ -74,30 +75,26 @@ def lock_output_dir(out_dir: Path):
     return handle
 
 
-def write_run_files(final: Path, adapter: dict, config: dict, extra: dict[str, Callable[[Path], None]] | None = None):
-    """The one writer of a run folder: the adapter in PEFT's format, the run's config, and `extra` files (name ->
-    writer), each fsynced in a temporary sibling first, then put in place as a set (module docstring).
-
-    A checkpoint folder (extra given) is new: the temporary folder, with its COMPLETE manifest, is renamed to it.
-    output_dir holds other files, so there the files are renamed in, adapter_config.json last.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-" if extra is None else f"{final.name}.tmp-",
-                                dir=final.parent if extra is not None else final))
+def write_final(out_dir: Path, adapter: dict, config: dict) -> None:
+    """The trained adapter and the run's config into output_dir, as a set: written in a temporary folder inside it,
+    then renamed in with adapter_config.json last (module docstring)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir))
     try:
-        lora.save_adapter(adapter, tmp, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
-                          config["model"])
-        (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        for name, writer in (extra or {}).items():
-            writer(tmp / name)
-        files = {}
-        for file in sorted(tmp.iterdir()):
-            _fsync(file)  # on disk before the marker that vouches for them
-            files[file.name] = {"size": file.stat().st_size, "sha256": sha256(file)}
-        if extra is None:
-            _replace_files(tmp, final, order=sorted(files, key=lambda f: f == "adapter_config.json"))
-            return
-        (tmp / COMPLETE).write_text(json.dumps({"step": json.loads((tmp / "trainer_state.json").read_text())["step"],
-                                                "files": files}, indent=2) + "\n")
+        names = _write_set(tmp, adapter, config, {})
+        _replace_files(tmp, out_dir, order=sorted(names, key=lambda f: f == "adapter_config.json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # empty after the renames; a failed save leaves nothing
+
+
+def write_checkpoint(final: Path, step: int, adapter: dict, config: dict,
+                     extra: dict[str, Callable[[Path], None]]) -> None:
+    """A checkpoint-N folder: the adapter, the config and `extra` files (name -> writer), with a COMPLETE manifest
+    of each file's size and sha256, written in a temporary sibling and renamed to `final` whole."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+    try:
+        names = _write_set(tmp, adapter, config, extra)
+        files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)} for name in names}
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
         _fsync(tmp / COMPLETE)
         _fsync(tmp)
         if final.exists():  # saved before by a run that fell back past it: set it aside, then replace it
@@ -110,6 +107,20 @@ def write_run_files(final: Path, adapter: dict, config: dict, extra: dict[str, C
         _fsync(final.parent)  # the rename itself is durable only once the directory is synced
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed save leaves nothing
+
+
+def _write_set(tmp: Path, adapter: dict, config: dict, extra: dict[str, Callable[[Path], None]]) -> list[str]:
+    """The one writer of a run folder's files, final or checkpoint: the adapter in PEFT's format, the run's config,
+    then `extra`; each fsynced, so that nothing is renamed into place before it is on disk. Returns the names."""
+    lora.save_adapter(adapter, tmp, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
+                      config["model"])
+    (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    for name, writer in extra.items():
+        writer(tmp / name)
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in names:
+        _fsync(tmp / name)
+    return names
 
 
 def _replace_files(src: Path, dst: Path, order: list[str]) -> None:
