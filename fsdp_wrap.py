@@ -1,9 +1,10 @@
 """Shard the model with FSDP1 and checkpoint its decoder layers: the one place that knows about either.
 
-Order matters and is fixed (wrap_model): compile the elementwise work of the decoder layers (CUDA; fused.py), group
-each layer's LoRA weights, add the chunked loss (fused.py), wrap (per decoder layer two FSDP units, one for its frozen
+Order matters and is fixed (wrap_model): compile the elementwise work of the decoder layers (CUDA; fused.py), tile
+their MLPs if asked (fused.py), group each layer's LoRA weights, add the chunked loss (fused.py), wrap (per decoder layer two FSDP units, one for its frozen
 weights and one around it for its LoRA weights; the root spans the embeddings, lm_head and the loss), then put
-activation checkpointing inside each decoder-layer unit, as torchtitan and the FSDP-QLoRA recipe do.
+activation checkpointing inside each decoder-layer unit, as torchtitan and the FSDP-QLoRA recipe do, its saved layer
+inputs in host memory if asked (offload.py).
 """
 import functools
 import re
@@ -21,6 +22,7 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 from transformers import PreTrainedModel
 
 import fused
+import offload
 import quantization
 from lora import LoRALinear, factor_weights
 
@@ -99,10 +101,15 @@ def group_adapters(model: nn.Module, layer_cls: type[nn.Module]) -> None:
 
 
 def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.device, sharding: str = "full_shard",
-               cpu_offload: bool = False, grad_checkpointing: str = "non_reentrant", compile: str | None = None) -> FSDP:
-    """compile: None, or the torch.compile backend for compile_elementwise and the loss ("inductor" on GPUs)."""
+               cpu_offload: bool = False, grad_checkpointing: str = "non_reentrant", compile: str | None = None,
+               offload_activations: bool = False, tiled_mlp: int = 0) -> FSDP:
+    """compile: None, or the torch.compile backend for compile_elementwise and the loss ("inductor" on GPUs).
+    offload_activations: checkpointed layer inputs in host memory (needs non-reentrant checkpointing).
+    tiled_mlp: tokens per MLP tile (fused.tile_mlps); 0 leaves the MLPs whole."""
     if compile:
         fused.compile_elementwise(model, layer_cls, compile)
+    if tiled_mlp:
+        fused.tile_mlps(model, layer_cls, tiled_mlp)
     if grad_checkpointing == "reentrant":
         # Reentrant checkpointing only backpropagates into a segment whose inputs require grad; the frozen embedding's
         # output does not, so the LoRA weights of the first layer would silently get no gradient without this hook.
@@ -131,7 +138,9 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
     if CHECKPOINTING[grad_checkpointing] is not None:
         # Recompute each decoder layer in backward instead of storing its activations: memory O(layers) -> O(1).
         # Non-reentrant needs no input that requires grad (all embeddings here are frozen) and supports kwargs.
-        wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CHECKPOINTING[grad_checkpointing])
+        offloaded = offload.ActivationOffload(device).checkpoint if offload_activations else None
+        wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CHECKPOINTING[grad_checkpointing],
+                                    checkpoint_fn=offloaded)
         apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, layer_cls))
     return model
 

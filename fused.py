@@ -1,4 +1,5 @@
-"""The model's own math, computed leaner: the chunked loss and the compiled elementwise work of the decoder layers.
+"""The model's own math, computed leaner: the chunked loss, the compiled elementwise work of the decoder layers, and
+the tiled MLP.
 
 Nothing here changes what is computed (each replacement is checked against the module it replaces); only how much
 memory and how many kernels it takes. Everything is applied to the model instance built for training: transformers'
@@ -179,3 +180,30 @@ def _with_global(module: nn.Module, name: str, value) -> None:
     copy = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__, forward.__closure__)
     copy.__kwdefaults__ = forward.__kwdefaults__
     module.forward = types.MethodType(copy, module)
+
+
+def tile_mlps(model: nn.Module, layer_cls: type[nn.Module], tile_tokens: int) -> None:
+    """Run the MLP of every decoder layer over tiles of at most `tile_tokens` tokens, each checkpointed, in place.
+
+    An MLP works on each token alone, so tiling it changes nothing it computes. What it changes is memory at long
+    sequences: an 8B model's MLP makes several (tokens x 14,336) tensors, 3.5 GiB each at 131,072 tokens, and inside
+    a checkpointed layer's backward they all exist at once. Tiled, only one tile's exist: each tile keeps its input
+    and output, and recomputes the rest in its own backward. The price is one more MLP forward per step (for Llama-
+    shaped layers a fifth more matmul work), so it is for sequences long enough to need it.
+    """
+    for layer in (m for m in model.modules() if isinstance(m, layer_cls)):
+        mlp = getattr(layer, "mlp", None)
+        if not isinstance(mlp, nn.Module):
+            raise ValueError(f"--tiled_mlp: {type(layer).__name__} has no `mlp` module to tile; leave --tiled_mlp at 0")
+        mlp.forward = functools.partial(_tiled, mlp.forward, tile_tokens)  # whatever forward it has (compiled or not)
+
+
+def _tiled(forward, tile_tokens: int, x: torch.Tensor) -> torch.Tensor:
+    tokens = x.flatten(0, -2)  # (batch x seq, hidden): tiles may cross rows, the MLP does not see rows
+    if len(tokens) <= tile_tokens:
+        return forward(x)
+    tiles = [checkpoint(forward, tile, use_reentrant=False) for tile in tokens.split(tile_tokens)]
+    if not isinstance(tiles[0], torch.Tensor):
+        raise ValueError(f"--tiled_mlp: this model's MLP returns {type(tiles[0]).__name__}, not a tensor of hidden "
+                         "states; leave --tiled_mlp at 0")
+    return torch.cat(tiles).view(*x.shape[:-1], tiles[0].shape[-1])

@@ -79,6 +79,8 @@ class Config(data.DataConfig):
     sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
     cpu_offload: bool = field(default=False, metadata={"help": "keep parameter shards in CPU memory (GPU only)", "may_change": SAME_MATH})
     grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": list(fsdp_wrap.CHECKPOINTING), "help": "activation checkpointing of decoder layers", "may_change": SAME_MATH})
+    offload_activations: bool = field(default=False, metadata={"help": "keep each checkpointed decoder layer's input in pinned CPU memory between forward and backward, copied on side streams (long sequences; 70B)", "may_change": SAME_MATH})
+    tiled_mlp: int = field(default=0, metadata={"help": "run each decoder layer's MLP over tiles of this many tokens, each recomputed in backward, so that no (tokens x intermediate size) tensor of the whole batch exists (long sequences, e.g. 8192); 0: untiled", "may_change": SAME_MATH})
     compile: bool = field(default=True, metadata={"help": "torch.compile the norms, rotary embedding and MLP activation of each decoder layer, and the loss (GPU only)", "may_change": SAME_MATH})
     # bookkeeping
     log_every: int = field(default=1, metadata={"help": "steps between progress-line updates", "may_change": BOOKKEEPING})
@@ -117,7 +119,7 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ["max_steps", "epochs", "warmup_steps", "weight_decay", "max_grad_norm", "save_every", "keep_last",
-                 "max_bad_steps", "show"]:
+                 "max_bad_steps", "show", "tiled_mlp"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps == 0 and cfg.epochs == 0:
@@ -130,6 +132,9 @@ def validate(cfg: Config) -> None:
         raise ValueError("--packing already fills rows; --group_by_length applies to padded batches only")
     if not 0 <= cfg.lora_dropout < 1:
         raise ValueError(f"--lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.offload_activations and cfg.grad_checkpointing != "non_reentrant":
+        raise ValueError("--offload_activations moves the inputs that checkpointed layers keep; it needs "
+                         f"--grad_checkpointing non_reentrant (got {cfg.grad_checkpointing})")
     if cfg.cpu_offload and not torch.cuda.is_available():
         raise ValueError("--cpu_offload moves GPU shards to CPU memory; there is no GPU here")
     if not lora.parse_targets(cfg.lora_targets):  # which also refuses a pattern that does not compile
@@ -195,7 +200,7 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
            f"{n_lora / 1e6:.2f}M trainable parameters")
     compile = "inductor" if cfg.compile and device.type == "cuda" else None  # CPU (tests, gloo): eager
     return fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing,
-                                compile)
+                                compile, cfg.offload_activations, cfg.tiled_mlp)
 
 
 def lr_lambda(cfg: Config, total_steps: int):

@@ -131,6 +131,8 @@ def test_packed_training_learns(tmp_path):
     (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),  # NaN passed every check: no clipping
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--lora_alpha", "nan"], "--lora_alpha must be a finite number"),
+    (["--offload_activations", "--grad_checkpointing", "reentrant"], "needs --grad_checkpointing non_reentrant"),
+    (["--tiled_mlp=-1"], "--tiled_mlp must be >= 0"),
     (["--lora_targets", "q_proj,*_proj"], r"'\*_proj' is not a valid regular expression \(nothing to repeat"),
 ])
 def test_impossible_config_is_refused(flags, message):
