@@ -2,6 +2,8 @@
 
     python benchmark.py                                    # Llama-3-8B shape, seq 2048, batch 1 and 8
     python benchmark.py --shape llama3-70b --layers 8 --batch_sizes 1 --max_memory_gib 24
+    python benchmark.py --seq_lens 16384,32768 --batch_sizes 1 --max_memory_gib 24 --steps 5 --warmup 2 \
+        --extra "--offload_activations --tiled_mlp 8192" --extra ""   # long context: two variants of ours
 
 Runs on a synthetic checkpoint with random weights in a real model's shape, written once and streamed through the
 same loader as a real checkpoint. For each batch size it times
@@ -10,9 +12,12 @@ same loader as a real checkpoint. For each batch size it times
                 the same r, alpha and targets, dropout 0.1, non-reentrant checkpointing, AdamW
     tuned       the same with dropout 0 and the adapters cast to bf16
 on the same tokens, each in a fresh process of its own, one after the other; checks that the first-step losses agree
-(same weights, same tokens, B = 0), and prints a table:
-median tokens/s of the steps after the third, MFU = 6 x (linear-layer parameters) x tokens/s / (bf16 matmul peak
-measured here), peak allocated and reserved memory, and load time from safetensors to ready.
+(same weights, same tokens, B = 0), and prints a table: median tokens/s of the steps after the warmup ones; MFU = 6 x
+(linear-layer parameters) x tokens/s / (bf16 matmul peak measured here), and beside it the MFU that also counts
+attention's 12 x layers x heads x head_dim x seq FLOPs per token, as torchtitan and the PaLM paper count them (the whole
+seq x seq score matrix, although causal attention computes half of it); peak GPU memory allocated and reserved; peak
+host memory (RSS) of the process; load time from safetensors to ready. A stack that runs out of GPU memory becomes a
+row saying so, with the memory it had reserved, and the benchmark goes on.
 """
 import argparse
 import gc
@@ -20,6 +25,7 @@ import json
 import os
 import random
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -102,14 +108,18 @@ def memory() -> tuple[float, float]:
     return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
 
 
-def run_ours(model_dir: Path, data_file: Path, out: Path, bs: int, args) -> dict:
+def host_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def run_ours(model_dir: Path, data_file: Path, out: Path, seq: int, bs: int, extra: str, args) -> dict:
     fresh_memory()
     flags = ["--model", str(model_dir), "--dataset", str(data_file), "--output_dir", str(out), "--seq_len",
-             str(args.seq_len), "--batch_size", str(bs), "--max_steps", str(args.steps), "--lora_rank", str(args.r),
-             "--lora_alpha", str(args.alpha), "--lr", "1e-4", "--overwrite", *args.extra.split()]
+             str(seq), "--batch_size", str(bs), "--max_steps", str(args.steps), "--lora_rank", str(args.r),
+             "--lora_alpha", str(args.alpha), "--lr", "1e-4", "--overwrite", *extra.split()]
     history = train.train(train.parse_config(flags))
-    return dict(tps=statistics.median(h["tokens_per_s"] for h in history[3:]), first_loss=history[0]["loss"],
-                load_s=history[0]["load_s"], mem=memory())
+    return dict(tps=statistics.median(h["tokens_per_s"] for h in history[args.warmup:]),
+                first_loss=history[0]["loss"], load_s=history[0]["load_s"], mem=memory(), rss=host_rss_gib())
 
 
 def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, args) -> dict:
@@ -146,7 +156,8 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
         first_loss = first_loss if first_loss is not None else loss.item()
         torch.cuda.synchronize()
         tps.append(ids.numel() / (time.perf_counter() - t0))
-    return dict(tps=statistics.median(tps[3:]), first_loss=first_loss, load_s=load_s, mem=memory())
+    return dict(tps=statistics.median(tps[args.warmup:]), first_loss=first_loss, load_s=load_s, mem=memory(),
+                rss=host_rss_gib())
 
 
 # GPU kernels by what they do, first match wins: a step's time split the way the optimizations in BENCHMARKS.md act.
@@ -169,7 +180,7 @@ def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int]
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    warmup, timed = 3, args.steps - 3
+    warmup, timed = args.warmup, args.steps - args.warmup
     prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     step, calls = train.train_step, [0]
 
@@ -186,7 +197,7 @@ def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int]
     train.train_step = profiled_step
     for bs in batch_sizes:
         calls[0] = 0
-        result = run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)
+        result = run_ours(model_dir, data_file, root / f"out-bs{bs}", args.seq_lens[0], bs, args.extra[0], args)
         events = prof.key_averages()
         kinds = dict.fromkeys((kind for kind, _ in KERNEL_KINDS), 0.0)
         for e in prof.events():  # kernels only: CPU ops and the GPU ranges of annotations (FSDP's) would count twice
@@ -206,15 +217,29 @@ def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int]
 STACKS = ("ours", "reference", "tuned")
 
 
-def run_one(name: str, bs: int, model_dir: Path, data_file: Path, rows_text: list[dict], root: Path, args) -> dict:
-    if name == "ours":
-        return run_ours(model_dir, data_file, root / f"out-bs{bs}", bs, args)
-    # the same rows in the same order as ours: its DistributedSampler's epoch-0 permutation
-    order = torch.randperm(len(rows_text), generator=torch.Generator().manual_seed(0)).tolist()
-    tok = make_tokenizer()
-    ids = [tokenize(rows_text[i], tok, args.seq_len, "prompt_completion")["input_ids"] for i in order]
-    batches = [torch.tensor(ids[s * bs:(s + 1) * bs]) for s in range(args.steps)]
-    return run_reference(model_dir, batches, name == "tuned", args)
+def run_one(name: str, seq: int, bs: int, model_dir: Path, rows_text: list[dict], root: Path, args) -> dict:
+    """One stack at one (seq, batch) in this process: its measurements, or {"oom": reserved GiB} if it ran out of GPU
+    memory (a row of the table, not the end of the benchmark)."""
+    try:
+        if name.startswith("ours"):
+            variant = int(name[len("ours"):] or 0)
+            data_file = root / f"random-{seq}.jsonl"
+            return run_ours(model_dir, data_file, root / f"out-{seq}-bs{bs}", seq, bs, args.extra[variant], args)
+        # the same rows in the same order as ours: its DistributedSampler's epoch-0 permutation
+        order = torch.randperm(len(rows_text), generator=torch.Generator().manual_seed(0)).tolist()
+        tok = make_tokenizer()
+        ids = [tokenize(rows_text[i], tok, seq, "prompt_completion")["input_ids"] for i in order]
+        batches = [torch.tensor(ids[s * bs:(s + 1) * bs]) for s in range(args.steps)]
+        return run_reference(model_dir, batches, name == "tuned", args)
+    except torch.OutOfMemoryError:  # train.py's own message adds advice; here the figure is what matters
+        return {"oom": memory()[1], "rss": host_rss_gib()}
+
+
+def attention_flops_per_token(model_dir: Path, seq: int) -> float:
+    """12 x layers x heads x head_dim x seq: the score and value matmuls, forward and backward (torchtitan, PaLM)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 12 * config["num_hidden_layers"] * config["num_attention_heads"] * head_dim * seq
 
 
 def main() -> None:
@@ -222,21 +247,28 @@ def main() -> None:
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=0, help="fewer decoder layers than the real model (0: all)")
     p.add_argument("--batch_sizes", default="1,8")
-    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--seq_lens", default="2048", help="comma-separated sequence lengths, each a set of rows")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="first steps left out of the median (ours compiles)")
     p.add_argument("--r", type=int, default=64, help="LoRA rank (alpha 16, as in the QLoRA paper)")
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--no_reference", action="store_true", help="time ours only")
     p.add_argument("--profile", action="store_true",
-                   help="profile ours instead (the steps after the third): GPU time by kind of kernel, then top ops")
-    p.add_argument("--max_memory_gib", type=float, default=0, help="cap this process, e.g. 24 for a 24 GB card")
+                   help="profile ours instead (the steps after the warmup): GPU time by kind of kernel, then top ops")
+    p.add_argument("--max_memory_gib", type=float, default=0,
+                   help="cap each training process, e.g. 24 for a 24 GB card (not the one writing the checkpoint)")
     p.add_argument("--workdir", default="/tmp/fsdp_qlora_bench")
-    p.add_argument("--extra", default="", help="more train.py flags for ours, e.g. '--grad_checkpointing none'")
-    p.add_argument("--one", choices=STACKS, help=argparse.SUPPRESS)  # internal: run one stack in this process
+    p.add_argument("--extra", action="append",
+                   help="more train.py flags for ours, e.g. '--grad_checkpointing none'; given several times, each "
+                        "is a variant of ours with rows of its own")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one stack in this process
     p.add_argument("--one_batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--one_seq", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.max_memory_gib:  # applies to each process
-        torch.cuda.set_per_process_memory_fraction(args.max_memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
+    args.extra = args.extra or [""]
+    args.seq_lens = [int(n) for n in args.seq_lens.split(",")]
+    if args.steps <= args.warmup:
+        raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): no step would be timed")
 
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -244,59 +276,78 @@ def main() -> None:
     model_dir = synthetic_checkpoint(args.shape, args.layers, root)
     print(f"checkpoint ready in {time.perf_counter() - t0:.0f}s: {model_dir}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    rows_text = random_rows(max(batch_sizes) * args.steps, args.seq_len)
-    data_file = root / "random.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows_text))
+    rows_text = {}
+    for seq in args.seq_lens:
+        rows_text[seq] = random_rows(max(batch_sizes) * args.steps, seq)
+        (root / f"random-{seq}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_text[seq]))
     n_linear = linear_params(model_dir)
+    if args.max_memory_gib and (args.one or args.profile):  # a training process; the writer above is not capped
+        torch.cuda.set_per_process_memory_fraction(args.max_memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
 
     if args.profile:
-        return profile(model_dir, data_file, root, batch_sizes, args)
-    if args.one:  # a child process: one stack, one batch size
-        print("RESULT " + json.dumps(run_one(args.one, args.one_batch, model_dir, data_file, rows_text, root, args)))
+        return profile(model_dir, root / f"random-{args.seq_lens[0]}.jsonl", root, batch_sizes, args)
+    if args.one:  # a child process: one stack, one (seq, batch)
+        result = run_one(args.one, args.one_seq, args.one_batch, model_dir, rows_text[args.one_seq], root, args)
+        print("RESULT " + json.dumps(result))
         return
 
-    def run_isolated(name: str, bs: int) -> dict:
+    def run_isolated(name: str, seq: int, bs: int) -> dict:
         """Each stack in a process of its own: no allocator state or leftover object biases the next one."""
         env = dict(os.environ)  # ours gets train.py's allocator setting, the reference the allocator as users have it
-        if name != "ours":
+        if not name.startswith("ours"):
             env["PYTORCH_CUDA_ALLOC_CONF"] = ORIGINAL_ALLOC_CONF
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name, "--one_batch", str(bs)],
-                             stdout=subprocess.PIPE, text=True, env=env)
+        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--one", name, "--one_batch", str(bs),
+                              "--one_seq", str(seq)], stdout=subprocess.PIPE, text=True, env=env)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
-            raise SystemExit(f"{name} at batch {bs} failed (exit {out.returncode}); its error is printed above")
+            raise SystemExit(f"{name} at seq {seq}, batch {bs} failed (exit {out.returncode}); its error is above")
         return json.loads(lines[-1][len("RESULT "):])
 
     peak = matmul_peak_tflops()
     torch.cuda.empty_cache()
+    ours = [f"ours{i or ''}" for i in range(len(args.extra))]
+    label = {name: f"ours {args.extra[i]}".strip() for i, name in enumerate(ours)}
     rows = []
-    for bs in batch_sizes:
-        results = {}
-        for name in ["ours"] if args.no_reference else STACKS:
-            results[name] = run_isolated(name, bs)
-            print(f"batch {bs} {name}: " + json.dumps(results[name]), flush=True)
-        for name in results:
-            a, b = results["ours"]["first_loss"], results[name]["first_loss"]
-            if abs(a - b) > 2e-2 * abs(b):
-                raise SystemExit(f"first-step loss {a:.4f} (ours) != {b:.4f} ({name}): not comparing speeds")
-        for name, r in results.items():
-            rows.append((bs, name, r["tps"], 6 * n_linear * r["tps"] / (peak * 1e12), *r["mem"], r["load_s"],
-                         r["tps"] / results.get("reference", r)["tps"], r["first_loss"]))
-            print("RESULT " + json.dumps(rows[-1]), flush=True)  # kept even if a later run fails
+    for seq in args.seq_lens:
+        attention = attention_flops_per_token(model_dir, seq)
+        for bs in batch_sizes:
+            results = {}
+            for name in ours + ([] if args.no_reference else ["reference", "tuned"]):
+                results[name] = run_isolated(name, seq, bs)
+                print(f"seq {seq} batch {bs} {label.get(name, name)}: " + json.dumps(results[name]), flush=True)
+            done = {name: r for name, r in results.items() if "oom" not in r}
+            for name, r in done.items():
+                a, b = next(iter(done.values()))["first_loss"], r["first_loss"]
+                if abs(a - b) > 2e-2 * abs(b):
+                    raise SystemExit(f"first-step loss {a:.4f} != {b:.4f} ({name}): not comparing speeds")
+            for name, r in results.items():
+                if "oom" in r:
+                    rows.append((seq, bs, label.get(name, name), None, r["oom"], r["rss"]))
+                else:
+                    ref = done.get("reference")
+                    rows.append((seq, bs, label.get(name, name), r["tps"], 6 * n_linear * r["tps"] / (peak * 1e12),
+                                 (6 * n_linear + attention) * r["tps"] / (peak * 1e12), *r["mem"], r["rss"],
+                                 r["load_s"], r["tps"] / ref["tps"] if ref else None, r["first_loss"]))
+                print("RESULT " + json.dumps(rows[-1]), flush=True)  # kept even if a later run fails
 
     import bitsandbytes
     import transformers
 
-    print(f"\n{args.shape} ({n_linear / 1e9:.2f}B in linear layers), seq {args.seq_len}, LoRA r={args.r} "
-          f"alpha={args.alpha:g}, {args.steps} steps, {torch.cuda.get_device_name()}, {date.today()}, "
+    print(f"\n{args.shape} ({n_linear / 1e9:.2f}B in linear layers), LoRA r={args.r} alpha={args.alpha:g}, "
+          f"{args.steps} steps (median after {args.warmup}), {torch.cuda.get_device_name()}, {date.today()}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__},"
-          f" bf16 matmul peak {peak:.0f} TFLOP/s, cap {args.max_memory_gib or 'none'} GiB, ours: "
-          f"{args.extra or 'defaults'}")
-    print("| batch | stack | tokens/s | MFU | peak alloc GiB | peak reserved GiB | load s | vs reference | step-1 loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for bs, name, tps, mfu, alloc, reserved, load_s, ratio, loss in rows:
-        print(f"| {bs} | {name} | {tps:,.0f} | {mfu:.1%} | {alloc:.1f} | {reserved:.1f} | {load_s:.1f} | "
-              f"{ratio:.2f}x | {loss:.4f} |")
+          f" bf16 matmul peak {peak:.0f} TFLOP/s, cap {args.max_memory_gib or 'none'} GiB")
+    print("| seq | batch | stack | tokens/s | MFU (6N) | MFU (6N + attention) | peak alloc GiB | peak reserved GiB | "
+          "host RSS GiB | load s | vs reference | step-1 loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for seq, bs, name, tps, *rest in rows:
+        if tps is None:
+            reserved, rss = rest
+            print(f"| {seq:,} | {bs} | {name} | out of memory at {reserved:.1f} GiB reserved | | | | | {rss:.1f} | | | |")
+            continue
+        mfu, mfu_attention, alloc, reserved, rss, load_s, ratio, loss = rest
+        print(f"| {seq:,} | {bs} | {name} | {tps:,.0f} | {mfu:.1%} | {mfu_attention:.1%} | {alloc:.1f} | "
+              f"{reserved:.1f} | {rss:.1f} | {load_s:.1f} | {f'{ratio:.2f}x' if ratio else ''} | {loss:.4f} |")
 
 
 if __name__ == "__main__":
