@@ -3,7 +3,7 @@
     python benchmark.py                                    # Llama-3-8B shape, seq 2048, batch 1 and 8
     python benchmark.py --shape llama3-70b --layers 8 --batch_sizes 1 --max_memory_gib 24
     python benchmark.py --seq_lens 16384,32768 --batch_sizes 1 --max_memory_gib 24 --steps 5 --warmup 2 \
-        --extra "--offload_activations --tiled_mlp 8192" --extra ""   # long context: two variants of ours
+        --extra="--offload_activations --tiled_mlp 8192" --extra=   # long context: two variants of ours
 
 Runs on a synthetic checkpoint with random weights in a real model's shape, written once and streamed through the
 same loader as a real checkpoint. For each batch size it times

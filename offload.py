@@ -44,7 +44,9 @@ class ActivationOffload:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return checkpoint(fn, *args, use_reentrant=False, **kwargs)
 
-    def _pack(self, tensor: torch.Tensor) -> _Offloaded:
+    def _pack(self, tensor: torch.Tensor) -> "_Offloaded | torch.Tensor":
+        if tensor.device != self.device or tensor.numel() == 0:  # not an activation: checkpoint's own empty marker
+            return tensor
         if self.cuda:
             self.copy_out.wait_stream(torch.cuda.current_stream(self.device))  # the layer input has been computed
             with torch.cuda.stream(self.copy_out):
@@ -61,7 +63,9 @@ class ActivationOffload:
         self.saved_bytes += tensor.numel() * tensor.element_size()
         return entry
 
-    def _unpack(self, entry: _Offloaded) -> torch.Tensor:
+    def _unpack(self, entry: "_Offloaded | torch.Tensor") -> torch.Tensor:
+        if isinstance(entry, torch.Tensor):
+            return entry
         if not self.cuda:
             return entry.host
         if entry.device_tensor is None:  # the last layer's input, or one unpacked twice: nothing was ahead of it

@@ -277,6 +277,23 @@ def evaluate(model, batches: list[dict], device: torch.device) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
+# The longest sequences measured to train at batch 1 on one GPU under a 24 GiB cap (BENCHMARKS.md), by the shape of
+# the model: (hidden size, decoder layers) -> (what it is, tokens, the flags it took).
+LONGEST_MEASURED = {(4096, 32): ("an 8B Llama-3 shape", 131_072, "--offload_activations --tiled_mlp 8192")}
+
+
+def out_of_memory(cfg: Config, config, step: int) -> str:
+    """What to change when a step runs out of GPU memory, with the longest sequence measured for this shape."""
+    advice = (f"out of GPU memory in step {step}: lower --batch_size (now {cfg.batch_size}; raise --grad_accum to keep "
+              f"the step size) or --seq_len (now {cfg.seq_len}); add --offload_activations (checkpointed layer inputs "
+              "in CPU memory) and --tiled_mlp 8192 for long sequences, or --cpu_offload (parameters in CPU memory)")
+    measured = LONGEST_MEASURED.get((config.hidden_size, config.num_hidden_layers))
+    if measured:
+        name, tokens, flags = measured
+        advice += f". For {name}, {tokens:,} tokens trained at batch 1 in 24 GiB with {flags} (BENCHMARKS.md)"
+    return advice
+
+
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":  # reserved, not allocated: what the caching allocator holds is what can run out
         return torch.cuda.max_memory_reserved(device) / 2**30
@@ -403,12 +420,7 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
             next(micro)
         for in_epoch in range(skip, min(batches.steps_per_epoch, skip + total_steps - step)):
             t0, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-            try:
-                m = train_step(model, optimizer, [next(micro) for _ in range(cfg.grad_accum)], cfg, device)
-            except torch.cuda.OutOfMemoryError as e:
-                raise torch.cuda.OutOfMemoryError(
-                    f"out of GPU memory in step {step + 1}: lower --batch_size (now {cfg.batch_size}; raise "
-                    f"--grad_accum to keep the step size) or --seq_len (now {cfg.seq_len}), or add --cpu_offload") from e
+            m = train_step(model, optimizer, [next(micro) for _ in range(cfg.grad_accum)], cfg, device)
             scheduler.step()
             step += 1
             m.update(step=step, epoch=epoch, lr=lr, tokens_per_s=m["tokens"] / (time.perf_counter() - t0),
@@ -480,8 +492,11 @@ def train(cfg: Config) -> list[dict]:
         sample = functools.partial(generate.log_samples, model, tokenizer, prompts, out_dir / "samples.jsonl",
                                    device=device, max_new_tokens=cfg.sample_tokens)  # collective; rank 0 writes
         log, bad = StepLog(cfg, out_dir, total_steps, position[0], load_s), BadSteps(cfg.max_bad_steps, resume_from)
-        if run_steps(cfg, model, optimizer, scheduler, batches, total_steps, position, save, sample, log, bad, stop):
-            return log.history  # stopped by a signal, checkpoint saved
+        try:
+            if run_steps(cfg, model, optimizer, scheduler, batches, total_steps, position, save, sample, log, bad, stop):
+                return log.history  # stopped by a signal, checkpoint saved
+        except torch.cuda.OutOfMemoryError as e:
+            raise torch.cuda.OutOfMemoryError(out_of_memory(cfg, config, position[0] + len(log.history) + 1)) from e
         bad.check_last(log.history)
         checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg))
         sample(total_steps)

@@ -280,8 +280,19 @@ def test_out_of_memory_says_what_to_lower(small_run, tmp_path, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train, "train_step", oom)
-    with pytest.raises(torch.cuda.OutOfMemoryError, match="lower --batch_size .*--seq_len .*--cpu_offload"):
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="step 1: lower --batch_size .*--seq_len .*"
+                       "--offload_activations .*--tiled_mlp .*--cpu_offload"):
         run_inprocess(small_run(tmp_path / "run", 2))
+
+
+def test_out_of_memory_names_the_longest_sequence_measured_for_the_shape():
+    """For a shape BENCHMARKS.md measured (8B: hidden 4096, 32 layers), the advice says how far it went."""
+    from transformers import LlamaConfig
+
+    cfg = train.Config()
+    advice = train.out_of_memory(cfg, LlamaConfig(hidden_size=4096, num_hidden_layers=32), 3)
+    assert "131,072 tokens" in advice and "--offload_activations --tiled_mlp 8192" in advice
+    assert "tokens trained" not in train.out_of_memory(cfg, LlamaConfig(hidden_size=64, num_hidden_layers=2), 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

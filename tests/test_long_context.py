@@ -59,14 +59,19 @@ def test_tiled_mlp_gives_the_same_loss_and_gradients_and_no_mlp_sees_more_than_a
 
 
 def test_offloaded_and_tiled_training_gives_the_losses_of_plain_training(checkpoints, tmp_path):
-    """Through train.py's flags, with LoRA dropout (each recompute must draw the forward's mask again): three steps,
-    the same losses."""
-    path = checkpoints("llama")
-    flags = common(path, tmp_path / "plain") + ["--batch_size", "4", "--lora_dropout", "0.1"]
-    plain = run_inprocess(flags)
-    flags[flags.index("--output_dir") + 1] = str(tmp_path / "long")
-    long = run_inprocess(flags + ["--offload_activations", "--tiled_mlp", "32"])
-    torch.testing.assert_close(losses(long), losses(plain), rtol=1e-3, atol=0)
+    """Through train.py's flags, three steps each. Offloaded, with LoRA dropout (each recompute must draw the
+    forward's mask again): the plain run's losses, exactly. Tiled, without dropout (on a GPU a tile draws other random
+    numbers than the whole batch would, a mask as valid but not the same): the same losses up to the rounding of
+    matmuls over fewer rows (on a GPU, other kernels)."""
+    path, tol = checkpoints("llama"), 1e-2 if DEVICE.type == "cuda" else 1e-3
+
+    def run(name, *flags):
+        return losses(run_inprocess(common(path, tmp_path / name) + ["--batch_size", "4", *flags]))
+
+    offloaded = run("offloaded", "--lora_dropout", "0.1", "--offload_activations")
+    torch.testing.assert_close(offloaded, run("plain", "--lora_dropout", "0.1"),  # GPU: attention's backward
+                               rtol=0 if DEVICE.type == "cpu" else 1e-3, atol=0)  # accumulates in any order
+    torch.testing.assert_close(run("tiled", "--tiled_mlp", "32"), run("untiled"), rtol=tol, atol=0)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU memory")
