@@ -23,10 +23,11 @@ YAML_TYPES = {type(None): "null", bool: "a boolean", int: "an integer", float: "
 def read(path: Path, fields: tuple[dataclasses.Field, ...]) -> dict:
     """The file's settings by field name, each of its field's type; a ValueError names the file and the key."""
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        with Path(path).open() as f:  # a stream, so that YAML's errors name the file, with the line and column
+            loaded = yaml.safe_load(f)
     except OSError as e:
         raise ValueError(f"--config {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:  # its message gives the line and column
+    except yaml.YAMLError as e:
         raise ValueError(f"--config {path} is not valid YAML: {e}") from None
     if loaded is None:  # empty, or only comments
         return {}

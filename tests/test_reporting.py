@@ -139,6 +139,15 @@ def test_backends_hold_the_numbers_of_metrics_jsonl(reported_run):
         "wandb_run_id": run_id}
 
 
+def test_run_folder_saves_the_settings_a_config_file_resolved_to(reported_run):
+    """train_config.json (and each checkpoint's) holds the resolved values, the file's among them, and the file's
+    name: what merge.py, generate.py and a resume read."""
+    for folder in (reported_run, reported_run / "checkpoint-2"):
+        saved = json.loads((folder / "train_config.json").read_text())
+        assert (saved["lora_rank"], saved["lora_alpha"], saved["lr"], saved["eval_every"]) == (8, 16.0, 2e-3, 2)
+        assert saved["max_steps"] == 4 and saved["config"].endswith("run.yaml")
+
+
 def test_resumed_run_continues_the_curves_each_step_once(flags, wandb_offline, tmp_path, monkeypatch, capsys):
     """A run that dies in step 5 after checkpoint-3, resumed: TensorBoard shows steps 1-6 once each, with the final
     metrics.jsonl's numbers (the resumed attempt's 4 replaces the first's); W&B's two offline folders are one run id,
