@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
 from conftest import run_inprocess
 from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,6 +20,13 @@ import reporting
 import train
 
 WORDS = "red blue green black white one two three four five cat dog".split()
+
+
+@pytest.fixture(autouse=True)
+def _wandb_reads_the_environment_anew():
+    """W&B reads its environment (WANDB_MODE...) once per process, at its first init, until wandb.teardown()."""
+    yield
+    wandb.teardown()
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +51,8 @@ def flags(checkpoints, tmp_path_factory):
 
     def make(out: Path, steps: int, *extra: str) -> list[str]:
         return ["--model", str(checkpoints("llama")), "--dataset", str(data_file), "--output_dir", str(out),
-                "--max_steps", str(steps), "--seq_len", "64", "--batch_size", "2", "--warmup_steps", "0", "--report_to", "tensorboard,wandb", "--sample_prompts", str(prompts),
-                "--sample_tokens", "4", *extra]
+                "--max_steps", str(steps), "--seq_len", "64", "--batch_size", "2", "--warmup_steps", "0",
+                "--report_to", "tensorboard,wandb", "--sample_prompts", str(prompts), "--sample_tokens", "4", *extra]
     return make
 
 
@@ -183,6 +191,17 @@ def test_resumed_run_continues_the_curves_each_step_once(flags, wandb_offline, t
     steps = [row["_step"] for row in first + second if "train/loss" in row]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert [row["train/loss"] for row in first + second if "train/loss" in row] == [m["loss"] for m in want]
+
+
+def test_a_backend_that_cannot_start_is_refused_before_the_model_loads(flags, tmp_path, monkeypatch):
+    """W&B online without a login: the run stops with W&B's reason and the way to log offline; no model loads."""
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name in ("HOME", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # no ~/.netrc, no saved login
+        monkeypatch.setenv(name, str(tmp_path / "empty"))
+    monkeypatch.setattr(train, "build_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(RuntimeError, match="--report_to wandb could not start .*No API key.*WANDB_MODE=offline"):
+        run_inprocess(flags(tmp_path / "run", 2))
 
 
 def test_a_backend_that_fails_while_writing_is_turned_off_and_training_goes_on(capsys):
