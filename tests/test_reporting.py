@@ -69,12 +69,9 @@ def reported_run(flags, wandb_offline, tmp_path_factory):
     return out
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def samples(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+def metrics(out: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """metrics.jsonl's records (samples.jsonl's with that name)."""
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
 
 def float32(x: float) -> float:
@@ -126,10 +123,10 @@ def test_backends_hold_the_numbers_of_metrics_jsonl(reported_run):
     for key, tag in reporting.SCALARS.items():
         assert curves[tag] == [(m["step"], float32(m[key])) for m in want if key in m], tag
     by_step = {}
-    for s in samples(reported_run):
+    for s in metrics(reported_run, "samples.jsonl"):
         by_step.setdefault(s["step"], []).append(s)
     assert sorted(by_step) == [2, 4]  # at the checkpoint of step 2, and at the end
-    assert any(s["completion"] for s in samples(reported_run))
+    assert any(s["completion"] for s in metrics(reported_run, "samples.jsonl"))
     for step, records in by_step.items():
         assert all(r["prompt"] in texts[step] and r["completion"] in texts[step] for r in records)
 
