@@ -7,7 +7,7 @@ without the interruption, written by run_folder.write_checkpoint (atomically, wi
     optimizer.pt               AdamW's moments and step counts, full tensors keyed by each LoRA weight's path
     rng_state.pt               every rank's torch, CUDA and Python RNG states (LoRA dropout draws from them)
     trainer_state.json         step, data position, LR-scheduler state, world size, config, base-model and data
-                               fingerprints
+                               fingerprints, and what --report_to's backends resume with (W&B's run id)
     COMPLETE                   written last: size and sha256 of every other file
 A crash or a full disk midway leaves a .tmp folder, which is never taken (and is removed at the next start), and the
 previous checkpoint untouched. On resume the sha256s are checked first: a damaged checkpoint gives way to the one
@@ -73,6 +73,7 @@ class TrainerState:
     config: dict  # the whole Config of the run that saved it
     scheduler: dict = field(default_factory=dict)
     data_fingerprint: str = ""  # data.fingerprint of the training rows ("" in checkpoints written before it existed)
+    reporting: dict = field(default_factory=dict)  # what --report_to's backends resume with: W&B's run id
 
 
 def fingerprint(model_dir: Path) -> str:
@@ -221,7 +222,9 @@ def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
                           "--resume auto to continue it, or another --output_dir")
     if dist.get_rank() == 0:
         leftovers = [p for p in out_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
-        replaced = existing + [out_dir / f for f in FINAL_FILES] if overwrite and not resume else []
+        # TensorBoard reads every event file in its folder, so an earlier run's would mix into the new curves. W&B's
+        # folders are runs of their own, told apart by id: left as they are, with what they may not have synced.
+        replaced = existing + [out_dir / f for f in (*FINAL_FILES, "tensorboard")] if overwrite and not resume else []
         for path in leftovers + replaced:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     dist.barrier()  # nobody looks at the folder before it is clean

@@ -117,17 +117,20 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
 
 
 def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file: Path, step: int,
-                device: torch.device, max_new_tokens: int) -> None:
-    """Greedy samples from the model in training: every rank samples (FSDP), rank 0 prints and appends to out_file."""
+                device: torch.device, max_new_tokens: int) -> list[dict]:
+    """Greedy samples from the model in training: every rank samples (FSDP), rank 0 prints and appends to out_file.
+    Returns the records written (on rank 0; none elsewhere)."""
     if not prompts:
-        return
+        return []
     completions = sample(model, tokenizer, prompts, max_new_tokens, device=device)
     if dist.is_initialized() and dist.get_rank() != 0:
-        return
+        return []
+    records = [{"step": step, "prompt": p, "completion": c} for p, c in zip(prompts, completions)]
     with Path(out_file).open("a") as f:
-        for prompt, completion in zip(prompts, completions):
-            tqdm.write(f"sample at step {step}: {prompt} -> {completion!r}")
-            f.write(json.dumps({"step": step, "prompt": prompt, "completion": completion}) + "\n")
+        for record in records:
+            tqdm.write(f"sample at step {step}: {record['prompt']} -> {record['completion']!r}")
+            f.write(json.dumps(record) + "\n")
+    return records
 
 
 def load(model: str, adapter: str | None, quant: str | None, device: torch.device) -> tuple[torch.nn.Module, object]:

@@ -196,7 +196,24 @@ def peft_key(key: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# PEFT format: adapter_model.safetensors with keys "base_model.model.<path>.lora_A.weight", plus adapter_config.json
+# PEFT format: adapter_model.safetensors with keys "base_model.model.<path>.lora_A.weight", plus adapter_config.json.
+# vLLM serves such a folder as it is (no modules_to_save, no DoRA), at a rank up to its --max-lora-rank.
+
+# The values vLLM's --max-lora-rank takes (vllm/config/lora.py; later releases also take 1). vLLM sizes every
+# adapter slot at that rank and copies a smaller adapter into the slot's first rows, zeros after them.
+VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_rank_warning(r: int) -> str | None:
+    """Why vLLM will not serve an adapter of rank r as one of its own ranks, or None when it will."""
+    if r in VLLM_MAX_RANKS:
+        return None
+    if r > VLLM_MAX_RANKS[-1]:
+        return (f"--lora_rank {r} is above {VLLM_MAX_RANKS[-1]}, the largest rank vLLM serves: serve this adapter "
+                "merged into its base (merge.py) instead")
+    up = next(v for v in VLLM_MAX_RANKS if v > r)
+    return (f"--lora_rank {r} is not a rank vLLM's --max-lora-rank takes ({', '.join(map(str, VLLM_MAX_RANKS))}): "
+            f"vLLM serves this adapter with --max-lora-rank {up}, in slots of that rank (zeros after row {r})")
 
 
 def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: float, dropout: float,

@@ -3,6 +3,7 @@
     adapter_model.safetensors, adapter_config.json   the LoRA weights in PEFT's format (PEFT loads the folder as is)
     train_config.json                                the run's whole config: base, quant, LoRA shape, data, schedule
     metrics.jsonl, samples.jsonl                     output_dir only: one JSON object per step, per sample
+    tensorboard/, wandb/                             output_dir only, with --report_to (reporting.py)
     .lock                                            output_dir only: held by the run writing it
 
 _write_set writes the files of every folder, final (write_final) or checkpoint (write_checkpoint), so the two
@@ -158,19 +159,29 @@ def open_metrics(path: Path, resumed_step: int):
     """metrics.jsonl to append to, holding the whole lines up to the resumed step, so a resumed run's file reads as one
     run. A line torn by a kill or a full disk is not whole: it is dropped, as are the steps after the checkpoint.
     The kept lines replace the file atomically: a kill here loses nothing."""
-    kept = []
-    if resumed_step and path.is_file():
-        for line in path.read_bytes().decode(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resumed_step:
-                kept.append(line + "\n")
+    kept = [line + "\n" for line, step in _whole_lines(path) if step <= resumed_step] if resumed_step else []
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
     return path.open("a")
+
+
+def last_metrics_step(path: Path) -> int:
+    """The last step metrics.jsonl holds a whole line of (0: none), before open_metrics cuts it back."""
+    return max((step for _, step in _whole_lines(path)), default=0)
+
+
+def _whole_lines(path: Path) -> list[tuple[str, int]]:
+    """metrics.jsonl's lines that parse as a step's record, with their step; a torn line is left out."""
+    found = []
+    for line in path.read_bytes().decode(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            found.append((line, record["step"]))
+    return found
 
 
 def sha256(path: Path) -> str:

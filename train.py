@@ -4,11 +4,11 @@
     torchrun --nproc_per_node 2 train.py              # the same, sharded over two ranks (GPUs, or CPU with gloo)
     torchrun --nproc_per_node 8 train.py --model meta-llama/Llama-3.1-8B --dataset data.jsonl
     torchrun --nproc_per_node 2 train.py --save_every 100 --resume auto  # continue where a killed run stopped
+    python train.py --config configs/llama3-8b-24gb.yaml --dataset data.jsonl  # flags from a file; these override it
 """
 import argparse
 import collections
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import builtin
 import checkpointing
+import config_file
 import data
 import fsdp_wrap
 import fused
@@ -33,6 +34,7 @@ import generate
 import lora
 import model_loading
 import quantization
+import reporting
 import run_folder
 
 # The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern: at batch 8 on an
@@ -92,10 +94,15 @@ class Config(data.DataConfig):
     dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing", "may_change": BOOKKEEPING})
     sample_prompts: str = field(default="", metadata={"help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = built-in prompts with --dataset builtin", "may_change": "samples only read the model"})
     sample_tokens: int = field(default=64, metadata={"help": "longest sample, in new tokens", "may_change": "samples only read the model"})
+    report_to: str = field(default="none", metadata={"help": "where the per-step metrics and samples also go: tensorboard (into output_dir/tensorboard), wandb, both comma-separated, or none", "may_change": BOOKKEEPING})
+    wandb_project: str = field(default="", metadata={"help": "W&B project; '': $WANDB_PROJECT, else W&B's default", "may_change": BOOKKEEPING})
+    wandb_name: str = field(default="", metadata={"help": "W&B run name; '': $WANDB_NAME, else one W&B makes up", "may_change": BOOKKEEPING})
+    config: str = field(default="", metadata={"help": "YAML file whose keys are flag names (configs/ has examples); flags given as well override it", "may_change": "the settings it resolves to are compared, not the file"})
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """argparse generated from Config, so each flag, default and help is written once. Underscores or dashes."""
+    """argparse generated from Config, so each flag, default and help is written once. Underscores or dashes.
+    --config's values become the defaults (config_file.read), so the flags on the command line override them."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
@@ -104,6 +111,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         else:
             parser.add_argument(*flags, type=f.type, choices=f.metadata.get("choices"), **kwargs)
+    file = parser.parse_known_args(argv)[0].config
+    if file:
+        parser.set_defaults(**config_file.read(Path(file), dataclasses.fields(Config)))
     cfg = Config(**vars(parser.parse_args(argv)))
     validate(cfg)
     return cfg
@@ -139,6 +149,7 @@ def validate(cfg: Config) -> None:
         raise ValueError("--cpu_offload moves GPU shards to CPU memory; there is no GPU here")
     if not lora.parse_targets(cfg.lora_targets):  # which also refuses a pattern that does not compile
         raise ValueError("--lora_targets is empty")
+    reporting.parse(cfg.report_to)  # an unknown backend, or one not installed, with the pip command
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -351,11 +362,12 @@ def find_resume(cfg: Config, out_dir: Path, run: dict) -> tuple[Path | None, che
 
 
 class StepLog:
-    """Rank 0's record of each step: the progress line, metrics.jsonl (one JSON object per step), and the history
-    train() returns. A resumed run's file keeps the lines up to the checkpoint's step."""
+    """Rank 0's record of each step: the progress line, metrics.jsonl (one JSON object per step), --report_to's
+    backends, and the history train() returns. A resumed run's file keeps the lines up to the checkpoint's step."""
 
-    def __init__(self, cfg: Config, out_dir: Path, total_steps: int, step: int, load_s: float):
-        self.cfg, self.total_steps, self.load_s, self.history = cfg, total_steps, load_s, []
+    def __init__(self, cfg: Config, out_dir: Path, total_steps: int, step: int, load_s: float,
+                 report: reporting.Reporters):
+        self.cfg, self.total_steps, self.load_s, self.history, self.report = cfg, total_steps, load_s, [], report
         self.rank0 = dist.get_rank() == 0
         self.bar = tqdm(total=total_steps, initial=step, desc="training", disable=not self.rank0)
         self.file = run_folder.open_metrics(out_dir / "metrics.jsonl", step) if self.rank0 else None
@@ -369,6 +381,7 @@ class StepLog:
             return
         self.file.write(json.dumps(m) + "\n")
         self.file.flush()
+        self.report.step(m)
         if m["step"] % self.cfg.log_every == 0 or m["step"] == self.total_steps:
             self.bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
                                      f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB"
@@ -449,8 +462,10 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
 def train(cfg: Config) -> list[dict]:
     """The whole run, as an outline; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
     rank, _, world, device = init_distributed(cfg.dist_timeout)
-    stop, lock, log = checkpointing.StopOnSignal(), None, None
+    stop, lock, log, report = checkpointing.StopOnSignal(), None, None, None
     try:
+        if (warning := lora.vllm_rank_warning(cfg.lora_rank)) is not None:
+            print0(f"warning: {warning}")
         out_dir = Path(cfg.output_dir)
         if not cfg.show:  # --show only reads
             lock = run_folder.lock_output_dir(out_dir)  # before anything in the folder is read or removed
@@ -468,6 +483,9 @@ def train(cfg: Config) -> list[dict]:
                    base_fingerprint=checkpointing.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
                    config=dataclasses.asdict(cfg))
         resume_from, resumed = find_resume(cfg, out_dir, run)
+        report = reporting.open_reporters(  # a backend that cannot start fails here, before the model loads
+            reporting.parse(cfg.report_to), out_dir, dataclasses.asdict(cfg), resumed.step if resumed else 0,
+            resumed.reporting if resumed else {}, run_folder.last_metrics_step(out_dir / "metrics.jsonl"))
 
         t0 = time.perf_counter()
         model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
@@ -487,13 +505,17 @@ def train(cfg: Config) -> list[dict]:
                f"{world} rank(s), {device.type}")
 
         def save(step: int, data_position: tuple[int, int]) -> Path:
-            state = checkpointing.TrainerState(step, *data_position, **run)
+            state = checkpointing.TrainerState(step, *data_position, **run, reporting=report.state())
             return checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler, cfg.keep_last)
 
         prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
-        sample = functools.partial(generate.log_samples, model, tokenizer, prompts, out_dir / "samples.jsonl",
-                                   device=device, max_new_tokens=cfg.sample_tokens)  # collective; rank 0 writes
-        log, bad = StepLog(cfg, out_dir, total_steps, position[0], load_s), BadSteps(cfg.max_bad_steps, resume_from)
+
+        def sample(step: int) -> None:  # a collective; rank 0 writes
+            report.samples(step, generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step,
+                                                      device=device, max_new_tokens=cfg.sample_tokens))
+
+        log = StepLog(cfg, out_dir, total_steps, position[0], load_s, report)
+        bad = BadSteps(cfg.max_bad_steps, resume_from)
         try:
             if run_steps(cfg, model, optimizer, scheduler, batches, total_steps, position, save, sample, log, bad, stop):
                 return log.history  # stopped by a signal, checkpoint saved
@@ -512,7 +534,7 @@ def train(cfg: Config) -> list[dict]:
                   "failed; once it is back, continue with --resume auto.", flush=True)
         raise
     finally:
-        for held in (log, lock):  # closing the lock file releases the output_dir
+        for held in (log, report, lock):  # closing the lock file releases the output_dir
             if held:
                 held.close()
         stop.restore()
