@@ -1,7 +1,6 @@
 """--config FILE: the file's values are the flags' defaults, the command line overrides them, every shipped config
 loads, and a bad file is refused naming the key and what it takes."""
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
