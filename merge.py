@@ -43,17 +43,11 @@ import lora
 import model_loading
 import quantization
 import run_folder
-from model_loading import TensorEntry
+from model_loading import SAFETENSORS_DTYPES, TensorEntry
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SEMANTICS = ("bf16", "dequantized")
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-# Everything a tokenizer (and generation defaults) may need, copied from the base folder as is
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-                   "*.tiktoken", "chat_template*", "generation_config.json")
 
 
 class MergeError(ValueError):
@@ -91,10 +85,10 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
                                           DTYPES[dtype], semantics, quant, shard_size_mb * 2**20, device, progress)
         config.dtype = DTYPES[dtype]  # saved as "dtype": from_pretrained(dtype="auto") picks it
         config.save_pretrained(tmp)
-        copied = [shutil.copy(f, tmp) for pattern in TOKENIZER_FILES for f in base_dir.glob(pattern) if f.is_file()]
+        copied = model_loading.copy_beside(base_dir, tmp)
         print(f"merged {len(updates)} adapted weights into {len(entries)} tensors: {n_shards} shards, "
               f"{n_bytes / 2**20:,.1f} MiB, in {time.perf_counter() - t0:.1f}s")
-        if not any(Path(f).name.startswith("tokenizer") for f in copied):
+        if not any(name.startswith("tokenizer") for name in copied):
             print(f"warning: {base_dir} has no tokenizer files; add them to {out_dir} before serving it")
         diffs = max_logit_diffs(base_dir, adapter_dir, tmp, quant, DTYPES[dtype], device) if verify else None
         if diffs:
