@@ -28,8 +28,6 @@ import argparse
 import inspect
 import json
 import math
-import os
-import shutil
 import struct
 import time
 from collections.abc import Iterator
@@ -38,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 import builtin
 import lora
@@ -68,36 +66,24 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     adapter_config = lora.read_adapter_config(adapter_dir)
     train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
     quant = run_folder.trained_quant(adapter_dir)
-    _check_out_dir(out_dir, overwrite, base_dir, adapter_dir)
+    if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
+        raise MergeError(f"--out {out_dir} is the base model or adapter folder; write the merge somewhere else")
+    model_loading.check_out_folder(out_dir, overwrite, MergeError)
 
     # Everything is checked from the headers before a byte is written: base against its config, adapter against base.
-    config = model_loading.read_config(base_dir)
-    entries = model_loading.index_checkpoint(base_dir)
-    packed = model_loading.packed_weights(entries, model_loading.checkpoint_quant(config))
-    skeleton = model_loading.build_skeleton(config, "none")
-    model_loading.check_checkpoint(entries, skeleton, packed)
-    if packed and semantics == "bf16":
-        raise MergeError(f"--semantics bf16 adds the update to the 16-bit base weights, and {base_dir} is pre-quantized "
-                         "to 4 bits: they are not in it. Leave --semantics at dequantized, or pass the 16-bit original "
-                         "as --model")
-    stats = {weight: {part.removeprefix(f"{weight}."): entries[part] for part in parts[1:]}
-             for weight, parts in packed.items()}
-    entries = dense_entries(entries, stats, skeleton)
+    config, entries, stats = read_base(base_dir, semantics)
     updates = plan_updates(entries, adapter_dir, adapter_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The dequantized semantics of a 16-bit base: W goes through the loader's 4-bit round trip first
-    round_trip = quant if semantics == "dequantized" and quant != "none" and not packed else None
+    round_trip = quant if semantics == "dequantized" and quant != "none" and not stats else None
 
     # Written into a hidden sibling, renamed into place at the end: an interrupted merge never looks complete.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with model_loading.written_whole(out_dir) as tmp:
         t0 = time.perf_counter()
         n_shards, n_bytes = write_weights(entries, updates, adapter_dir, lora.adapter_scaling(adapter_config), tmp,
                                           DTYPES[dtype], round_trip, shard_size_mb * 2**20, device, progress, stats)
         config.dtype = DTYPES[dtype]  # saved as "dtype": from_pretrained(dtype="auto") picks it
-        if packed:  # the merged weights are 16-bit: transformers must not read them as 4-bit
+        if stats:  # the merged weights are 16-bit: transformers must not read them as 4-bit
             del config.quantization_config
         config.save_pretrained(tmp)
         copied = model_loading.copy_beside(base_dir, tmp)
@@ -111,26 +97,26 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
                   f"the adapter itself moves the logits by up to {diffs[1]:.4g}")
         write_model_card(tmp, out_dir.name, model, adapter_dir, adapter_config, train_config, semantics, quant, dtype,
                          diffs)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # --overwrite, checked by _check_out_dir
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"saved to {out_dir}")
     return diffs[0] if diffs else None
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool, base_dir: Path, adapter_dir: Path) -> None:
-    if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
-        raise MergeError(f"--out {out_dir} is the base model or adapter folder; write the merge somewhere else")
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise MergeError(f"--out {out_dir} already exists; pass --overwrite to replace it, or choose another folder")
-    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "config.json").is_file()):
-        raise MergeError(f"--out {out_dir} exists and is not a model folder (no config.json); "
-                         "refusing to delete it, even with --overwrite")
+def read_base(base_dir: Path, semantics: str) -> tuple[PretrainedConfig, dict[str, TensorEntry],
+                                                       dict[str, dict[str, TensorEntry]]]:
+    """The base's config, its tensors as the merged checkpoint holds them (dense_entries), checked against the config
+    from the headers, and the quant_state entries of each weight of a pre-quantized base (none for a 16-bit one)."""
+    config = model_loading.read_config(base_dir)
+    entries = model_loading.index_checkpoint(base_dir)
+    packed = model_loading.packed_weights(entries, model_loading.checkpoint_quant(config))
+    skeleton = model_loading.build_skeleton(config, "none")
+    model_loading.check_checkpoint(entries, skeleton, packed)
+    if packed and semantics == "bf16":
+        raise MergeError(f"--semantics bf16 adds the update to the 16-bit base weights, and {base_dir} is pre-quantized "
+                         "to 4 bits: they are not in it. Leave --semantics at dequantized, or pass the 16-bit original "
+                         "as --model")
+    stats = {weight: {part.removeprefix(f"{weight}."): entries[part] for part in parts[1:]}
+             for weight, parts in packed.items()}
+    return config, dense_entries(entries, stats, skeleton), stats
 
 
 # ----------------------------------------------------------------------------------------------------------------------

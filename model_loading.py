@@ -25,8 +25,9 @@ import queue
 import re
 import shutil
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,39 @@ def load_tokenizer(model_dir: Path):
         return AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # transformers' and the Rust tokenizers' many types, often naming no file
         raise CheckpointError(f"cannot load the tokenizer in {model_dir} ({e}); if its files are damaged, {fix}") from e
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Writing a model folder (merge.py, quantize.py)
+
+
+def check_out_folder(out: Path, overwrite: bool, error: type[Exception] = CheckpointError) -> None:
+    """An --out that may be written: new or empty, or replaced with --overwrite when it holds a model (config.json);
+    a folder of something else is never deleted."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise error(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+    if not (out / "config.json").is_file():
+        raise error(f"--out {out} exists and is not a model folder (no config.json); refusing to delete it, even "
+                    "with --overwrite")
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write a model folder into, renamed to `out` (replacing it) once the block
+    ends: an interrupted write never looks finished, and the folder it replaces is kept until then."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)  # --overwrite, checked by check_out_folder
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def copy_beside(src: Path, dst: Path) -> list[str]:

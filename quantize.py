@@ -18,8 +18,6 @@ import argparse
 import copy
 import inspect
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -79,15 +77,14 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
     takes its name.
     """
     out, device = Path(out), torch.device(device)
-    _check_out(out, overwrite)
+    model_loading.check_out_folder(out, overwrite, QuantizeError)
+    if shard_size_mb < 0:
+        raise QuantizeError(f"--shard_size_mb must be >= 0 (0: a shard per tensor), got {shard_size_mb}")
     skeleton = model_loading.build_skeleton(config, quant)
     shells = model_loading.quantized_weights(skeleton)
     tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {})  # saved once, as the embedding
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    with model_loading.written_whole(out) as tmp:
         bar = tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress)
         stored = (_stored(name, tensor, name in shells, quant, device) for name, tensor in tensors if name not in tied)
         n_shards, n_bytes = _write_shards(stored, tmp, shard_size_mb * 2**20, bar)
@@ -104,27 +101,10 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
         config.save_pretrained(tmp)
         if beside is not None:
             model_loading.copy_beside(beside, tmp)
-        model_loading.plan_load(tmp, quant)
-        if out.exists():
-            shutil.rmtree(out)  # --overwrite, checked by _check_out
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        model_loading.plan_load(tmp, quant)  # the loader's own checks, on what was written
     print(f"wrote {len(shells)} weights in {quant} and the rest in bf16 to {out}: {n_shards} shards, "
           f"{n_bytes / 2**30:,.2f} GiB, in {time.perf_counter() - t0:.1f}s")
     return out
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    if not overwrite:
-        raise QuantizeError(f"--out {out} already exists and is not empty; pass --overwrite to replace it, or choose "
-                            "another folder")
-    if not (out / "config.json").is_file():
-        raise QuantizeError(f"--out {out} exists and is not a model folder (no config.json); refusing to delete it, "
-                            "even with --overwrite")
 
 
 def _stored(name: str, tensor: torch.Tensor, quantize: bool, quant: str,

@@ -125,7 +125,7 @@ def test_quantize_py_loses_nothing(checkpoints, tmp_path, monkeypatch):
     src, out = checkpoints("llama"), tmp_path / "q"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(quantize.QuantizeError, match="already exists and is not empty; pass --overwrite"):
+    with pytest.raises(quantize.QuantizeError, match="already exists; pass --overwrite"):
         quantize.quantize_checkpoint(str(src), out, progress=False)
     with pytest.raises(quantize.QuantizeError, match="is not a model folder .* refusing to delete it"):
         quantize.quantize_checkpoint(str(src), out, overwrite=True, progress=False)
