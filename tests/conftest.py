@@ -65,21 +65,23 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prequantized(checkpoints, tmp_path_factory):
-    """(quant, double_quant, storage) -> a folder that transformers itself quantized from the sharded llama
-    checkpoint and saved (BitsAndBytesConfig + save_pretrained, on the CPU), in 40KB shards, with the tokenizer."""
+    """(quant, double_quant, storage, skip) -> a folder that transformers itself quantized from the sharded llama
+    checkpoint and saved (BitsAndBytesConfig + save_pretrained, on the CPU), in 40KB shards, with the tokenizer.
+    skip: its llm_int8_skip_modules."""
     from transformers import BitsAndBytesConfig
 
     from model_loading import copy_beside
 
     made = {}
 
-    def get(quant: str = "nf4", double_quant: bool = True, storage: torch.dtype = torch.bfloat16) -> Path:
-        key = (quant, double_quant, storage)
+    def get(quant: str = "nf4", double_quant: bool = True, storage: torch.dtype = torch.bfloat16,
+            skip: tuple[str, ...] | None = None) -> Path:
+        key = (quant, double_quant, storage, skip)
         if key not in made:
             src = checkpoints("llama")
             config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                         bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16,
-                                        bnb_4bit_quant_storage=storage)
+                                        bnb_4bit_quant_storage=storage, llm_int8_skip_modules=skip and list(skip))
             model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=torch.bfloat16,
                                                          device_map="cpu")
             out = tmp_path_factory.mktemp(f"llama-{quant}-{'dq' if double_quant else 'nodq'}-{str(storage)[6:]}")

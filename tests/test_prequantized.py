@@ -51,6 +51,20 @@ def test_logits_equal_transformers_on_its_own_checkpoint(prequantized, quant, do
         torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, rtol=0, atol=0)
 
 
+def test_the_checkpoints_own_choice_of_4bit_linears_is_kept(prequantized):
+    """transformers quantizes lm_head too when llm_int8_skip_modules is given, and keeps the listed linears 16-bit:
+    ours keeps those down_proj in bf16 as stored, dequantizes the 4-bit lm_head (our lm_head is bf16), and gives
+    transformers' logits exactly."""
+    path = prequantized("nf4", True, torch.bfloat16, skip=("down_proj",))
+    stored = stored_tensors(path)
+    assert "lm_head.weight.absmax" in stored and "model.layers.0.mlp.down_proj.weight.absmax" not in stored
+    ours = load_model(path, quantization.AUTO, DEVICE, progress=False).eval()
+    assert len(linears_4bit(ours)) == 12 and type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert type(ours.lm_head) is torch.nn.Linear and ours.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, rtol=0, atol=0)
+
+
 def test_packed_bytes_are_the_stored_bytes(prequantized, monkeypatch):
     """No dequantize/requantize round trip: nothing is quantized while loading, and every 4-bit weight holds the
     checkpoint's packed bytes and absmax bit for bit (stored as uint8, viewed as bf16)."""
@@ -153,7 +167,7 @@ def test_quantize_py_loses_nothing(checkpoints, tmp_path, monkeypatch):
 # Training, merging and sampling from a pre-quantized base
 
 
-def test_train_merge_and_generate_from_a_prequantized_base(prequantized, tmp_path):
+def test_train_merge_and_generate_from_a_prequantized_base(prequantized, tmp_path, capsys):
     """Two steps train from transformers' nf4 checkpoint (--quant left at auto follows it, and the run records nf4);
     merge.py writes bf16(dequant(stored W) + B A alpha/r), W dequantized by bitsandbytes from the stored entries,
     into a plain 16-bit checkpoint; generate.py on the base alone samples what transformers' generate does."""
@@ -164,6 +178,8 @@ def test_train_merge_and_generate_from_a_prequantized_base(prequantized, tmp_pat
     history = run_inprocess(common(base, run, steps=2))
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert json.loads((run / "train_config.json").read_text())["quant"] == "nf4"
+    assert "says the checkpoint is pre-quantized to nf4: its packed 4-bit weights are used as they are" in \
+        capsys.readouterr().out
 
     merged = tmp_path / "merged"
     reported = merge.merge(str(base), run, merged, progress=False)
