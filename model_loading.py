@@ -125,7 +125,8 @@ def _check_quantization(file: Path, qc) -> None:
            "loads here")
     if method != "bitsandbytes":
         raise CheckpointError(f"{file}: the weights are quantized with {method} (quantization_config.quant_method), "
-                              f"which this loader cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints. {fix}")
+                              "which this loader cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints. "
+                              + fix)
     if qc.get("load_in_8bit") or not qc.get("load_in_4bit"):
         raise CheckpointError(f"{file}: the weights are bitsandbytes 8-bit (quantization_config.load_in_8bit), which "
                               f"this loader cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints. {fix}")
@@ -312,7 +313,8 @@ def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module,
             raise CheckpointError(
                 f"tensor {name} in {entry.file.name} holds {list(entry.shape)} {entry.dtype} of packed 4-bit codes, "
                 f"but the config's {list(expected[name])} weight packs into "
-                f"({quantization.packed_bytes(expected[name])}, 1) bytes: the shard does not belong to this config.json")
+                f"({quantization.packed_bytes(expected[name])}, 1) bytes: the shard does not belong to this "
+                "config.json")
         if name not in owner and entry.shape != expected[name]:
             raise CheckpointError(
                 f"tensor {name} in {entry.file.name} has shape {list(entry.shape)}, "

@@ -27,7 +27,8 @@ def stored_tensors(folder):
 
 
 def as_bytes(tensor):
-    """The raw bytes: packed codes viewed as bf16 include NaN patterns, which torch.equal calls unequal to themselves."""
+    """The raw bytes: packed codes viewed as bf16 include NaN patterns, which torch.equal finds unequal to
+    themselves."""
     return tensor.detach().cpu().reshape(-1).view(torch.uint8)
 
 
@@ -209,15 +210,16 @@ def test_train_merge_and_generate_from_a_prequantized_base(prequantized, tmp_pat
 
 @pytest.fixture
 def damaged(prequantized, tmp_path):
-    """A fresh copy of transformers' nf4 checkpoint, and a function that edits the tensors of the shard holding one."""
+    """A fresh copy of transformers' nf4 checkpoint, and edit(name, change): the tensor `name` becomes change(it), or
+    leaves its shard when that is None."""
     dst = tmp_path / "ckpt"
     shutil.copytree(prequantized("nf4", True, torch.uint8), dst)
 
     def edit(name, change):
         shard = next(f for f in sorted(dst.glob("*.safetensors")) if name in load_file(f))
         tensors = load_file(shard)
-        change(tensors)
-        save_file(tensors, shard, metadata={"format": "pt"})
+        tensors[name] = change(tensors[name])
+        save_file({k: t for k, t in tensors.items() if t is not None}, shard, metadata={"format": "pt"})
 
     return dst, edit
 
@@ -226,7 +228,7 @@ def damaged(prequantized, tmp_path):
 def test_missing_quant_state_entry_is_named(damaged, entry):
     path, edit = damaged
     name = f"model.layers.0.self_attn.q_proj.weight.{entry}"
-    edit(name, lambda tensors: tensors.pop(name))
+    edit(name, lambda tensor: None)
     with pytest.raises(CheckpointError, match=rf"{name} is missing from the checkpoint"):
         load_model(path, progress=False)
 
@@ -234,10 +236,10 @@ def test_missing_quant_state_entry_is_named(damaged, entry):
 def test_misshapen_packed_weight_and_damaged_quant_state_are_named(damaged):
     path, edit = damaged
     name = "model.layers.1.mlp.up_proj.weight"
-    edit(name, lambda tensors: tensors.__setitem__(f"{name}.quant_state.bitsandbytes__nf4", torch.zeros(9, dtype=torch.uint8)))
+    edit(f"{name}.quant_state.bitsandbytes__nf4", torch.zeros_like)  # its JSON all zero bytes
     with pytest.raises(CheckpointError, match=rf"the 4-bit weight {name} in .* cannot be used: its quant_state"):
         load_model(path, progress=False)
-    edit(name, lambda tensors: tensors.__setitem__(name, tensors[name][:100]))
+    edit(name, lambda tensor: tensor[:100])
     with pytest.raises(CheckpointError, match=rf"tensor {name} in .* holds \[100, 1\] U8 of packed 4-bit codes, but "
                                               r"the config's \[128, 64\] weight packs into \(4096, 1\) bytes"):
         load_model(path, progress=False)
