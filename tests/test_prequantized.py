@@ -18,6 +18,9 @@ from model_loading import CheckpointError, load_model
 
 # (quant, double quantization, the dtype transformers stores the packed bytes as): its default storage is uint8;
 # bf16 storage is what FSDP needs and what quantize.py writes.
+# A linear we dequantize to bf16 against transformers' 4-bit one: bit-exact on the CPU, where bitsandbytes' layer is
+# F.linear with the dequantized weight; CUDA's 4-bit kernels may round a few bf16 ulps differently.
+DEQUANTIZED = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=2e-2, atol=3e-2)
 VARIANTS = [("nf4", True, torch.bfloat16), ("nf4", False, torch.uint8), ("fp4", True, torch.uint8),
             ("fp4", False, torch.bfloat16)]
 
@@ -55,7 +58,7 @@ def test_logits_equal_transformers_on_its_own_checkpoint(prequantized, quant, do
 def test_the_checkpoints_own_choice_of_4bit_linears_is_kept(prequantized):
     """transformers quantizes lm_head too when llm_int8_skip_modules is given, and keeps the listed linears 16-bit:
     ours keeps those down_proj in bf16 as stored, dequantizes the 4-bit lm_head (our lm_head is bf16), and gives
-    transformers' logits exactly."""
+    transformers' logits (exactly on the CPU)."""
     path = prequantized("nf4", True, torch.bfloat16, skip=("down_proj",))
     stored = stored_tensors(path)
     assert "lm_head.weight.absmax" in stored and "model.layers.0.mlp.down_proj.weight.absmax" not in stored
@@ -63,7 +66,7 @@ def test_the_checkpoints_own_choice_of_4bit_linears_is_kept(prequantized):
     assert len(linears_4bit(ours)) == 12 and type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert type(ours.lm_head) is torch.nn.Linear and ours.lm_head.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, rtol=0, atol=0)
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, **DEQUANTIZED)
 
 
 def test_packed_bytes_are_the_stored_bytes(prequantized, monkeypatch):
@@ -79,13 +82,13 @@ def test_packed_bytes_are_the_stored_bytes(prequantized, monkeypatch):
 
 
 def test_quant_none_dequantizes_to_transformers_logits(prequantized):
-    """--quant none on a pre-quantized checkpoint: every linear dequantized to bf16, the same logits exactly (on the
-    CPU, bitsandbytes' 4-bit layer is F.linear with the dequantized weight)."""
+    """--quant none on a pre-quantized checkpoint: every linear dequantized to bf16, the same logits (exactly on the
+    CPU, where bitsandbytes' 4-bit layer is F.linear with the dequantized weight)."""
     path = prequantized("fp4", True, torch.bfloat16)
     ours = load_model(path, "none", DEVICE, progress=False).eval()
     assert not linears_4bit(ours)
     with torch.no_grad():
-        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, rtol=0, atol=0)
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, **DEQUANTIZED)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
