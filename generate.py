@@ -139,8 +139,9 @@ def load(model: str, adapter: str | None, quant: str | None, device: torch.devic
     tokenizer = model_loading.load_tokenizer(model_dir)  # a folder without one fails before the model loads
     if adapter:
         lora.read_adapter_config(Path(adapter))  # a missing adapter fails before the model loads
-    if quant is None:  # as trained with an adapter; a merged or plain model in 16 bits
-        quant = run_folder.trained_quant(Path(adapter)) if adapter else "none"
+    if quant is None:  # as trained with an adapter; a merged or plain model as it is stored (16 or 4 bits)
+        quant = run_folder.trained_quant(Path(adapter)) if adapter else model_loading.resolve_quant(
+            model_loading.read_config(model_dir), quantization.AUTO, default="none")
     net = model_loading.load_model(model_dir, quant, device).eval()
     if adapter:
         lora.apply_adapter(net, Path(adapter))
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="0: greedy")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="for temperature > 0")
     parser.add_argument("--quant", default=None, choices=quantization.QUANT_TYPES,
-                        help="base quantization (default: the adapter's, as trained; none without an adapter)")
+                        help="base quantization (default: the adapter's, as trained; without an adapter, a "
+                             "pre-quantized checkpoint's own, else none)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load(args.model, args.adapter, args.quant, device)

@@ -19,6 +19,8 @@ Which W. The adapter was trained against the 4-bit base, dequant(quant(W)), not 
                             QLoRA models often are. It differs from the model as trained by the base's 4-bit rounding
                             error (NF4: ~9% relative per weight), which the adapter never saw and may have learned
                             to correct: on the built-in model this changed 9 of 48 greedy answers.
+A pre-quantized base (a bitsandbytes 4-bit checkpoint) holds no 16-bit W: its W is the stored 4-bit weight,
+dequantized as the loader computes it, so only the dequantized semantics apply and nothing is quantized again.
 The check at the end loads the model as trained (4-bit base + adapter, through our loader) and reports its max logit
 difference to the merged model, so the cost of either choice is a number, not a guess.
 """
@@ -26,8 +28,6 @@ import argparse
 import inspect
 import json
 import math
-import os
-import shutil
 import struct
 import time
 from collections.abc import Iterator
@@ -36,24 +36,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 import builtin
 import lora
 import model_loading
 import quantization
 import run_folder
-from model_loading import TensorEntry
+from model_loading import SAFETENSORS_DTYPES, TensorEntry
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SEMANTICS = ("bf16", "dequantized")
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-# Everything a tokenizer (and generation defaults) may need, copied from the base folder as is
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-                   "*.tiktoken", "chat_template*", "generation_config.json")
 
 
 class MergeError(ValueError):
@@ -72,29 +66,30 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     adapter_config = lora.read_adapter_config(adapter_dir)
     train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
     quant = run_folder.trained_quant(adapter_dir)
-    _check_out_dir(out_dir, overwrite, base_dir, adapter_dir)
+    if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
+        raise MergeError(f"--out {out_dir} is the base model or adapter folder; write the merge somewhere else")
+    model_loading.check_out_folder(out_dir, overwrite, MergeError)
 
     # Everything is checked from the headers before a byte is written: base against its config, adapter against base.
-    config = model_loading.read_config(base_dir)
-    entries = model_loading.index_checkpoint(base_dir)
-    model_loading.check_checkpoint(entries, model_loading.build_skeleton(config, "none"))
+    config, entries, stats = read_base(base_dir, semantics)
     updates = plan_updates(entries, adapter_dir, adapter_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # The dequantized semantics of a 16-bit base: W goes through the loader's 4-bit round trip first
+    round_trip = quant if semantics == "dequantized" and quant != "none" and not stats else None
 
     # Written into a hidden sibling, renamed into place at the end: an interrupted merge never looks complete.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with model_loading.written_whole(out_dir) as tmp:
         t0 = time.perf_counter()
         n_shards, n_bytes = write_weights(entries, updates, adapter_dir, lora.adapter_scaling(adapter_config), tmp,
-                                          DTYPES[dtype], semantics, quant, shard_size_mb * 2**20, device, progress)
+                                          DTYPES[dtype], round_trip, shard_size_mb * 2**20, device, progress, stats)
         config.dtype = DTYPES[dtype]  # saved as "dtype": from_pretrained(dtype="auto") picks it
+        if stats:  # the merged weights are 16-bit: transformers must not read them as 4-bit
+            del config.quantization_config
         config.save_pretrained(tmp)
-        copied = [shutil.copy(f, tmp) for pattern in TOKENIZER_FILES for f in base_dir.glob(pattern) if f.is_file()]
+        copied = model_loading.copy_beside(base_dir, tmp)
         print(f"merged {len(updates)} adapted weights into {len(entries)} tensors: {n_shards} shards, "
               f"{n_bytes / 2**20:,.1f} MiB, in {time.perf_counter() - t0:.1f}s")
-        if not any(Path(f).name.startswith("tokenizer") for f in copied):
+        if not any(name.startswith("tokenizer") for name in copied):
             print(f"warning: {base_dir} has no tokenizer files; add them to {out_dir} before serving it")
         diffs = max_logit_diffs(base_dir, adapter_dir, tmp, quant, DTYPES[dtype], device) if verify else None
         if diffs:
@@ -102,26 +97,26 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
                   f"the adapter itself moves the logits by up to {diffs[1]:.4g}")
         write_model_card(tmp, out_dir.name, model, adapter_dir, adapter_config, train_config, semantics, quant, dtype,
                          diffs)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # --overwrite, checked by _check_out_dir
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"saved to {out_dir}")
     return diffs[0] if diffs else None
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool, base_dir: Path, adapter_dir: Path) -> None:
-    if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
-        raise MergeError(f"--out {out_dir} is the base model or adapter folder; write the merge somewhere else")
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise MergeError(f"--out {out_dir} already exists; pass --overwrite to replace it, or choose another folder")
-    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "config.json").is_file()):
-        raise MergeError(f"--out {out_dir} exists and is not a model folder (no config.json); "
-                         "refusing to delete it, even with --overwrite")
+def read_base(base_dir: Path, semantics: str) -> tuple[PretrainedConfig, dict[str, TensorEntry],
+                                                       dict[str, dict[str, TensorEntry]]]:
+    """The base's config, its tensors as the merged checkpoint holds them (dense_entries), checked against the config
+    from the headers, and the quant_state entries of each weight of a pre-quantized base (none for a 16-bit one)."""
+    config = model_loading.read_config(base_dir)
+    entries = model_loading.index_checkpoint(base_dir)
+    packed = model_loading.packed_weights(entries, model_loading.checkpoint_quant(config))
+    skeleton = model_loading.build_skeleton(config, "none")
+    model_loading.check_checkpoint(entries, skeleton, packed)
+    if packed and semantics == "bf16":
+        raise MergeError(f"--semantics bf16 adds the update to the 16-bit base weights, and {base_dir} is "
+                         "pre-quantized to 4 bits: they are not in it. Leave --semantics at dequantized, or pass the "
+                         "16-bit original as --model")
+    stats = {weight: {part.removeprefix(f"{weight}."): entries[part] for part in parts[1:]}
+             for weight, parts in packed.items()}
+    return config, dense_entries(entries, stats, skeleton), stats
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -174,6 +169,21 @@ def plan_shards(entries: dict[str, TensorEntry], dtypes: dict[str, torch.dtype],
     return shards
 
 
+def dense_entries(entries: dict[str, TensorEntry], stats: dict[str, dict[str, TensorEntry]],
+                  skeleton: torch.nn.Module) -> dict[str, TensorEntry]:
+    """The base's tensors as a 16-bit checkpoint holds them: a pre-quantized weight (`stats`: its quant_state
+    entries) as its (out, in) bf16 matrix, its quant_state entries dropped; the rest as they are."""
+    quant_state = {f"{weight}.{key}" for weight, entries_of in stats.items() for key in entries_of}
+    dense = {}
+    for name, entry in entries.items():
+        if name in stats:
+            linear = skeleton.get_submodule(name.removesuffix(".weight"))
+            dense[name] = TensorEntry(entry.file, (linear.out_features, linear.in_features), "BF16")
+        elif name not in quant_state:
+            dense[name] = entry
+    return dense
+
+
 def output_dtypes(entries: dict[str, TensorEntry], dtype: torch.dtype) -> dict[str, torch.dtype]:
     """--dtype for every floating tensor; anything else (integer buffers) keeps its stored type."""
     stored = {name: SAFETENSORS_DTYPES[entry.dtype] for name, entry in entries.items()}
@@ -184,13 +194,23 @@ def output_dtypes(entries: dict[str, TensorEntry], dtype: torch.dtype) -> dict[s
 # The streaming merge
 
 
-def read_in_order(entries: dict[str, TensorEntry]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor alone, in the order of `entries`. The file is opened for each tensor and closed right after:
+def read_in_order(entries: dict[str, TensorEntry], stats: dict[str, dict[str, TensorEntry]],
+                  device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor alone, in the order of `entries`; a pre-quantized weight (in `stats`, with its quant_state entries)
+    dequantized on `device`, as the loader computes it. The file is opened for each tensor and closed right after:
     safe_open memory-maps it, and mapped pages count as resident until unmapped, so a 5 GB input shard kept open would
     add up to 5 GB to the merge's memory. Opening costs a header parse, nothing next to the tensor itself."""
-    for name, entry in entries.items():
+    def read(name: str, entry: TensorEntry) -> torch.Tensor:
         with safe_open(str(entry.file), framework="pt", device="cpu") as f:
-            yield name, f.get_tensor(name)
+            return f.get_tensor(name)
+
+    for name, entry in entries.items():
+        tensor = read(name, entry)
+        if name in stats:
+            parts = {key: read(f"{name}.{key}", part).to(device) for key, part in stats[name].items()}
+            weight = model_loading.unpack_4bit(name, tensor.to(device), parts, entry.shape, entry.file)
+            tensor = quantization.dequantize(weight)
+        yield name, tensor
 
 
 def read_factors(adapter_dir: Path, path: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,12 +220,13 @@ def read_factors(adapter_dir: Path, path: str) -> tuple[torch.Tensor, torch.Tens
     return a, b
 
 
-def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, semantics: str, quant: str,
+def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, round_trip: str | None,
                   device: torch.device) -> torch.Tensor:
-    """W + B @ A * scaling in fp32, W being the base weight or its 4-bit round trip (see the module docstring)."""
+    """W + B @ A * scaling in fp32, W being the base weight as read or, with `round_trip` (a 4-bit type), its 4-bit
+    round trip (see the module docstring)."""
     w = w.to(device)
-    if semantics == "dequantized" and quant != "none":  # exactly as the loader quantizes
-        w = quantization.dequantize(quantization.quantize(w, quant, device))
+    if round_trip is not None:  # exactly as the loader quantizes
+        w = quantization.dequantize(quantization.quantize(w, round_trip, device))
     return lora.add_update(w.float(), a.to(device, torch.float32), b.to(device, torch.float32), scaling)
 
 
@@ -225,9 +246,11 @@ def safetensors_header(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) 
 
 
 def write_weights(entries: dict[str, TensorEntry], updates: dict[str, str], adapter_dir: Path, scaling: float,
-                  out_dir: Path, dtype: torch.dtype, semantics: str, quant: str, shard_bytes: int,
-                  device: torch.device, progress: bool = True) -> tuple[int, int]:
+                  out_dir: Path, dtype: torch.dtype, round_trip: str | None, shard_bytes: int,
+                  device: torch.device, progress: bool = True,
+                  stats: dict[str, dict[str, TensorEntry]] | None = None) -> tuple[int, int]:
     """Stream every base tensor, merged where adapted, into the shards of `out_dir`; returns (shards, bytes).
+    `stats`: a pre-quantized base's quant_state entries (read_in_order).
 
     At any moment one tensor is in memory (with its fp32 copy while it is merged): it is read, merged, cast and
     appended to its shard's file, then dropped.
@@ -235,7 +258,7 @@ def write_weights(entries: dict[str, TensorEntry], updates: dict[str, str], adap
     dtypes = output_dtypes(entries, dtype)
     shards = plan_shards(entries, dtypes, shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    tensors = read_in_order(entries)
+    tensors = read_in_order(entries, stats or {}, device)
     bar = tqdm(total=len(entries), desc="merging", unit="tensor", disable=not progress)
     for file, names in zip(files, shards):
         with open(out_dir / file, "wb") as f:
@@ -244,7 +267,7 @@ def write_weights(entries: dict[str, TensorEntry], updates: dict[str, str], adap
                 _, tensor = next(tensors)  # the same order as planned
                 if name in updates:
                     a, b = read_factors(adapter_dir, updates[name])
-                    tensor = merged_weight(tensor, a, b, scaling, semantics, quant, device)
+                    tensor = merged_weight(tensor, a, b, scaling, round_trip, device)
                 tensor = tensor.to("cpu", dtypes[name]).contiguous()
                 f.write(tensor.reshape(-1).view(torch.uint8).numpy())  # raw little-endian bytes, as the format says
                 bar.update()

@@ -2,24 +2,32 @@
 
 The path, top to bottom:
   resolve_model_dir   a local folder, or a Hub repo id downloaded into the huggingface_hub cache
-  read_config         its config.json, refused unless transformers can build it as a causal LM
+  read_config         its config.json, refused unless transformers can build it as a causal LM from weights we can
+                      read: 16-bit, or pre-quantized by bitsandbytes to 4 bits (resolve_quant: which --quant applies)
   load_tokenizer      the tokenizer saved beside it, or an error that names the folder
   index_checkpoint    which file holds which tensor, validated against the model before any data is read
   build_skeleton      the transformers model on the meta device (no memory), its decoder-layer linears swapped
-                      for Linear4bit shells
+                      for Linear4bit shells (in a pre-quantized checkpoint: those it stores in 4 bits)
+  check_host_memory   with --cpu_offload: the loaded model's size in host memory, from the headers, against what
+                      the machine has
   load_model          streams every tensor with safe_open, quantizes it on the rank's device, puts it in place;
-                      threads copy the next tensors to the GPU meanwhile
+                      threads copy the next tensors to the GPU meanwhile. A pre-quantized weight arrives with its
+                      quant_state entries and goes in as its packed bytes are (dequantized only where the model
+                      keeps a linear in bf16: lm_head, or all of them with --quant none)
 
 Every rank runs this and builds the identical model: FSDP is later told not to broadcast (sync_module_states=False),
 and quantization is deterministic, so the same files give the same packed bytes on every rank.
 """
 import json
+import math
 import os
 import queue
 import re
+import shutil
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +44,12 @@ import quantization
 # A tokenizer's vocabulary is in one of these (tokenizer_config.json alone holds none): the fast tokenizers' file,
 # sentencepiece models, BPE's vocab.json (with merges.txt), WordPiece's vocab.txt, tiktoken and Mistral's tekken.
 TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken", "tekken.json")
+# Everything a tokenizer (and generation defaults) may need, copied as is by the tools that write a model folder
+BESIDE_WEIGHTS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                  "*.tiktoken", "chat_template*", "generation_config.json")
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
 
 
 class CheckpointError(ValueError):
@@ -97,7 +111,58 @@ def read_config(model_dir: Path) -> PretrainedConfig:
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise CheckpointError(f"{file}: model_type {config.model_type!r} is not a causal LM transformers can build "
                               "(AutoModelForCausalLM has no class for it): --model needs a decoder-only language model")
+    _check_quantization(file, getattr(config, "quantization_config", None))
     return config
+
+
+def _check_quantization(file: Path, qc) -> None:
+    """Refuse weights quantized in a way we cannot read: every method but bitsandbytes 4-bit (GPTQ, AWQ, 8-bit, ...)."""
+    if qc is None:
+        return
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = getattr(qc.get("quant_method"), "value", qc.get("quant_method"))  # an enum in a BitsAndBytesConfig
+    fix = ("point --model at the 16-bit original; `python quantize.py` writes a bitsandbytes 4-bit copy of it that "
+           "loads here")
+    if method != "bitsandbytes":
+        raise CheckpointError(f"{file}: the weights are quantized with {method} (quantization_config.quant_method), "
+                              "which this loader cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints. "
+                              + fix)
+    if qc.get("load_in_8bit") or not qc.get("load_in_4bit"):
+        raise CheckpointError(f"{file}: the weights are bitsandbytes 8-bit (quantization_config.load_in_8bit), which "
+                              f"this loader cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints. {fix}")
+    if qc.get("bnb_4bit_quant_type") not in ("nf4", "fp4"):
+        raise CheckpointError(f"{file}: quantization_config.bnb_4bit_quant_type is "
+                              f"{qc.get('bnb_4bit_quant_type')!r}; bitsandbytes writes 'nf4' or 'fp4'. {fix}")
+
+
+def checkpoint_quant(config: PretrainedConfig) -> str | None:
+    """The 4-bit type ("nf4" or "fp4") a pre-quantized checkpoint stores; None for a 16-bit one (read_config has
+    refused every other quantization). Which linears are 4-bit, their block size and double quantization are read
+    from the weights' own quant_state entries, as transformers does; bnb_4bit_compute_dtype is a runtime choice, not
+    a property of the bytes, and ours is bf16."""
+    qc = getattr(config, "quantization_config", None)
+    return None if qc is None else (qc if isinstance(qc, dict) else qc.to_dict())["bnb_4bit_quant_type"]
+
+
+def resolve_quant(config: PretrainedConfig, quant: str, default: str = quantization.DEFAULT, log=None) -> str:
+    """--quant as it applies to this checkpoint. auto: a pre-quantized checkpoint's own 4-bit type (said through
+    `log`), else `default`. A pre-quantized checkpoint also takes its own type, or none (its weights dequantized to
+    bf16); another 4-bit type is refused: the 16-bit weights it would be quantized from are not in the checkpoint."""
+    choices = (quantization.AUTO, *quantization.QUANT_TYPES)
+    if quant not in choices:
+        raise CheckpointError(f"--quant {quant!r}: choose one of {choices}")
+    stored = checkpoint_quant(config)
+    if stored is None:
+        return default if quant == quantization.AUTO else quant
+    where = f"{Path(config.name_or_path) / 'config.json'} says the checkpoint is pre-quantized to {stored}"
+    if quant not in (quantization.AUTO, stored, "none"):
+        raise CheckpointError(f"--quant {quant}, but {where}: the 16-bit weights that {quant} would be quantized "
+                              f"from are not in it. Leave --quant at {quantization.AUTO} (or pass {stored}) to use its "
+                              f"own {stored} weights, or point --model at the 16-bit original")
+    if log and quant != stored:
+        log(f"{where}: " + ("its packed 4-bit weights are used as they are" if quant == quantization.AUTO else
+                            "--quant none dequantizes them to bf16 (the 4-bit rounding stays in the weights)"))
+    return stored if quant == quantization.AUTO else quant
 
 
 def load_tokenizer(model_dir: Path):
@@ -112,6 +177,45 @@ def load_tokenizer(model_dir: Path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Writing a model folder (merge.py, quantize.py)
+
+
+def check_out_folder(out: Path, overwrite: bool, error: type[Exception] = CheckpointError) -> None:
+    """An --out that may be written: new or empty, or replaced with --overwrite when it holds a model (config.json);
+    a folder of something else is never deleted."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise error(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+    if not (out / "config.json").is_file():
+        raise error(f"--out {out} exists and is not a model folder (no config.json); refusing to delete it, even "
+                    "with --overwrite")
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write a model folder into, renamed to `out` (replacing it) once the block
+    ends: an interrupted write never looks finished, and the folder it replaces is kept until then."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)  # --overwrite, checked by check_out_folder
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_beside(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer and generation files of the model folder `src` into `dst`; returns the names copied."""
+    files = [f for pattern in BESIDE_WEIGHTS for f in src.glob(pattern) if f.is_file()]
+    return [Path(shutil.copy(f, dst)).name for f in files]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # What is in the files
 
 
@@ -120,6 +224,10 @@ class TensorEntry:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # as the safetensors header names it: "BF16", "F32", "I64", ...
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
 def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
@@ -153,13 +261,41 @@ def _corrupt(file: Path, error: SafetensorError) -> CheckpointError:
     return CheckpointError(f"{file} is truncated or corrupt ({error}); download it again")
 
 
-def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module) -> dict[Path, list[str]]:
+def packed_weights(entries: dict[str, TensorEntry], quant: str | None) -> dict[str, list[str]]:
+    """The 4-bit weights of a checkpoint pre-quantized to `quant` (None: a 16-bit checkpoint, which has none): each
+    weight's name -> the names of its entries, the packed bytes first, then its quant_state's. A weight is 4-bit when
+    the checkpoint has quant_state entries for it; one it lacks is named."""
+    if quant is None:
+        return {}
+    state = quantization.STATE_KEY + quant
+    found: dict[str, set[str]] = {}
+    for name in entries:
+        for suffix in (*quantization.STATS, *quantization.NESTED, state):
+            if name.endswith("." + suffix):
+                found.setdefault(name[: -len(suffix) - 1], set()).add(suffix)
+    packed = {}
+    for weight, have in sorted(found.items()):
+        need = [*quantization.STATS, state] + (list(quantization.NESTED) if have & set(quantization.NESTED) else [])
+        lost = [suffix for suffix in need if suffix not in have]
+        if lost:
+            raise CheckpointError(f"{weight}.{lost[0]} is missing from the checkpoint, which has the other quant_state "
+                                  f"entries of the 4-bit weight {weight}: the file is damaged or incomplete; download "
+                                  "it again")
+        packed[weight] = [weight] + [f"{weight}.{suffix}" for suffix in need]
+    return packed
+
+
+def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module,
+                     packed: dict[str, list[str]] | None = None) -> dict[Path, list[str]]:
     """Every tensor the model needs is present with its shape, and nothing else: fail before reading any data.
+    `packed`: a pre-quantized checkpoint's 4-bit weights (packed_weights), checked for the bytes their shape packs
+    into; their quant_state entries go with them.
 
     Returns the tensors to load, grouped by file; harmless extras (old rotary caches, transformers' own list of
     ignorable keys) are left out.
     """
-    expected = _expected_shapes(model)
+    expected, packed = _expected_shapes(model), packed or {}
+    owner = _owners(packed)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     missing = sorted(set(expected) - set(entries) - tied)
     if missing:
@@ -168,17 +304,29 @@ def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module) -> dict[
     ignorable.append(re.compile(r"rotary_emb\.inv_freq"))  # older checkpoints carry rotary caches; rebuilt anyway
     to_load: dict[Path, list[str]] = {}
     for name, entry in entries.items():
-        if name not in expected:
+        weight = owner.get(name, name)  # a quant_state entry belongs to its weight
+        if weight not in expected:
             if not any(p.search(name) for p in ignorable):
                 raise CheckpointError(f"unexpected tensor {name} in {entry.file.name}: the config does not describe it")
-        elif entry.shape != expected[name]:
+            continue
+        if name in packed and (entry.shape[1:] != (1,) or entry.nbytes != quantization.packed_bytes(expected[name])):
+            raise CheckpointError(
+                f"tensor {name} in {entry.file.name} holds {list(entry.shape)} {entry.dtype} of packed 4-bit codes, "
+                f"but the config's {list(expected[name])} weight packs into "
+                f"({quantization.packed_bytes(expected[name])}, 1) bytes: the shard does not belong to this "
+                "config.json")
+        if name not in owner and entry.shape != expected[name]:
             raise CheckpointError(
                 f"tensor {name} in {entry.file.name} has shape {list(entry.shape)}, "
                 f"but the config expects {list(expected[name])}: the shard does not belong to this config.json"
             )
-        else:
-            to_load.setdefault(entry.file, []).append(name)
+        to_load.setdefault(entry.file, []).append(name)
     return to_load
+
+
+def _owners(packed: dict[str, list[str]]) -> dict[str, str]:
+    """Every entry of a pre-quantized 4-bit weight (its packed bytes too) -> the weight's name."""
+    return {part: weight for weight, parts in packed.items() for part in parts}
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -205,42 +353,111 @@ def decoder_layer_class(model: nn.Module) -> type[nn.Module]:
     return classes.pop()
 
 
-def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: str | None = None) -> nn.Module:
-    """The model on the meta device, with every nn.Linear inside the decoder layers replaced by a Linear4bit shell."""
+def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: str | None = None,
+                   only: set[str] | None = None) -> nn.Module:
+    """The model on the meta device, with every nn.Linear inside the decoder layers replaced by a Linear4bit shell;
+    with `only` (a pre-quantized checkpoint's 4-bit modules), those of them it names: what it keeps in 16 bits
+    (llm_int8_skip_modules) stays so, as transformers builds it."""
     with torch.device("meta"):  # `config` from read_config, which refuses what AutoModelForCausalLM cannot build
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn_implementation)
     layer_cls = decoder_layer_class(model)
     if quant != "none":
-        for layer in (m for m in model.modules() if isinstance(m, layer_cls)):
+        for prefix, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, layer_cls)]:
             for name, linear in list(layer.named_modules()):
-                if type(linear) is nn.Linear:
+                if type(linear) is nn.Linear and (only is None or f"{prefix}.{name}" in only):
                     layer.set_submodule(name, quantization.linear4bit_shell(linear, quant))
     return model
 
 
-def load_model(model_dir: Path, quant: str = quantization.DEFAULT, device: torch.device | str = "cpu",
+def quantized_weights(model: nn.Module) -> set[str]:
+    """The names of the weights that are 4-bit in `model`: those of its Linear4bit modules."""
+    return {f"{name}.weight" for name, module in model.named_modules() if quantization.is_4bit(module)}
+
+
+@dataclass
+class LoadPlan:
+    """What load_model will build and read, known from config.json and the safetensors headers alone."""
+    model: nn.Module  # the skeleton, on meta
+    entries: dict[str, TensorEntry]
+    by_file: dict[Path, list[str]]  # the tensors to read, file by file (check_checkpoint)
+    packed: dict[str, list[str]]  # a pre-quantized checkpoint's 4-bit weights -> their entries (packed_weights)
+
+
+def plan_load(model_dir: Path, quant: str, attn_implementation: str | None = None) -> LoadPlan:
+    """The skeleton for `quant` (resolve_quant), checked against the checkpoint's headers; no tensor data is read."""
+    config = read_config(model_dir)
+    quant, stored = resolve_quant(config, quant), checkpoint_quant(config)
+    entries = index_checkpoint(model_dir)
+    packed = packed_weights(entries, stored)
+    only = None if stored is None else {weight.removesuffix(".weight") for weight in packed}
+    model = build_skeleton(config, quant, attn_implementation, only)
+    return LoadPlan(model, entries, check_checkpoint(entries, model, packed), packed)
+
+
+def host_bytes(plan: LoadPlan) -> int:
+    """Bytes of the model load_model builds, estimated from the headers: 4-bit weights as quantized (or as stored),
+    everything else in bf16. What --cpu_offload keeps in host memory, summed over the ranks of a node."""
+    shells = quantized_weights(plan.model)
+    shapes, owner = _expected_shapes(plan.model), _owners(plan.packed)
+    total = 0
+    for name in (name for names in plan.by_file.values() for name in names):
+        weight = owner.get(name, name)
+        if weight in plan.packed and weight not in shells:  # dequantized to bf16, its quant_state dropped
+            total += 2 * math.prod(shapes[weight]) if name == weight else 0
+        elif weight in plan.packed:
+            total += plan.entries[name].nbytes
+        else:
+            total += quantization.quantized_bytes(shapes[name]) if name in shells else 2 * math.prod(shapes[name])
+    return total
+
+
+def check_host_memory(model_dir: Path, quant: str, available: int | None = None) -> int:
+    """--cpu_offload: refuse, before anything is loaded, a model that cannot fit in host memory; returns the estimate.
+
+    `available` defaults to the kernel's MemAvailable. The estimate is a floor: loading and optimizer state add to it.
+    """
+    need = host_bytes(plan_load(model_dir, quant))
+    if available is None:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+    if need > available:
+        raise CheckpointError(f"--cpu_offload keeps the model in host memory: {model_dir} needs about "
+                              f"{need / 2**30:,.1f} GiB there as loaded (estimated from its safetensors headers), and "
+                              f"{available / 2**30:,.1f} GiB is available. Free host memory, use a machine with more, "
+                              "or train without --cpu_offload")
+    return need
+
+
+def load_model(model_dir: Path, quant: str = quantization.AUTO, device: torch.device | str = "cpu",
                progress: bool = True, attn_implementation: str | None = None,
                keep_on: torch.device | str | None = None) -> nn.Module:
     """Build the model from `model_dir`, streaming one tensor at a time onto `device`; all parameters frozen.
 
+    quant: nf4, fp4, none, or auto (resolve_quant). A pre-quantized checkpoint's 4-bit weights are not quantized
+    again: their stored bytes and quant_state go into the Linear4bit as they are.
     attn_implementation: transformers' name ("sdpa", "flash_attention_2", ...); None lets transformers choose.
     keep_on: where the quantized tensors then wait (default: `device`). "cpu" keeps a model larger than one GPU off
     it: FSDP moves one unit at a time to the GPU as it wraps it, keeping only this rank's shard there.
     """
-    if quant not in quantization.QUANT_TYPES:
-        raise CheckpointError(f"--quant {quant!r}: choose one of {quantization.QUANT_TYPES}")
     device = torch.device(device)
     keep_on = torch.device(keep_on) if keep_on is not None else device
-    model = build_skeleton(read_config(model_dir), quant, attn_implementation)
+    plan = plan_load(model_dir, quant, attn_implementation)
+    model, owner = plan.model, _owners(plan.packed)
     _init_nonpersistent_buffers(model, keep_on)
-    by_file = check_checkpoint(index_checkpoint(model_dir), model)
 
-    quantized = {f"{name}.weight" for name, module in model.named_modules() if quantization.is_4bit(module)}
-    where = {name: device if name in quantized else keep_on for names in by_file.values() for name in names}
+    # A tensor goes to `device` when there is work to do on it there: a 16-bit weight to quantize, or a pre-quantized
+    # one to dequantize (a linear the model keeps in bf16). The rest, pre-quantized weights for a shell included, goes
+    # straight where it waits.
+    quantized, where = quantized_weights(model), {}
+    for name in (name for names in plan.by_file.values() for name in names):
+        weight = owner.get(name, name)
+        to_quantize = weight in quantized and weight not in plan.packed
+        to_dequantize = weight in plan.packed and weight not in quantized
+        where[name] = device if to_quantize or to_dequantize else keep_on
     bar = tqdm(total=len(where), desc="loading", unit="tensor", disable=not progress)
-    for name, tensor in _read_ahead(by_file, where):
-        _put(model, name, tensor, device, keep_on)
-        bar.update()
+    for name, tensor, stats in _assemble(read_ahead(plan.by_file, where), plan.packed):
+        _put(model, name, tensor, stats, device, keep_on, plan.entries[name].file)
+        bar.update(1 + len(stats or {}))
     bar.close()
     model.tie_weights()  # tied lm_head (Gemma, small Qwen/Llama) points at the loaded embedding again
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -251,7 +468,7 @@ def load_model(model_dir: Path, quant: str = quantization.DEFAULT, device: torch
     return model
 
 
-def _read_ahead(by_file: dict[Path, list[str]], where: dict[str, torch.device], threads: int = 8,
+def read_ahead(by_file: dict[Path, list[str]], where: dict[str, torch.device], threads: int = 8,
                 chunk_bytes: int = 16 << 20):
     """(name, tensor on where[name]) for every tensor of `by_file`, in order, read by `threads` threads up to
     `threads` tensors ahead of the caller, who quantizes meanwhile. A tensor for the CPU is the file's own memory map.
@@ -331,9 +548,45 @@ class _PinnedCopier:
             self.free.put((stream, buffers))
 
 
-def _put(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, keep_on: torch.device) -> None:
+def _assemble(tensors, packed: dict[str, list[str]]):
+    """(name, tensor, None) for each tensor, but (weight, packed bytes, {stat: tensor}) for a pre-quantized weight,
+    once all its entries have arrived (they are neighbours in the files, so few wait at a time)."""
+    owner, waiting = _owners(packed), {}
+    for name, tensor in tensors:
+        if name not in owner:
+            yield name, tensor, None
+            continue
+        weight = owner[name]
+        parts = waiting.setdefault(weight, {})
+        parts[name.removeprefix(weight).removeprefix(".")] = tensor  # "" for the packed bytes
+        if len(parts) == len(packed[weight]):
+            del waiting[weight]
+            yield weight, parts.pop(""), parts
+
+
+def unpack_4bit(name: str, packed: torch.Tensor, stats: dict[str, torch.Tensor], shape: tuple[int, ...], file: Path,
+                module: nn.Module | None = None):
+    """A pre-quantized weight as a Params4bit, on the device its tensors are on (quantization.from_prequantized), or
+    a CheckpointError naming it."""
+    try:
+        return quantization.from_prequantized(packed, stats, shape, packed.device, module)
+    except ValueError as e:
+        raise CheckpointError(f"the 4-bit weight {name} in {file.name} cannot be used: {e}. The checkpoint is "
+                              "damaged or was not written by bitsandbytes; download it again") from e
+
+
+def _put(model: nn.Module, name: str, tensor: torch.Tensor, stats: dict[str, torch.Tensor] | None,
+         device: torch.device, keep_on: torch.device, file: Path) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if stats is not None:  # pre-quantized: the packed bytes and quant_state as stored, read onto keep_on for a shell
+        shell = quantization.is_4bit(module)
+        weight = unpack_4bit(name, tensor, stats, (module.out_features, module.in_features), file,
+                             module if shell else None)
+        if shell:
+            module.weight = weight
+            return
+        tensor = quantization.dequantize(weight)  # a linear the model keeps in bf16 (lm_head; all with --quant none)
     if quantization.is_4bit(module) and attr == "weight":  # quantized on `device`; .to moves quant_state along
         module.weight = quantization.quantize(tensor.to(device), module.weight.quant_type, device, module).to(keep_on)
         return

@@ -3,7 +3,14 @@
 A 4-bit weight is a Params4bit holding packed bytes (two 4-bit codes per byte) viewed as STORAGE, plus a quant_state
 (per-block scales, themselves 8-bit with double quantization). It lives in a Linear4bit, whose forward dequantizes
 block by block inside bitsandbytes' kernels.
+
+A pre-quantized checkpoint (transformers' save_pretrained of a bitsandbytes 4-bit model) stores each 4-bit weight as
+its packed bytes under the weight's own name, beside the quant_state's tensors under `<weight>.<stat>`: `absmax`,
+`quant_map`, with double quantization `nested_absmax` and `nested_quant_map`, and `quant_state.bitsandbytes__<type>`,
+a JSON of the rest (shape, dtype, block sizes, offset). from_prequantized and serialize turn one into the other.
 """
+import math
+
 import bitsandbytes as bnb
 import torch
 import torch.nn as nn
@@ -11,6 +18,12 @@ from bitsandbytes.functional import dequantize_4bit
 
 QUANT_TYPES = ("nf4", "fp4", "none")  # none: the base stays bf16 (plain LoRA)
 DEFAULT = "nf4"  # the QLoRA paper's choice: quantiles of a normal distribution, which weights roughly follow
+AUTO = "auto"  # a pre-quantized checkpoint's own type, else DEFAULT (model_loading.resolve_quant)
+# The quant_state's entries in a checkpoint, after "<weight>.": every 4-bit weight has the first two and one
+# STATE_KEY + its type; double quantization adds NESTED. (bitsandbytes' own names: QuantState.as_dict(packed=True).)
+STATS = ("absmax", "quant_map")
+NESTED = ("nested_absmax", "nested_quant_map")
+STATE_KEY = "quant_state.bitsandbytes__"
 # The dtype the packed bytes are viewed as. FSDP flattens every parameter of a unit into one tensor of one dtype and
 # casts it to MixedPrecision's param_dtype: the packed bytes survive only a no-op cast, so STORAGE must be that
 # param_dtype (fsdp_wrap.py), and bf16 also lets them share a flat parameter with the layer's bf16 norms.
@@ -19,7 +32,8 @@ COMPUTE = torch.bfloat16  # the dtype the weight is dequantized to for each matm
 
 
 def linear4bit_shell(linear: nn.Linear, quant: str) -> nn.Module:
-    """An empty (meta) Linear4bit with `linear`'s shape, for the loader to fill with quantize()."""
+    """An empty (meta) Linear4bit with `linear`'s shape, for the loader to fill with quantize() or from_prequantized()
+    (whose weight then follows the checkpoint's own quant_state, double quantization or not)."""
     shell = bnb.nn.Linear4bit(
         linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=COMPUTE,
         compress_statistics=True,  # double quantization: the absmax scales are themselves 8-bit, ~0.4 bit/param saved
@@ -54,3 +68,48 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
     """
     quant_state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
     return dequantize_4bit(weight.reshape(-1, 1), quant_state)
+
+
+def packed_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes of packed codes for a weight of `shape`: two 4-bit codes a byte, whatever dtype they are viewed as."""
+    return (math.prod(shape) + 1) // 2
+
+
+def quantized_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes a weight of `shape` takes once quantize()d: the packed codes plus double-quantized statistics (one byte
+    of absmax per block of 64 weights, one fp32 per 256 of those, and the two code books)."""
+    blocks = math.ceil(math.prod(shape) / 64)
+    return packed_bytes(shape) + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256)
+
+
+def from_prequantized(packed: torch.Tensor, stats: dict[str, torch.Tensor], shape: tuple[int, ...],
+                      device: torch.device, module: nn.Module | None = None):
+    """A checkpoint's packed bytes and quant_state entries (keys as after "<weight>.") as the Params4bit quantize()
+    would have made, the bytes reused as they are: no dequantize/requantize round trip.
+
+    Checkpoints store the bytes as uint8 (transformers' default quant_storage) or viewed as another dtype; they are
+    viewed as STORAGE here, the dtype FSDP needs. The quant_state says which 4-bit type, block size and double
+    quantization the bytes use. ValueError, with the reason, when the entries do not describe a weight of `shape`.
+    """
+    raw = packed.reshape(-1).view(torch.uint8)
+    if raw.numel() % STORAGE.itemsize:
+        raise ValueError(f"its {raw.numel()} packed bytes cannot be viewed as {STORAGE}")
+    try:
+        weight = bnb.nn.Params4bit.from_prequantized(raw.view(STORAGE).reshape(-1, 1), dict(stats),
+                                                     requires_grad=False, device=device, module=module)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:  # bitsandbytes asserts on unknown keys
+        raise ValueError(f"its quant_state entries cannot be read ({type(e).__name__}: {e})") from e
+    state = weight.quant_state
+    if tuple(state.shape) != tuple(shape) or state.absmax.numel() != math.ceil(math.prod(shape) / state.blocksize):
+        raise ValueError(f"its quant_state describes a {list(state.shape)} weight with {state.absmax.numel()} blocks "
+                         f"of {state.blocksize}, not the config's {list(shape)}")
+    # The dtype dequantization writes: a checkpoint quantized from fp16 weights says float16, and an fp16 matrix
+    # would then meet bf16 activations and LoRA factors. bf16 it is, as quantize() makes it.
+    state.dtype = COMPUTE
+    return weight
+
+
+def serialize(weight) -> dict[str, torch.Tensor]:
+    """A 4-bit weight as a checkpoint stores it: "" -> the packed bytes, then each quant_state entry by its key after
+    "<weight>." (what bitsandbytes' Linear4bit._save_to_state_dict and transformers' save_pretrained write)."""
+    return {"": weight.data, **weight.quant_state.as_dict(packed=True)}

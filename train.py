@@ -77,7 +77,7 @@ class Config(data.DataConfig):
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_targets: str = field(default=",".join(lora.DEFAULT_TARGETS), metadata={"help": "comma-separated module names or regexes"})
     # memory and sharding
-    quant: str = field(default=quantization.DEFAULT, metadata={"choices": quantization.QUANT_TYPES, "help": "4-bit type of the base, or none (plain LoRA)"})
+    quant: str = field(default=quantization.AUTO, metadata={"choices": [quantization.AUTO, *quantization.QUANT_TYPES], "help": f"4-bit type of the base, or none (plain LoRA); {quantization.AUTO}: a pre-quantized checkpoint's own type, else {quantization.DEFAULT}"})
     sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
     cpu_offload: bool = field(default=False, metadata={"help": "keep parameter shards in CPU memory (GPU only)", "may_change": SAME_MATH})
     grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": list(fsdp_wrap.CHECKPOINTING), "help": "activation checkpointing of decoder layers", "may_change": SAME_MATH})
@@ -472,6 +472,10 @@ def train(cfg: Config) -> list[dict]:
             checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
         model_dir = builtin.model_dir(cfg.model)
         config = model_loading.read_config(model_dir)  # an architecture transformers lacks fails before tokenizing
+        # --quant as it applies to this base (auto: a pre-quantized checkpoint's own type), kept in the run's config
+        cfg = dataclasses.replace(cfg, quant=model_loading.resolve_quant(config, cfg.quant, log=print0))
+        if cfg.cpu_offload:  # a model that cannot fit in host memory fails now, not after loading half of it
+            model_loading.check_host_memory(model_dir, cfg.quant)
         tokenizer = model_loading.load_tokenizer(model_dir)
         batches = prepare_batches(cfg, tokenizer, config.vocab_size, device)  # a bad dataset fails in seconds
         if cfg.show:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import generate  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
 from builtin import make_tokenizer, write_random_checkpoint  # noqa: E402
@@ -56,6 +57,36 @@ def checkpoints(tmp_path_factory):
             # 40KB shards split the ~0.5 MB model into many files; "1GB" keeps it in one model.safetensors
             write_random_checkpoint(tiny_config(arch), out, "40KB" if layout == "sharded" else "1GB",
                                     seed=1, tokenizer=make_tokenizer())
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def prequantized(checkpoints, tmp_path_factory):
+    """(quant, double_quant, storage, skip) -> a folder that transformers itself quantized from the sharded llama
+    checkpoint and saved (BitsAndBytesConfig + save_pretrained, on the CPU), in 40KB shards, with the tokenizer.
+    skip: its llm_int8_skip_modules."""
+    from transformers import BitsAndBytesConfig
+
+    from model_loading import copy_beside
+
+    made = {}
+
+    def get(quant: str = "nf4", double_quant: bool = True, storage: torch.dtype = torch.bfloat16,
+            skip: tuple[str, ...] | None = None) -> Path:
+        key = (quant, double_quant, storage, skip)
+        if key not in made:
+            src = checkpoints("llama")
+            config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
+                                        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16,
+                                        bnb_4bit_quant_storage=storage, llm_int8_skip_modules=skip and list(skip))
+            model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=torch.bfloat16,
+                                                         device_map="cpu")
+            out = tmp_path_factory.mktemp(f"llama-{quant}-{'dq' if double_quant else 'nodq'}-{str(storage)[6:]}")
+            model.save_pretrained(out, max_shard_size="40KB")
+            copy_beside(src, out)
             made[key] = out
         return made[key]
 
@@ -167,3 +198,28 @@ def make_adapter(base, out, quant="nf4"):
     (out / "train_config.json").write_text(json.dumps({"model": str(base), "quant": quant, "lora_rank": 4}))
     return out
 
+
+def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """transformers' own generate on BOS + rendered prompt, left-padded into one batch, greedy, stopping at the
+    tokenizer's EOS (the trainer ends every response with it) and at the model's own."""
+    eos = model.generation_config.eos_token_id
+    eos = [tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [] if eos is None else [eos])
+    ids = [[tokenizer.bos_token_id] + tokenizer.encode(generate.render_prompt(p), add_special_tokens=False)
+           for p in prompts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=DEVICE)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=DEVICE)
+    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def refused_before_loading(monkeypatch, tmp_path, model_dir, *, tokenizes: bool, args: tuple[str, ...] = ()):
+    """`python train.py --model model_dir ARGS`, failing the test if the model (or, unless `tokenizes`, the data) is
+    loaded: the refusal must come first."""
+    import data
+
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    if not tokenizes:
+        monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("tokenized the data before refusing"))
+    run_inprocess(["--model", str(model_dir), "--output_dir", str(tmp_path / "out"), *args])

@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, DEVICE, common, losses, make_adapter, reference_model, run_inprocess, run_torchrun
+from conftest import (ARCHS, DEVICE, common, hf_greedy, losses, make_adapter, reference_model, run_inprocess,
+                      run_torchrun)
 from transformers import AutoTokenizer
 
 import generate
@@ -16,21 +17,6 @@ from model_loading import load_model
 PROMPTS = ['{"instruction": "Name the capital.", "input": "Peru"}', "Once upon a time",
            '{"instruction": "Give the opposite."}']
 SAMPLE_TOKENS = 16  # during training; enough to tell models apart
-
-
-def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """transformers' own generate on BOS + rendered prompt, left-padded into one batch, greedy, stopping at the
-    tokenizer's EOS (the trainer ends every response with it) and at the model's own."""
-    eos = model.generation_config.eos_token_id
-    eos = [tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [] if eos is None else [eos])
-    ids = [[tokenizer.bos_token_id] + tokenizer.encode(generate.render_prompt(p), add_special_tokens=False)
-           for p in prompts]
-    width = max(len(x) for x in ids)
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=DEVICE)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=DEVICE)
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
-    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
 def test_render_prompt_uses_the_training_template():

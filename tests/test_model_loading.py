@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, DEVICE, ROOT, TOKENS, reference_model, run_inprocess
+from conftest import ARCHS, DEVICE, ROOT, TOKENS, reference_model, refused_before_loading
 from safetensors.torch import load_file, save_file
 
 from builtin import tiny_checkpoint
@@ -154,18 +154,6 @@ def test_unknown_or_unsupported_architecture(broken, model_type, message):
         load_model(broken, progress=False)
 
 
-def refused_before_loading(monkeypatch, tmp_path, model_dir, *, tokenizes: bool):
-    """`python train.py --model model_dir`, failing the test if the model (or, unless `tokenizes`, the data) is
-    loaded: the refusal must come first."""
-    import data
-    import train
-
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
-    if not tokenizes:
-        monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("tokenized the data before refusing"))
-    run_inprocess(["--model", str(model_dir), "--output_dir", str(tmp_path / "out")])
-
-
 @pytest.mark.parametrize("model_type, message", [
     ("not-a-model", r"cannot read .*config\.json \(model_type 'not-a-model'\) with transformers [\d.]+: .*"
                     r"Upgrade transformers .*or check model_type in config\.json"),
@@ -283,7 +271,7 @@ def test_tensors_copied_to_the_gpu_by_several_threads_are_the_files_bytes(checkp
     by_file = {}
     for name, entry in entries.items():
         by_file.setdefault(entry.file, []).append(name)
-    arrived = list(model_loading._read_ahead(by_file, {name: DEVICE for name in entries}, threads=3, chunk_bytes=1000))
+    arrived = list(model_loading.read_ahead(by_file, {name: DEVICE for name in entries}, threads=3, chunk_bytes=1000))
     assert [name for name, _ in arrived] == [name for names in by_file.values() for name in names]
     expected = load_file(next(iter(by_file)))
     assert max(t.numel() * t.element_size() for t in expected.values()) > 2 * 3 * 1000

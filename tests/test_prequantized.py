@@ -1,0 +1,289 @@
+"""Pre-quantized checkpoints: transformers' own bitsandbytes 4-bit checkpoints load with their bytes as they are,
+quantize.py writes that format, and training, merging and sampling work from such a base."""
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import DEVICE, TOKENS, common, hf_greedy, reference_model, refused_before_loading, run_inprocess
+from safetensors.torch import load_file, save_file
+
+import generate
+import lora
+import merge
+import model_loading
+import quantization
+import quantize
+from model_loading import CheckpointError, load_model
+
+# (quant, double quantization, the dtype transformers stores the packed bytes as): its default storage is uint8;
+# bf16 storage is what FSDP needs and what quantize.py writes.
+# A linear we dequantize to bf16 against transformers' 4-bit one: bit-exact on the CPU, where bitsandbytes' layer is
+# F.linear with the dequantized weight; CUDA's 4-bit kernels may round a few bf16 ulps differently.
+DEQUANTIZED = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=2e-2, atol=3e-2)
+VARIANTS = [("nf4", True, torch.bfloat16), ("nf4", False, torch.uint8), ("fp4", True, torch.uint8),
+            ("fp4", False, torch.bfloat16)]
+
+
+def stored_tensors(folder):
+    return {name: t for shard in sorted(folder.glob("*.safetensors")) for name, t in load_file(shard).items()}
+
+
+def as_bytes(tensor):
+    """The raw bytes: packed codes viewed as bf16 include NaN patterns, which torch.equal finds unequal to
+    themselves."""
+    return tensor.detach().cpu().reshape(-1).view(torch.uint8)
+
+
+def linears_4bit(model):
+    return {name: m for name, m in model.named_modules() if quantization.is_4bit(m)}
+
+
+@pytest.mark.parametrize("quant, double_quant, storage", VARIANTS)
+def test_logits_equal_transformers_on_its_own_checkpoint(prequantized, quant, double_quant, storage):
+    """Built from a checkpoint transformers quantized and saved, our model gives transformers' logits on it, exactly:
+    the same packed bytes and quant_state go through the same bitsandbytes layers. Each 4-bit linear follows the
+    checkpoint (type, double quantization) and holds bf16-viewed bytes; lm_head stays bf16."""
+    path = prequantized(quant, double_quant, storage)
+    ours = load_model(path, quantization.AUTO, DEVICE, progress=False).eval()
+    layers = linears_4bit(ours)
+    assert len(layers) == 14 and type(ours.lm_head) is torch.nn.Linear
+    for layer in layers.values():
+        assert layer.weight.dtype == quantization.STORAGE and layer.weight.quant_type == quant
+        assert layer.weight.quant_state.nested == double_quant and layer.quant_state is layer.weight.quant_state
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_the_checkpoints_own_choice_of_4bit_linears_is_kept(prequantized):
+    """transformers quantizes lm_head too when llm_int8_skip_modules is given, and keeps the listed linears 16-bit:
+    ours keeps those down_proj in bf16 as stored, dequantizes the 4-bit lm_head (our lm_head is bf16), and gives
+    transformers' logits (exactly on the CPU)."""
+    path = prequantized("nf4", True, torch.bfloat16, skip=("down_proj",))
+    stored = stored_tensors(path)
+    assert "lm_head.weight.absmax" in stored and "model.layers.0.mlp.down_proj.weight.absmax" not in stored
+    ours = load_model(path, quantization.AUTO, DEVICE, progress=False).eval()
+    assert len(linears_4bit(ours)) == 12 and type(ours.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert type(ours.lm_head) is torch.nn.Linear and ours.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, **DEQUANTIZED)
+
+
+def test_packed_bytes_are_the_stored_bytes(prequantized, monkeypatch):
+    """No dequantize/requantize round trip: nothing is quantized while loading, and every 4-bit weight holds the
+    checkpoint's packed bytes and absmax bit for bit (stored as uint8, viewed as bf16)."""
+    path = prequantized("nf4", True, torch.uint8)
+    monkeypatch.setattr(quantization, "quantize", lambda *a, **k: pytest.fail("quantized a pre-quantized weight"))
+    ours = load_model(path, quantization.AUTO, DEVICE, progress=False)
+    stored = stored_tensors(path)
+    for name, layer in linears_4bit(ours).items():
+        assert torch.equal(as_bytes(layer.weight.data), as_bytes(stored[f"{name}.weight"])), name
+        assert torch.equal(layer.weight.quant_state.absmax.cpu(), stored[f"{name}.weight.absmax"]), name
+
+
+def test_quant_none_dequantizes_to_transformers_logits(prequantized):
+    """--quant none on a pre-quantized checkpoint: every linear dequantized to bf16, the same logits (exactly on the
+    CPU, where bitsandbytes' 4-bit layer is F.linear with the dequantized weight)."""
+    path = prequantized("fp4", True, torch.bfloat16)
+    ours = load_model(path, "none", DEVICE, progress=False).eval()
+    assert not linears_4bit(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, **DEQUANTIZED)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quantize.py
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_quantize_py_writes_what_transformers_loads(checkpoints, prequantized, tmp_path, quant):
+    """quantize.py's checkpoint: transformers' from_pretrained loads it as 4-bit with our model's logits, exactly;
+    our model from it holds the bytes our model quantized from the 16-bit original holds; and its tensors are those
+    transformers' own quantization saves (bf16 storage), bit for bit."""
+    src, out = checkpoints("llama"), tmp_path / "q"
+    quantize.main(["--model", str(src), "--out", str(out), "--quant", quant, "--shard_size_mb", "0"])
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # each tensor in a shard of its own
+    ours = load_model(out, quantization.AUTO, DEVICE, progress=False).eval()
+    direct = load_model(src, quant, DEVICE, progress=False).eval()
+    reference = reference_model(out)
+    assert len(linears_4bit(reference)) == 14
+    with torch.no_grad():
+        logits = ours(TOKENS).logits
+        torch.testing.assert_close(logits, reference(TOKENS).logits, rtol=0, atol=0)
+        torch.testing.assert_close(logits, direct(TOKENS).logits, rtol=0, atol=0)
+    for name, layer in linears_4bit(direct).items():
+        assert torch.equal(as_bytes(layer.weight.data), as_bytes(ours.get_submodule(name).weight.data)), name
+    theirs = stored_tensors(prequantized(quant, True, torch.bfloat16))
+    written = stored_tensors(out)
+    assert written.keys() == theirs.keys()
+    for name, tensor in written.items():
+        assert torch.equal(as_bytes(tensor), as_bytes(theirs[name])), name
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+
+
+def test_write_4bit_from_tensors_alone(checkpoints, tmp_path):
+    """write_4bit takes (name, tensor) pairs and a config, no folder: a synthetic checkpoint from random tensors on
+    meta shapes loads, in transformers with our logits. Tied weights (Gemma's lm_head) are written once."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoints("gemma"))
+    shapes = model_loading.build_skeleton(config, "none").state_dict()
+    g = torch.Generator().manual_seed(0)
+    tensors = ((name, torch.randn(t.shape, generator=g) * 0.1) for name, t in shapes.items())
+    out = quantize.write_4bit(config, tensors, tmp_path / "synthetic", "nf4", progress=False)
+    assert "lm_head.weight" in shapes and "lm_head.weight" not in stored_tensors(out)
+    ours = load_model(out, quantization.AUTO, DEVICE, progress=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(out)(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_quantize_py_loses_nothing(checkpoints, tmp_path, monkeypatch):
+    """A folder that is not empty is kept without --overwrite, and one that holds no model even with it; a write that
+    fails midway leaves the old folder as it was and no temporary folder; a pre-quantized source is refused."""
+    src, out = checkpoints("llama"), tmp_path / "q"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(quantize.QuantizeError, match="already exists; pass --overwrite"):
+        quantize.quantize_checkpoint(str(src), out, progress=False)
+    with pytest.raises(quantize.QuantizeError, match="is not a model folder .* refusing to delete it"):
+        quantize.quantize_checkpoint(str(src), out, overwrite=True, progress=False)
+    (out / "notes.txt").unlink()
+    quantize.quantize_checkpoint(str(src), out, progress=False)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    calls = []
+
+    def fail_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "save_file", fail_on_second_shard)
+    with pytest.raises(OSError, match="No space left"):
+        quantize.quantize_checkpoint(str(src), out, "fp4", overwrite=True, shard_size_mb=0, progress=False)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    with pytest.raises(quantize.QuantizeError, match="is already quantized to nf4"):
+        quantize.quantize_checkpoint(str(out), tmp_path / "again", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training, merging and sampling from a pre-quantized base
+
+
+def test_train_merge_and_generate_from_a_prequantized_base(prequantized, tmp_path, capsys):
+    """Two steps train from transformers' nf4 checkpoint (--quant left at auto follows it, and the run records nf4);
+    merge.py writes bf16(dequant(stored W) + B A alpha/r), W dequantized by bitsandbytes from the stored entries,
+    into a plain 16-bit checkpoint; generate.py on the base alone samples what transformers' generate does."""
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoTokenizer
+
+    base, run = prequantized("nf4", True, torch.uint8), tmp_path / "run"
+    history = run_inprocess(common(base, run, steps=2))
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    assert json.loads((run / "train_config.json").read_text())["quant"] == "nf4"
+    assert "says the checkpoint is pre-quantized to nf4: its packed 4-bit weights are used as they are" in \
+        capsys.readouterr().out
+
+    merged = tmp_path / "merged"
+    reported = merge.merge(str(base), run, merged, progress=False)
+    assert reported < 0.5  # bf16 rounding of W' against the 4-bit model as trained
+    with pytest.raises(merge.MergeError, match="--semantics bf16 .* pre-quantized to 4 bits"):
+        merge.merge(str(base), run, tmp_path / "bf16", semantics="bf16", progress=False)
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    out, transformers_base = stored_tensors(merged), reference_model(base)
+    factors = load_file(run / "adapter_model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    layer = transformers_base.get_submodule(name)
+    w = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().cpu()
+    a, b = (factors[f"{lora.PEFT_PREFIX}{name}.lora_{x}.weight"].float() for x in "AB")
+    assert torch.equal(out[f"{name}.weight"], (w + b @ a * 2.0).bfloat16())  # alpha / r = 8 / 4
+    assert torch.equal(out["lm_head.weight"], transformers_base.lm_head.weight.cpu())
+
+    prompts = ['{"instruction": "Name the capital.", "input": "Peru"}', "Once upon a time"]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    sampled = generate.main(["--model", str(base), "--max_new_tokens", "8", *[f"--prompt={p}" for p in prompts]])
+    assert sampled == hf_greedy(transformers_base, tokenizer, prompts, 8)
+    generate.main(["--model", str(base), "--adapter", str(run), "--max_new_tokens", "4", "--prompt", prompts[1]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: each a clear error naming the problem
+
+
+@pytest.fixture
+def damaged(prequantized, tmp_path):
+    """A fresh copy of transformers' nf4 checkpoint, and edit(name, change): the tensor `name` becomes change(it), or
+    leaves its shard when that is None."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(prequantized("nf4", True, torch.uint8), dst)
+
+    def edit(name, change):
+        shard = next(f for f in sorted(dst.glob("*.safetensors")) if name in load_file(f))
+        tensors = load_file(shard)
+        tensors[name] = change(tensors[name])
+        save_file({k: t for k, t in tensors.items() if t is not None}, shard, metadata={"format": "pt"})
+
+    return dst, edit
+
+
+@pytest.mark.parametrize("entry", ["absmax", "quant_state.bitsandbytes__nf4", "nested_quant_map"])
+def test_missing_quant_state_entry_is_named(damaged, entry):
+    path, edit = damaged
+    name = f"model.layers.0.self_attn.q_proj.weight.{entry}"
+    edit(name, lambda tensor: None)
+    with pytest.raises(CheckpointError, match=rf"{name} is missing from the checkpoint"):
+        load_model(path, progress=False)
+
+
+def test_misshapen_packed_weight_and_damaged_quant_state_are_named(damaged):
+    path, edit = damaged
+    name = "model.layers.1.mlp.up_proj.weight"
+    edit(f"{name}.quant_state.bitsandbytes__nf4", torch.zeros_like)  # its JSON all zero bytes
+    with pytest.raises(CheckpointError, match=rf"the 4-bit weight {name} in .* cannot be used: its quant_state"):
+        load_model(path, progress=False)
+    edit(name, lambda tensor: tensor[:100])
+    with pytest.raises(CheckpointError, match=rf"tensor {name} in .* holds \[100, 1\] U8 of packed 4-bit codes, but "
+                                              r"the config's \[128, 64\] weight packs into \(4096, 1\) bytes"):
+        load_model(path, progress=False)
+
+
+@pytest.mark.parametrize("quantization_config, message", [
+    ({"quant_method": "gptq", "bits": 4}, r"quantized with gptq \(quantization_config.quant_method\)"),
+    ({"quant_method": "awq", "bits": 4}, r"quantized with awq"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}, r"bitsandbytes 8-bit"),
+])
+def test_quantizations_we_cannot_read_are_refused_before_tokenizing(damaged, tmp_path, monkeypatch,
+                                                                    quantization_config, message):
+    path, _ = damaged
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    with pytest.raises(CheckpointError, match=rf"config\.json: the weights are {message}.*quantize\.py"):
+        refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False)
+
+
+@pytest.mark.parametrize("quant", ["fp4", "nf4"])
+def test_conflicting_quant_is_refused_before_tokenizing(prequantized, tmp_path, monkeypatch, quant):
+    """--quant fp4 on an nf4 checkpoint, and --quant nf4 on an fp4 one: its 16-bit weights are not there to quantize."""
+    path = prequantized("fp4" if quant == "nf4" else "nf4", True, torch.bfloat16)
+    other = "fp4" if quant == "nf4" else "nf4"
+    with pytest.raises(CheckpointError, match=rf"--quant {quant}, but .*config\.json says the checkpoint is "
+                                              rf"pre-quantized to {other}.*Leave --quant at auto"):
+        refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False, args=("--quant", quant))
+
+
+def test_host_memory_estimate_and_refusal(checkpoints, prequantized):
+    """The estimate from the headers is the bytes the loaded model holds (within the quant_state's few JSON bytes per
+    weight), from a 16-bit and from a pre-quantized checkpoint; --cpu_offload with too little memory names both
+    figures."""
+    for path, quant in [(checkpoints("llama"), "nf4"), (prequantized("nf4", True, torch.uint8), "auto")]:
+        model = load_model(path, quant, "cpu", progress=False)
+        held = sum(p.nbytes for p in model.parameters())
+        for layer in linears_4bit(model).values():
+            state = layer.weight.quant_state
+            held += state.absmax.nbytes + state.code.nbytes + state.state2.absmax.nbytes + state.state2.code.nbytes
+        estimate = model_loading.host_bytes(model_loading.plan_load(path, quant))
+        assert held <= estimate <= held + 14 * 200, (held, estimate)
+    with pytest.raises(CheckpointError, match=r"--cpu_offload keeps the model in host memory: .* needs about [\d.]+ "
+                                              r"GiB there as loaded .*, and 0\.0 GiB is available"):
+        model_loading.check_host_memory(path, "auto", available=1000)
