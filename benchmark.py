@@ -2,6 +2,8 @@
 
     python benchmark.py                                    # Llama-3-8B shape, seq 2048, batch 1 and 8
     python benchmark.py --shape llama3-70b --layers 8 --batch_sizes 1 --max_memory_gib 24
+    python benchmark.py --shape llama3-70b --prequantized --no_reference --batch_sizes 2,4 --max_memory_gib 24 \
+        --extra="--cpu_offload --offload_activations"              # the whole 70B on one GPU in 24 GiB
     python benchmark.py --seq_lens 16384,32768 --batch_sizes 1 --max_memory_gib 24 --steps 5 --warmup 2 \
         --extra="--offload_activations --tiled_mlp 8192" --extra=   # long context: two variants of ours
 
@@ -57,15 +59,30 @@ SHAPES = {  # transformers config kwargs of real models
 }
 
 
-def synthetic_checkpoint(shape: str, layers: int, root: Path) -> Path:
+def synthetic_checkpoint(shape: str, layers: int, root: Path, prequantized: bool = False) -> Path:
+    """Random weights in the shape of a real model, written once: as bf16 safetensors, or (prequantized) straight
+    as the bitsandbytes NF4 checkpoint transformers writes, never bf16 on disk (70B: ~40 GB instead of 140 GB)."""
     from transformers import AutoConfig
 
     kwargs = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
-    out = root / f"synthetic-{shape}-{kwargs['num_hidden_layers']}layers"
+    out = root / f"synthetic-{shape}-{kwargs['num_hidden_layers']}layers{'-nf4' if prequantized else ''}"
     if not (out / "config.json").is_file():
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        write_random_checkpoint(config, out, max_shard_size="5GB", tokenizer=make_tokenizer(), device=device)
+        if not prequantized:
+            write_random_checkpoint(config, out, max_shard_size="5GB", tokenizer=make_tokenizer(), device=device)
+            return out
+        import model_loading
+        import quantize
+
+        def weights():  # as transformers initialises them: normal(0, initializer_range) matrices, norms of ones
+            for name, t in model_loading.build_skeleton(config, "none").state_dict().items():
+                yield name, (torch.randn(t.shape, device=device, dtype=torch.bfloat16) * config.initializer_range
+                             if t.dim() > 1 else torch.ones(t.shape, device=device, dtype=torch.bfloat16))
+
+        torch.manual_seed(0)
+        quantize.write_4bit(config, weights(), out, "nf4", device)
+        make_tokenizer().save_pretrained(out)
     return out
 
 
@@ -253,6 +270,8 @@ def main() -> None:
     p.add_argument("--r", type=int, default=64, help="LoRA rank (alpha 16, as in the QLoRA paper)")
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--no_reference", action="store_true", help="time ours only")
+    p.add_argument("--prequantized", action="store_true",
+                   help="write the synthetic checkpoint as NF4 (the bitsandbytes format transformers writes)")
     p.add_argument("--profile", action="store_true",
                    help="profile ours instead (the steps after the warmup): GPU time by kind of kernel, then top ops")
     p.add_argument("--max_memory_gib", type=float, default=0,
@@ -273,7 +292,7 @@ def main() -> None:
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model_dir = synthetic_checkpoint(args.shape, args.layers, root)
+    model_dir = synthetic_checkpoint(args.shape, args.layers, root, args.prequantized)
     print(f"checkpoint ready in {time.perf_counter() - t0:.0f}s: {model_dir}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows_text = {}
