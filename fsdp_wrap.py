@@ -129,19 +129,12 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
         cpu_offload=CPUOffload(offload_params=True) if cpu_offload else None,
         # Every rank built the identical model from the same files, so nothing is broadcast (and on CPU it cannot be).
         sync_module_states=False,
-        # The device each unit is moved to as it is wrapped, and where its shard lives; CPU for gloo runs. Offloaded,
-        # none: a unit in CPU memory is flattened there instead of being copied to the GPU and back (FSDP computes on
-        # the current GPU).
-        device_id=None if cpu_offload else device,
+        # The device each unit is moved to as it is wrapped, and where its shard lives; CPU for gloo runs.
+        device_id=device,
         # Rate-limits all-gathers so that at most two units are unsharded at a time: bounded memory, small cost.
         limit_all_gathers=True,
-        # Offloaded, each unit's copy from CPU memory is the slow part of its forward: start the next unit's while
-        # this one computes (backward prefetches by default).
-        forward_prefetch=cpu_offload,
         use_orig_params=False,
     )
-    if cpu_offload and CHECKPOINTING[grad_checkpointing] is not None:
-        free_offloaded_copies(model)
     if CHECKPOINTING[grad_checkpointing] is not None:
         # Recompute each decoder layer in backward instead of storing its activations: memory O(layers) -> O(1).
         # Non-reentrant needs no input that requires grad (all embeddings here are frozen) and supports kwargs.
@@ -150,36 +143,6 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
                                     checkpoint_fn=offloaded)
         apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, layer_cls))
     return model
-
-
-def free_offloaded_copies(model: FSDP) -> None:
-    """Offloaded but not sharded (one GPU, or --sharding no_shard), FSDP1 copies each unit's weights to the GPU for its
-    forward and its backward, and never frees the copies: the modules' weight attributes keep viewing them until the
-    unit's next forward. By the end of a forward the whole model is on the GPU again (70B: ~38 GB), which defeats the
-    offload. So (after its views are moved off the GPU copy made while wrapping) each decoder-layer unit frees its
-    copy when FSDP reshards it, as FSDP frees an all-gathered unit when
-    sharded: after its forward, and after its backward. Only with checkpointing: a checkpointed layer keeps no
-    reference to its weights between forward and backward (it recomputes, after FSDP has copied them back). Units
-    whose parameters are cast for compute (the LoRA units) already free their cast copy; the root stays, as FSDP keeps
-    the root for backward."""
-    for unit in FSDP.fsdp_modules(model):
-        handle = unit._handle
-        if handle is None or handle.uses_sharded_strategy:
-            continue
-        # A unit flattened on the GPU (the LoRA weights start there) and then offloaded still has its module
-        # attributes viewing the GPU flat parameter: view the CPU one instead, so that the GPU one is freed now.
-        handle._use_unsharded_views(as_params=False)
-        if unit is model or handle._uses_param_mixed_precision:
-            continue
-
-        def reshard(free_unsharded_flat_param: bool, handle=handle, reshard=handle.reshard) -> None:
-            device_copy = handle.flat_param.data  # what the unit computed with
-            reshard(free_unsharded_flat_param)  # FSDP points the parameter back at its CPU shard
-            if device_copy.device.type == "cuda":
-                device_copy.record_stream(torch.cuda.current_stream())  # freed once the kernels using it are done
-                device_copy.untyped_storage().resize_(0)  # the stale weight views die with it, as in FSDP's own frees
-
-        handle.reshard = reshard
 
 
 def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -190,11 +190,9 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     """Stream the 4-bit base onto the device, add LoRA (identically on every rank, or loaded from `adapter_dir`),
     then shard and checkpoint."""
     attention = data.packed_attention(device) if cfg.packing else None
-    # Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B: ~38 GB): quantize on
-    # the GPU, keep the result in CPU memory, and let FSDP move each unit to the GPU as it shards it (and, offloaded,
-    # back to CPU memory).
-    sharded = dist.get_world_size() > 1 and cfg.sharding != "no_shard"
-    keep_on = torch.device("cpu") if sharded or cfg.cpu_offload else device
+    # Sharded over several GPUs, the whole 4-bit model may not fit one of them (70B: ~38 GB): quantize on the GPU,
+    # keep the result in CPU memory, and let FSDP move each unit to the GPU as it shards it.
+    keep_on = torch.device("cpu") if dist.get_world_size() > 1 and cfg.sharding != "no_shard" else device
     model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention,
                                      keep_on=keep_on)
     layer_cls = model_loading.decoder_layer_class(model)
