@@ -76,9 +76,9 @@ def test_offloaded_and_tiled_training_gives_the_losses_of_plain_training(checkpo
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU memory")
 def test_offloading_and_tiling_lower_peak_gpu_memory(tmp_path, process_group):
-    """An 8-layer model at 8,192 tokens: offloading keeps at most two layer inputs (8,192 x 1,024 x 2 bytes = 16 MiB
-    each) on the GPU instead of all eight, tiling the MLP drops its (tokens x 4,096) intermediates (64 MiB each); each
-    lowers the peak of a training step."""
+    """An 8-layer model at 8,192 tokens: offloaded, forward leaves none of the eight layer inputs (8,192 x 1,024 x 2
+    bytes = 16 MiB each) on the GPU for backward; tiled, the MLP's (tokens x 4,096) intermediates (64 MiB each) never
+    exist whole, which lowers the peak of the step."""
     from transformers import LlamaConfig
 
     from builtin import make_tokenizer, write_random_checkpoint
