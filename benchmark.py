@@ -31,10 +31,10 @@ import torch
 
 ORIGINAL_ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # before train.py sets its default
 
+import lora  # noqa: E402
 import train  # noqa: E402
 from builtin import make_tokenizer, write_random_checkpoint
 from data import tokenize
-import lora
 
 SHAPES = {  # transformers config kwargs of real models
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
