@@ -231,8 +231,8 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
         torch.manual_seed(0)  # the same A
         model, layer_cls = adapted_4bit(path)
         model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, compile=compile)
-        fused = [m for m in model.modules() if isinstance(getattr(m, "forward", None), functools.partial)]
-        assert len(fused) == (2 * FUSED_PER_LAYER.get(arch, 2 + 1) if compile else 0)  # in each of the 2 layers
+        replaced = [m for m in model.modules() if isinstance(getattr(m, "forward", None), functools.partial)]
+        assert len(replaced) == (2 * FUSED_PER_LAYER.get(arch, 2 + 1) if compile else 0)  # in each of the 2 layers
         loss = model(input_ids=ids, labels=ids)
         loss.backward()
         losses.append(loss.detach())
