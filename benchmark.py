@@ -39,10 +39,10 @@ import torch
 
 ORIGINAL_ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # before train.py sets its default
 
+import lora  # noqa: E402
 import train  # noqa: E402
 from builtin import make_tokenizer, write_random_checkpoint
 from data import tokenize
-from lora import DEFAULT_TARGETS
 
 SHAPES = {  # transformers config kwargs of real models
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -142,8 +142,10 @@ def run_ours(model_dir: Path, data_file: Path, out: Path, seq: int, bs: int, ext
 def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, args) -> dict:
     """transformers + bitsandbytes + PEFT, the way their documentation trains QLoRA."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
+    # The linears train.py adapts by default, by name: PEFT's own "all-linear" would also take an MoE's routers
+    targets = lora.kinds(lora.targets_on(AutoConfig.from_pretrained(model_dir), lora.ALL_LINEAR))
     fresh_memory()
     t0 = time.perf_counter()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -154,7 +156,7 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing and PEFT its dropout
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0 if tuned else 0.1,
-                                             target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM"))
+                                             target_modules=targets, task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     if tuned:
         for p in params:

@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from tqdm import tqdm
 
 import fsdp_wrap
+import lora
 import model_loading
 import run_folder
 from run_folder import COMPLETE, TRAIN_CONFIG
@@ -172,17 +173,24 @@ def read_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
 
 
-def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[str, dict]) -> None:
+def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[str, dict],
+                    model_config=None) -> None:
     """Refuse to continue a checkpoint with another base model, data, LoRA shape, optimizer, schedule or world size.
 
     `run` holds this run's TrainerState fields (all but the step, position and scheduler). `settings` maps each
     setting to its metadata (train.Config): it must be as it was, unless its "may_change" says why it need not; a
     "must_match" reason is given in the refusal; "rows" settings are named when the data's fingerprint differs.
+    With the base's `model_config`, LoRA targets are compared by the linears they select in it, so a run saved with
+    another spelling of the same set resumes: a Llama run saved before "all-linear" was the default named its 7 kinds.
     """
     config, saved = run["config"], state.config
     by_rows = bool(state.data_fingerprint)  # else (an older checkpoint) --dataset is compared by name like the rest
     skip = {k for k, meta in settings.items() if "may_change" in meta} | ({"dataset"} if by_rows else set())
     differ = [k for k in config if k in saved and saved[k] != config[k]]  # keys a checkpoint predates: unknowable
+    if "lora_targets" in differ and model_config is not None and (
+            lora.targets_on(model_config, saved["lora_targets"]).keys()
+            == lora.targets_on(model_config, config["lora_targets"]).keys()):
+        differ.remove("lora_targets")
     why = {k: f" ({meta['must_match']})" for k, meta in settings.items() if "must_match" in meta}
     problems = [f"--{k} is {config[k]!r}, the checkpoint's run used {saved[k]!r}{why.get(k, '')}"
                 for k in differ if k not in skip]

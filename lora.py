@@ -13,7 +13,7 @@ from torch.nn.utils import skip_init
 
 import quantization
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"  # --lora_targets' default, PEFT's keyword: every linear of every decoder layer
 PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
 FACTORS = ("lora_A", "lora_B")
 
@@ -132,29 +132,60 @@ def parse_targets(targets: str | list[str]) -> list[str]:
         except re.error as e:
             raise ValueError(f"--lora_targets: {target!r} is not a valid regular expression ({e}); a name matches as "
                              r"it is, a pattern is a Python regex (.*_proj, not the glob *_proj; \. for a dot)") from e
+    if ALL_LINEAR in found and len(found) > 1:
+        raise ValueError(f"--lora_targets: {ALL_LINEAR!r} already selects every linear of the decoder layers; give it "
+                         f"alone, or name the linears instead of it")
     return found
 
 
-def matching_modules(model: nn.Module, targets: list[str], within: type[nn.Module]) -> dict[str, nn.Module]:
-    """Linear layers inside `within` (the decoder layers) whose name ends with, or fully matches, a target pattern.
+def matching_modules(model: nn.Module, targets: str | list[str], within: type[nn.Module]) -> dict[str, nn.Module]:
+    """Linear layers inside `within` (the decoder layers) whose name ends with, or fully matches, a target pattern;
+    "all-linear" selects all of them except MoE routers (_routers).
 
-    Same rule as PEFT's target_modules, so the saved list selects the same layers when PEFT loads the adapter.
-    lm_head and the embeddings are outside the decoder layers, so they are never adapted.
+    Same rule as PEFT's target_modules, so the saved list selects the same layers when PEFT loads the adapter; for
+    "all-linear", PEFT takes every nn.Linear but the output embedding, which on a model without experts is the same
+    set (tests/test_lora.py compares them). lm_head and the embeddings are outside the decoder layers, so they are never
+    adapted.
     """
-    targets = parse_targets(targets)
-    return {name: module for name, module in _layer_linears(model, within).items()
-            if any(_matches(t, name) for t in targets)}
+    targets, linears = parse_targets(targets), _layer_linears(model, within)
+    routers = _routers(model, linears) if targets == [ALL_LINEAR] else set()
+    return {name: module for name, module in linears.items()
+            if name not in routers and any(_matches(t, name) for t in targets)}
 
 
 def _layer_linears(model: nn.Module, within: type[nn.Module]) -> dict[str, nn.Module]:
-    """Every linear layer inside the decoder layers, by its path."""
+    """Every linear layer inside the decoder layers (nn.Linear or a 4-bit one), by its path; none of LoRA's own."""
     inside = {id(m) for layer in model.modules() if isinstance(layer, within) for m in layer.modules()}
     return {name: module for name, module in model.named_modules()
-            if id(module) in inside and hasattr(module, "in_features") and not isinstance(module, LoRALinear)}
+            if id(module) in inside and hasattr(module, "in_features") and not isinstance(module, LoRAFactor)}
+
+
+def _routers(model: nn.Module, linears: dict[str, nn.Module]) -> set[str]:
+    """The linears of a mixture-of-experts block that route rather than compute: those beside its `experts`, not in
+    them (PhiMoE's and Llama 4's router, Qwen2-MoE's shared_expert_gate). "all-linear" leaves them frozen; naming
+    them adapts them. Found by where they sit, because nothing else is common to them: their names (gate, router,
+    shared_expert_gate) and widths (the number of experts, or 1) differ, and most routers of transformers 5 are no
+    nn.Linear at all (a bare weight, never matched). A shared expert is a module of its own: its linears are adapted."""
+    blocks = {name for name, module in model.named_modules() if isinstance(getattr(module, "experts", None), nn.Module)}
+    return {name for name in linears if name.rpartition(".")[0] in blocks}
 
 
 def _matches(target: str, name: str) -> bool:
-    return name.split(".")[-1] == target or re.fullmatch(target, name) is not None
+    return target == ALL_LINEAR or name.split(".")[-1] == target or re.fullmatch(target, name) is not None
+
+
+def kinds(names) -> list[str]:
+    """Short names of linear layers, as PEFT's target_modules lists them: "model.layers.0.mlp.up_proj" -> up_proj."""
+    return sorted({name.split(".")[-1] for name in names})
+
+
+def targets_on(config, targets: str | list[str]) -> dict[str, nn.Module]:
+    """What `targets` select in the model `config` describes, found on a skeleton on the meta device (no memory, no
+    weights): targets compared before the model loads (a resume), or handed to PEFT (benchmark.py)."""
+    from model_loading import build_skeleton, decoder_layer_class
+
+    skeleton = build_skeleton(config, "none")
+    return matching_modules(skeleton, targets, decoder_layer_class(skeleton))
 
 
 def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r: int, alpha: float,
@@ -166,15 +197,15 @@ def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r
     """
     targets, linears = parse_targets(targets), _layer_linears(model, within)
     found = matching_modules(model, targets, within)
-    kinds = sorted({n.split(".")[-1] for n in linears})  # what the decoder layers have; lm_head is not among them
+    have = kinds(linears)  # what the decoder layers have; lm_head is not among them
     if not found:
-        raise ValueError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {kinds}")
+        raise ValueError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {have}")
     layers = [name for name, m in model.named_modules() if isinstance(m, within)]
     for target in targets:
         missed = [layer for layer in layers if not any(_matches(target, n) for n in found if n.startswith(layer + "."))]
         if missed:
             warnings.warn(f"--lora_targets {target!r} matches nothing in {len(missed)} of {len(layers)} decoder layers "
-                          f"(first: {missed[0]}); their linears are {kinds}")
+                          f"(first: {missed[0]}); their linears are {have}")
     for name, base in found.items():
         model.set_submodule(name, LoRALinear(base, r, alpha, dropout, device))
     return list(found)
@@ -223,7 +254,7 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {peft_key(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    targets = sorted({k.split(".lora_")[0].split(".")[-1] for k in state})
+    targets = kinds(k.split(".lora_")[0] for k in state)  # the layers adapted, never "all-linear": PEFT, vLLM read it
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,

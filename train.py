@@ -75,7 +75,7 @@ class Config(data.DataConfig):
     lora_rank: int = field(default=16, metadata={"help": "rank r of each update"})
     lora_alpha: float = field(default=32.0, metadata={"help": "the update is scaled by alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=",".join(lora.DEFAULT_TARGETS), metadata={"help": "comma-separated module names or regexes"})
+    lora_targets: str = field(default=lora.ALL_LINEAR, metadata={"help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but MoE routers", "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
     # memory and sharding
     quant: str = field(default=quantization.AUTO, metadata={"choices": [quantization.AUTO, *quantization.QUANT_TYPES], "help": f"4-bit type of the base, or none (plain LoRA); {quantization.AUTO}: a pre-quantized checkpoint's own type, else {quantization.DEFAULT}"})
     sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
@@ -349,13 +349,15 @@ def prepare_batches(cfg: Config, tokenizer, vocab: int, device: torch.device) ->
     return Batches(loader, evals, len(loader) // cfg.grad_accum, len(train_ds), data.fingerprint(train_ds), probe)
 
 
-def find_resume(cfg: Config, out_dir: Path, run: dict) -> tuple[Path | None, checkpointing.TrainerState | None]:
+def find_resume(cfg: Config, out_dir: Path, run: dict,
+                model_config) -> tuple[Path | None, checkpointing.TrainerState | None]:
     """The checkpoint to continue from and its state, or (None, None); a mismatch is refused before the model loads."""
     path = checkpointing.select_resume(cfg.resume, out_dir)
     if path is None:
         return None, None
     state = checkpointing.read_state(path)
-    checkpointing.check_resumable(state, path, run, {f.name: f.metadata for f in dataclasses.fields(Config)})
+    checkpointing.check_resumable(state, path, run, {f.name: f.metadata for f in dataclasses.fields(Config)},
+                                  model_config)
     return path, state
 
 
@@ -484,7 +486,7 @@ def train(cfg: Config) -> list[dict]:
         run = dict(world_size=world, steps_per_epoch=batches.steps_per_epoch, base_model=cfg.model,
                    base_fingerprint=checkpointing.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
                    config=dataclasses.asdict(cfg))
-        resume_from, resumed = find_resume(cfg, out_dir, run)
+        resume_from, resumed = find_resume(cfg, out_dir, run, config)
         report = reporting.open_reporters(  # a backend that cannot start fails here, before the model loads
             reporting.parse(cfg.report_to), out_dir, dataclasses.asdict(cfg), resumed.step if resumed else 0,
             resumed.reporting if resumed else {}, run_folder.last_metrics_step(out_dir / "metrics.jsonl"))

@@ -32,15 +32,25 @@ def tiny_config(arch: str):
 
     cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
            "gemma": "GemmaConfig", "cohere": "CohereConfig", "granite": "GraniteConfig", "gemma2": "Gemma2Config",
-           "phi3": "Phi3Config"}[arch]
+           "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config", "olmo2": "Olmo2Config",
+           "stablelm": "StableLmConfig"}[arch]
     # Logits large enough for their transforms to matter: Granite divides them by 4, Cohere (logit_scale 1/16 by
-    # default) multiplies, Gemma 2 caps them at 30.
-    extra = {"granite": dict(logits_scaling=4.0), "phi3": dict(pad_token_id=0)}.get(arch, {}) | (
+    # default) multiplies, Gemma 2 caps them at 30. Gemma 2 and 3 alternate sliding and full attention: a window of 4
+    # tokens makes the sliding layer differ within TOKENS' 10. StableLM as its larger models are: q/k/v biases,
+    # per-head LayerNorms of q and k, rotary on a quarter of each head.
+    extra = {"granite": dict(logits_scaling=4.0), "phi3": dict(pad_token_id=0), "olmo2": dict(eos_token_id=2),
+             "gemma2": dict(sliding_window=4), "stablelm": dict(use_qkv_bias=True, qk_layernorm=True),
+             "gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])}.get(arch, {}) | (
         dict(initializer_range=0.2) if arch in ("cohere", "granite", "gemma2") else {})
     return getattr(transformers, cls)(**SHAPE, **extra)
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
+# The architectures the README calls supported, each checked against transformers and PEFT: logits (test_model_loading),
+# the first step's loss (test_training), the default targets and the adapter in PEFT (test_lora).
+SUPPORTED = ARCHS + ["gemma2", "gemma3", "phi3", "cohere", "granite", "olmo2", "stablelm"]
+# --lora_targets' default before "all-linear": the linears of a Llama decoder layer, by name
+LLAMA_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # The same tests prove the CUDA path (bnb's GPU kernels, NCCL) when run on a machine with a GPU.
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -169,14 +179,14 @@ def adapted_4bit(path, keep_on=None):
     nonzero, so that A gets gradients too."""
     model = load_model(path, "nf4", DEVICE, progress=False, keep_on=keep_on)
     layer_cls = decoder_layer_class(model)
-    lora.inject_lora(model, list(lora.DEFAULT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)
+    lora.inject_lora(model, [lora.ALL_LINEAR], layer_cls, 4, 8.0, 0.0, DEVICE)
     g = torch.Generator().manual_seed(1)
     for m in lora.lora_modules(model).values():
         m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
     return model, layer_cls
 
 
-def adapted(path, quant="none", r=4, alpha=8.0, targets=lora.DEFAULT_TARGETS):
+def adapted(path, quant="none", r=4, alpha=8.0, targets=(lora.ALL_LINEAR,)):
     """Our LoRA injected into the loaded model (eval mode), and the adapted module names."""
     model = load_model(path, quant=quant, device=DEVICE, progress=False)
     names = lora.inject_lora(model, list(targets), decoder_layer_class(model), r, alpha, 0.0, DEVICE)

@@ -1,4 +1,5 @@
 """Checkpoints: a resumed run continues bit for bit, and no crash, signal, bad step or bad save loses a good one."""
+import dataclasses
 import errno
 import json
 import math
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, ROOT, losses, run_inprocess, run_torchrun
+from conftest import DEVICE, LLAMA_LINEARS, ROOT, losses, run_inprocess, run_torchrun, tiny_config
 from safetensors.torch import load_file
 
 import checkpointing
+import lora
 import run_folder
 import train
 from checkpointing import ResumeError, damage, list_checkpoints, read_state
@@ -392,6 +394,25 @@ def test_resume_with_other_model_or_lora_is_refused_before_loading(small_run, sa
     flags = [str(checkpoints("mistral")) if f == "MISTRAL" else str(other) if f == "OTHER" else f for f in flags]
     with pytest.raises(ResumeError, match=message):
         run_inprocess(small_run(saved_run, 2, "--resume", "auto", *flags))
+
+
+def test_targets_are_compared_by_the_linears_they_select(small_run, saved_run, tmp_path):
+    """A run saved with other targets resumes when they select the same linears, as Llama's by name and the default
+    "all-linear" do (runs from before that default); where they select others (Phi-3 fuses q/k/v and gate/up) the
+    refusal says to pass the checkpoint's value."""
+    shutil.copytree(saved_run, tmp_path / "run")  # resuming a finished run writes its final adapter again
+    resumed = run_inprocess(small_run(tmp_path / "run", 2, "--resume", "auto", "--lora_targets", LLAMA_LINEARS))
+    assert resumed == []  # it was finished: nothing left to train
+    path = list_checkpoints(saved_run)[-1]
+    state = read_state(path)
+    state.config["lora_targets"] = LLAMA_LINEARS
+    run = dict(world_size=1, steps_per_epoch=state.steps_per_epoch, base_fingerprint=state.base_fingerprint,
+               data_fingerprint=state.data_fingerprint, config={**state.config, "lora_targets": lora.ALL_LINEAR})
+    settings = {f.name: f.metadata for f in dataclasses.fields(train.Config)}
+    checkpointing.check_resumable(state, path, run, settings, tiny_config("llama"))
+    with pytest.raises(ResumeError, match=r"--lora_targets is 'all-linear', the checkpoint's run used 'q_proj,k_proj"
+                                          r".*\(compared by the linears each selects in this model: pass the"):
+        checkpointing.check_resumable(state, path, run, settings, tiny_config("phi3"))
 
 
 def test_resume_on_another_world_size_is_refused(saved_run):

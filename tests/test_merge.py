@@ -139,10 +139,7 @@ def make_adapter_from_shapes(base, out, r=4):
     """Random LoRA factors for every default target, from the base's shapes alone (no model is built)."""
     from transformers import AutoConfig
 
-    from model_loading import build_skeleton, decoder_layer_class
-
-    skeleton = build_skeleton(AutoConfig.from_pretrained(base), "none")  # on meta: no memory
-    targets = lora.matching_modules(skeleton, list(lora.DEFAULT_TARGETS), decoder_layer_class(skeleton))
+    targets = lora.targets_on(AutoConfig.from_pretrained(base), lora.ALL_LINEAR)
     state = {}
     for name, module in targets.items():
         state[f"{name}.lora_A.weight"] = torch.randn(r, module.in_features) * 0.1

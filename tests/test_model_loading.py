@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, DEVICE, ROOT, TOKENS, reference_model, refused_before_loading
+from conftest import (ARCHS, DEVICE, ROOT, SUPPORTED, TOKENS, reference_model, refused_before_loading,
+                      tiny_config)
 from safetensors.torch import load_file, save_file
 
 from builtin import tiny_checkpoint
@@ -40,15 +41,33 @@ def test_linear4bit_matches_dequantized_linear():
     assert x1.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_tiny_checkpoints_are_what_save_pretrained_writes(checkpoints, tmp_path, arch):
+    """The tests' checkpoints (builtin.write_random_checkpoint) hold the tensors and config.json that transformers'
+    own save_pretrained writes for the same model, name for name and bit for bit."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    ours = checkpoints(arch, "single")
+    torch.manual_seed(1)  # the seed the fixture writes with: the same random weights
+    AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.bfloat16).save_pretrained(tmp_path)
+    theirs, written = load_file(tmp_path / "model.safetensors"), load_file(ours / "model.safetensors")
+    assert written.keys() == theirs.keys() and all(torch.equal(written[k], theirs[k]) for k in theirs)
+    assert json.loads((ours / "config.json").read_text()) == json.loads((tmp_path / "config.json").read_text())
+
+
 @pytest.mark.parametrize("layout", ["sharded", "single"])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED)
 def test_unquantized_logits_equal_from_pretrained(checkpoints, arch, layout):
-    """With --quant none, the streamed model is transformers' from_pretrained model, logit for logit."""
+    """With --quant none, the streamed model is transformers' from_pretrained model, logit for logit: the same bf16
+    tensors in the same modules, run by the same kernels, so exactly. Each rotary inv_freq (Gemma 3 has one per
+    attention type) is rebuilt in fp32, as transformers builds it."""
     path = checkpoints(arch, layout)
     ours = load_model(path, quant="none", device=DEVICE, progress=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, rtol=0, atol=0)
-    assert ours.model.rotary_emb.inv_freq.dtype == torch.float32
+    inv_freqs = [b for name, b in ours.named_buffers() if name.endswith("inv_freq")]
+    assert inv_freqs and all(b.dtype == torch.float32 for b in inv_freqs)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

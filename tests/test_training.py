@@ -5,9 +5,10 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, adapted_4bit, common, losses, run_inprocess, run_torchrun
+from conftest import DEVICE, SUPPORTED, adapted_4bit, common, losses, reference_model, run_inprocess, run_torchrun
 
 import fsdp_wrap
+import fused
 import train
 from model_loading import CheckpointError, load_model
 
@@ -134,6 +135,7 @@ def test_packed_training_learns(tmp_path):
     (["--offload_activations", "--grad_checkpointing", "reentrant"], "needs --grad_checkpointing non_reentrant"),
     (["--tiled_mlp=-1"], "--tiled_mlp must be >= 0"),
     (["--lora_targets", "q_proj,*_proj"], r"'\*_proj' is not a valid regular expression \(nothing to repeat"),
+    (["--lora_targets", "all-linear,lm_head"], "'all-linear' already selects every linear of the decoder layers"),
 ])
 def test_impossible_config_is_refused(flags, message):
     if "--cpu_offload" in flags and torch.cuda.is_available():
@@ -212,7 +214,14 @@ def test_model_kept_in_cpu_memory_until_fsdp_moves_it_is_the_same_model(checkpoi
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma"])  # Gemma: (1 + w) norm, GELU gate
+# What compile_elementwise replaces in a decoder layer: its RMSNorms and its gated MLP, 2 + 1 in Llama. Qwen3, OLMo 2
+# and Gemma 3 norm q and k too, Gemma 2 and 3 norm after attention and the MLP as well; Cohere and StableLM use
+# LayerNorm, and Phi-3 fuses gate and up into one linear, so those stay eager.
+FUSED_PER_LAYER = {"qwen3": 4 + 1, "olmo2": 4 + 1, "gemma2": 4 + 1, "gemma3": 6 + 1, "phi3": 2, "cohere": 1,
+                   "stablelm": 1}
+
+
+@pytest.mark.parametrize("arch", SUPPORTED)
 def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group, arch):
     """compile_elementwise swaps in compiled norms, rotary and MLP activation: the loss and every LoRA gradient stay
     the same (on CPU through aot_eager, the traced graphs with eager kernels: exactly; on a GPU inductor's fused
@@ -224,9 +233,8 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
         torch.manual_seed(0)  # the same A
         model, layer_cls = adapted_4bit(path)
         model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, compile=compile)
-        fused = [m for m in model.modules() if isinstance(getattr(m, "forward", None), functools.partial)]
-        per_layer = 4 + 1 if arch == "qwen3" else 2 + 1  # the norms (Qwen3's q/k norms too) and the MLP
-        assert len(fused) == (2 * per_layer if compile else 0)  # 2 layers: every one of them replaced
+        replaced = [m for m in model.modules() if isinstance(getattr(m, "forward", None), functools.partial)]
+        assert len(replaced) == (2 * FUSED_PER_LAYER.get(arch, 2 + 1) if compile else 0)  # in each of the 2 layers
         loss = model(input_ids=ids, labels=ids)
         loss.backward()
         losses.append(loss.detach())
@@ -236,31 +244,34 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
     assert (grads[1] - grads[0]).norm() <= tol * grads[0].norm()
 
 
-@pytest.mark.parametrize("arch", ["cohere", "granite", "gemma2"])
-def test_training_loss_is_the_models_own_loss(checkpoints, arch):
-    """On models that scale their logits (Cohere, Granite) or cap them (Gemma 2), the chunked training loss is
-    transformers' own forward(labels=...) loss on the same weights (16-bit base, LoRA B = 0), summed over targets."""
-    from conftest import reference_model
-
-    import fused
-
-    path = checkpoints(arch)
-    ids = torch.randint(4, 400, (2, 24), device=DEVICE)
+@pytest.mark.parametrize("arch", SUPPORTED)
+def test_first_step_loss_is_the_models_own_loss(checkpoints, process_group, arch):
+    """The loss of step 1, on the model train.py builds (16-bit base, LoRA with B = 0, sharded and checkpointed), is
+    transformers' own forward(labels=...) loss on the same weights: also where the model scales its logits (Cohere,
+    Granite) or caps them (Gemma 2), which the chunked loss does as the model does (fused.head_transforms)."""
+    path, ids = checkpoints(arch), torch.randint(4, 400, (2, 24), device=DEVICE)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
+             "num_tokens": torch.tensor(ids.numel())}
+    cfg = train.Config(model=str(path), quant="none", lora_rank=4)
+    model = train.build_model(cfg, path, DEVICE, rank=0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    reference = reference_model(path)
     with torch.no_grad():
-        own = reference_model(path)(input_ids=ids, labels=ids).loss.float() * ids[:, 1:].numel()
-        model = fused.CausalLMWithLoss(load_model(path, "none", DEVICE, progress=False).eval())
-        ours = model(input_ids=ids, labels=ids)
-        model.scale, model.softcap = 1.0, None
-        plain = model(input_ids=ids, labels=ids)  # lm_head alone, as the loss computed it before
-    assert abs(plain - own) > 0.01 * own  # the transform matters here, so the comparison below means something
-    torch.testing.assert_close(ours, own, rtol=2e-3, atol=0)  # Gemma 2 caps in bf16, we in fp32
+        own = reference(input_ids=ids, labels=ids).loss.item()
+        transforms, head = fused.head_transforms(reference.config), model.module  # the CausalLMWithLoss in FSDP
+        if transforms != (1.0, None):  # then lm_head alone is not the loss, and the check below means something
+            head.scale, head.softcap = 1.0, None
+            assert abs(model(input_ids=ids, labels=ids).item() / ids[:, 1:].numel() - own) > 0.01 * own
+            head.scale, head.softcap = transforms
+    ours = train.train_step(model, optimizer, [batch], cfg, DEVICE)["loss"]
+    # The same fp32 cross-entropy of the same bf16 logits, up to summation order; but transformers soft-caps the
+    # bf16 logits (Gemma 2), and we their fp32 copy (2.8e-4 apart here)
+    assert ours == pytest.approx(own, rel=1e-3 if transforms[1] else 1e-6)
 
 
 def test_a_head_we_do_not_reproduce_is_refused_before_the_first_step(checkpoints, tmp_path, monkeypatch):
     """Were Cohere's logit scale unknown to the chunked loss, the startup check would refuse to train, naming the
     model type and both losses, before any step."""
-    import fused
-
     monkeypatch.setattr(fused, "head_transforms", lambda config: (1.0, None))
     monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(ValueError, match=r"cohere: the chunked loss \([\d.]+\) is not the model's own loss"):
@@ -272,7 +283,7 @@ def test_compiling_one_model_leaves_transformers_and_other_models_as_they_were(c
     function, and a model built beside ours computes exactly what it computed before."""
     import sys
 
-    from conftest import TOKENS, reference_model
+    from conftest import TOKENS
 
     other = reference_model(checkpoints("llama"))
     modeling = sys.modules[type(other).__module__]
