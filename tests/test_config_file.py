@@ -47,7 +47,7 @@ def test_builtin_config_is_what_train_py_runs_without_flags():
     ("packing: 'yes'\n", r"packing must be true or false, got 'yes' \(a string\)"),
     ("lr: fast\n", r"lr must be a number, got 'fast' \(a string\)"),
     ("dataset:\n", r"dataset must be a string, got None \(null\)"),
-    ("quant: nf5\n", r"quant must be one of nf4, fp4, none; got 'nf5'"),
+    ("quant: nf5\n", r"quant must be one of auto, nf4, fp4, none; got 'nf5'"),
     ("lora_rank: 8\nlora-rank: 16\n", r"lora_rank is given twice"),
     ("config: other.yaml\n", r"'config' is not a flag"),
     ("lr: [1\n", r"(?s)is not valid YAML: .*run.yaml\", line 1, column 5"),
