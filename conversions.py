@@ -12,7 +12,7 @@ it is taken from there, not written again here.
   sources       which of the two layouts a checkpoint holds, tensor by tensor (the fused one, as a state_dict holds
                 it, or the saved one); what is missing, naming the expert when only some of a layer's are there
   fuse          the streamed tensors, a layer's experts gathered and fused by transformers' converter when the last
-                of them arrives: never more than one layer's experts of one kind held at once
+                of them arrives: never more than one layer's experts held at once
 """
 from collections.abc import Iterable, Iterator
 from copy import deepcopy
