@@ -188,3 +188,21 @@ def test_quantize_py_keeps_experts_bf16_as_transformers_does(checkpoints, tmp_pa
     assert not quantization.packed_shells(ours)
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS).logits, reference_model(out)(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_transformers_4bit_moe_checkpoint_loads_as_saved(checkpoints, tmp_path):
+    """A Qwen2-MoE that transformers quantized with bitsandbytes and saved (experts one per expert in bf16, every
+    linear 4-bit, shared_expert_gate too) loads with its packed weights as stored: the logits of transformers' own
+    model from the folder, exactly."""
+    from transformers import BitsAndBytesConfig
+
+    src = checkpoints("qwen2_moe")
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=torch.bfloat16,
+                                         device_map="cpu").save_pretrained(tmp_path, max_shard_size="40KB")
+    model_loading.copy_beside(src, tmp_path)
+    ours = load_model(tmp_path, quantization.AUTO, DEVICE, progress=False).eval()
+    assert quantization.is_4bit(ours.model.layers[0].mlp.shared_expert_gate) and not quantization.packed_shells(ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(tmp_path)(TOKENS).logits, rtol=0, atol=0)
