@@ -73,7 +73,7 @@ def fuse(tensors: Iterable[tuple[str, torch.Tensor]], groups: dict[str, list[str
     renamings, converters = _transforms(model)
     by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     owner = {source: name for name, names in groups.items() for source in names}
-    waiting: dict[str, dict[str, torch.Tensor]] = {}
+    waiting: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # target -> source -> (its pattern, tensor)
     for name, tensor in tensors:
         target = owner.get(name)
         pattern = target and rename_source_key(name, renamings, converters)[1]

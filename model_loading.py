@@ -459,8 +459,10 @@ def host_bytes(plan: LoadPlan) -> int:
             total += 2 * math.prod(shapes[weight]) if name == weight else 0
         elif weight in plan.packed:
             total += plan.entries[name].nbytes
-        else:  # an expert stored alone counts as its share of the fused tensor
-            total += quantization.quantized_bytes(shape) if fused_into.get(name, name) in shells else 2 * math.prod(shape)
+        elif fused_into.get(name, name) in shells:  # an expert stored alone counts as its share of the fused tensor
+            total += quantization.quantized_bytes(shape)
+        else:
+            total += 2 * math.prod(shape)
     return total
 
 
