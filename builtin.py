@@ -18,6 +18,7 @@ from huggingface_hub import save_torch_state_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig,
                           PreTrainedTokenizerFast)
+from transformers.core_model_loading import revert_weight_conversion
 
 import model_loading
 from data import builtin_examples, render
@@ -58,7 +59,9 @@ def write_random_checkpoint(config: PretrainedConfig, out_dir: Path, max_shard_s
 
     Written through huggingface_hub rather than model.save_pretrained: inside a process group transformers (5.24)
     writes the model files on rank 0 only, whatever is_main_process says, and the rank that builds the default model
-    (tiny_checkpoint) may be any rank. device="cuda" initialises an 8B model in seconds instead of minutes.
+    (tiny_checkpoint) may be any rank. The names are save_pretrained's all the same: its own revert_weight_conversion
+    writes a mixture-of-experts layer's fused 3-D experts one per expert, as the checkpoints on the Hub hold them.
+    device="cuda" initialises an 8B model in seconds instead of minutes.
     """
     with torch.random.fork_rng(devices=[device] if device != "cpu" else []):  # the caller's RNG stays as it was
         torch.manual_seed(seed)
@@ -68,6 +71,8 @@ def write_random_checkpoint(config: PretrainedConfig, out_dir: Path, max_shard_s
     out_dir.mkdir(parents=True, exist_ok=True)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})  # a tied lm_head is saved once, as the embedding
     state = {name: t for name, t in model.state_dict().items() if name not in tied}
+    # An expert split off its fused tensor is a view into it; safetensors stores a tensor only with its whole storage
+    state = {name: t if name in state else t.clone() for name, t in revert_weight_conversion(model, state).items()}
     save_torch_state_dict(state, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
     model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     model.config.save_pretrained(out_dir)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import skip_init
 
+import model_loading
 import quantization
 
 ALL_LINEAR = "all-linear"  # --lora_targets' default, PEFT's keyword: every linear of every decoder layer
@@ -161,13 +162,9 @@ def _layer_linears(model: nn.Module, within: type[nn.Module]) -> dict[str, nn.Mo
 
 
 def _routers(model: nn.Module, linears: dict[str, nn.Module]) -> set[str]:
-    """The linears of a mixture-of-experts block that route rather than compute: those beside its `experts`, not in
-    them (PhiMoE's and Llama 4's router, Qwen2-MoE's shared_expert_gate). "all-linear" leaves them frozen; naming
-    them adapts them. Found by where they sit, because nothing else is common to them: their names (gate, router,
-    shared_expert_gate) and widths (the number of experts, or 1) differ, and most routers of transformers 5 are no
-    nn.Linear at all (a bare weight, never matched). A shared expert is a module of its own: its linears are adapted."""
-    blocks = {name for name, module in model.named_modules() if isinstance(getattr(module, "experts", None), nn.Module)}
-    return {name for name in linears if name.rpartition(".")[0] in blocks}
+    """The MoE routers among `linears` (model_loading.moe_routers): "all-linear" leaves them frozen, as the loader
+    leaves them bf16; naming them adapts them."""
+    return model_loading.moe_routers(model) & linears.keys()
 
 
 def _matches(target: str, name: str) -> bool:
@@ -182,10 +179,8 @@ def kinds(names) -> list[str]:
 def targets_on(config, targets: str | list[str]) -> dict[str, nn.Module]:
     """What `targets` select in the model `config` describes, found on a skeleton on the meta device (no memory, no
     weights): targets compared before the model loads (a resume), or handed to PEFT (benchmark.py)."""
-    from model_loading import build_skeleton, decoder_layer_class
-
-    skeleton = build_skeleton(config, "none")
-    return matching_modules(skeleton, targets, decoder_layer_class(skeleton))
+    skeleton = model_loading.build_skeleton(config, "none")
+    return matching_modules(skeleton, targets, model_loading.decoder_layer_class(skeleton))
 
 
 def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r: int, alpha: float,
@@ -304,13 +299,11 @@ def adapter_scaling(config: dict) -> float:
 def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
     """The model as trained: LoRA injected into the (4-bit) base with the adapter's own r, alpha and targets, then
     its weights loaded. The inverse of save_adapter; for inference (dropout is off in eval mode)."""
-    from model_loading import decoder_layer_class
-
     config = read_adapter_config(adapter_dir)
     targets = config["target_modules"]
     targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
     device = next(model.parameters()).device
-    inject_lora(model, targets, decoder_layer_class(model), config["r"], config["lora_alpha"],
+    inject_lora(model, targets, model_loading.decoder_layer_class(model), config["r"], config["lora_alpha"],
                 config.get("lora_dropout", 0.0), device)
     for module in lora_modules(model).values():
         module.scaling = adapter_scaling(config)

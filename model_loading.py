@@ -39,6 +39,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+import conversions
 import quantization
 
 # A tokenizer's vocabulary is in one of these (tokenizer_config.json alone holds none): the fast tokenizers' file,
@@ -285,21 +286,21 @@ def packed_weights(entries: dict[str, TensorEntry], quant: str | None) -> dict[s
     return packed
 
 
-def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module,
-                     packed: dict[str, list[str]] | None = None) -> dict[Path, list[str]]:
+def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module, packed: dict[str, list[str]] | None = None,
+                     sources: dict[str, dict[str, tuple[int, ...]]] | None = None) -> dict[Path, list[str]]:
     """Every tensor the model needs is present with its shape, and nothing else: fail before reading any data.
     `packed`: a pre-quantized checkpoint's 4-bit weights (packed_weights), checked for the bytes their shape packs
-    into; their quant_state entries go with them.
+    into; their quant_state entries go with them. A mixture-of-experts layer's experts may be stored fused, as the
+    model holds them, or one per expert, as save_pretrained writes them (`sources`: checkpoint_sources, found here if
+    not given).
 
     Returns the tensors to load, grouped by file; harmless extras (old rotary caches, transformers' own list of
     ignorable keys) are left out.
     """
-    expected, packed = _expected_shapes(model), packed or {}
+    packed = packed or {}
     owner = _owners(packed)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    missing = sorted(set(expected) - set(entries) - tied)
-    if missing:
-        raise CheckpointError(f"{len(missing)} tensors are missing from the checkpoint, first: {missing[:5]}")
+    sources = checkpoint_sources(entries, model) if sources is None else sources
+    expected = {name: shape for names in sources.values() for name, shape in names.items()}  # by checkpoint name
     ignorable = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     ignorable.append(re.compile(r"rotary_emb\.inv_freq"))  # older checkpoints carry rotary caches; rebuilt anyway
     to_load: dict[Path, list[str]] = {}
@@ -324,6 +325,25 @@ def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module,
     return to_load
 
 
+def checkpoint_sources(entries: dict[str, TensorEntry], model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Model tensor -> {checkpoint name: shape} it is read from: itself, or the names save_pretrained gives it (a
+    layer's experts one by one, Mixtral's block_sparse_moe for mlp), whichever the checkpoint holds. A CheckpointError
+    names what is missing: a single expert when the others of its layer are there."""
+    shapes = _expected_shapes(model)
+    layout = conversions.saved_layout(model, shapes)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    chosen, missing, partial = conversions.sources(layout, entries, tied)
+    if partial:
+        source, name = partial[0]
+        raise CheckpointError(f"{source} is missing from the checkpoint, which has the other tensors that fuse into "
+                              f"{name} ({len(partial)} missing in all): the checkpoint is incomplete or damaged; "
+                              "download it again")
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensors are missing from the checkpoint, first: {missing[:5]}")
+    return {name: ({name: shapes[name]} if names == [name] else {n: layout[name][n] for n in names})
+            for name, names in chosen.items()}
+
+
 def _owners(packed: dict[str, list[str]]) -> dict[str, str]:
     """Every entry of a pre-quantized 4-bit weight (its packed bytes too) -> the weight's name."""
     return {part: weight for weight, parts in packed.items() for part in parts}
@@ -334,6 +354,9 @@ def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     for name, module in model.named_modules():  # Linear4bit shells: the checkpoint holds the dense (out, in) weight
         if quantization.is_4bit(module):
             shapes[f"{name}.weight"] = (module.out_features, module.in_features)
+        if isinstance(module, quantization.Packed4bit):  # an MoE layer's experts: their dense 3-D tensor
+            del shapes[f"{name}.weight"]
+            shapes[quantization.dense_name(name)] = module.shape
     return shapes
 
 
@@ -353,25 +376,44 @@ def decoder_layer_class(model: nn.Module) -> type[nn.Module]:
     return classes.pop()
 
 
+def moe_routers(model: nn.Module) -> set[str]:
+    """The linears of a mixture-of-experts block that route rather than compute: those beside its `experts`, not in
+    them (PhiMoE's and Llama 4's router, Qwen2-MoE's shared_expert_gate). They stay bf16 (a 4-bit router would
+    reroute tokens) and out of "all-linear". Found by where they sit, because nothing else is common to them: their
+    names (gate, router, shared_expert_gate) and widths (the number of experts, or 1) differ, and most routers of
+    transformers 5 are no nn.Linear at all (a bare weight, never quantized). A shared expert is a module of its own:
+    its linears are quantized and adapted."""
+    blocks = {name for name, module in model.named_modules() if isinstance(getattr(module, "experts", None), nn.Module)}
+    return {name for name, module in model.named_modules()
+            if hasattr(module, "in_features") and name.rpartition(".")[0] in blocks}
+
+
 def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: str | None = None,
                    only: set[str] | None = None) -> nn.Module:
-    """The model on the meta device, with every nn.Linear inside the decoder layers replaced by a Linear4bit shell;
-    with `only` (a pre-quantized checkpoint's 4-bit modules), those of them it names: what it keeps in 16 bits
-    (llm_int8_skip_modules) stays so, as transformers builds it."""
+    """The model on the meta device, with every nn.Linear inside the decoder layers but the MoE routers replaced by a
+    Linear4bit shell, and the MoE experts' 3-D weights by Packed4bit ones; with `only` (a pre-quantized checkpoint's
+    4-bit modules), the linears it names: what it keeps in 16 bits (llm_int8_skip_modules) stays so, as transformers
+    builds it."""
     with torch.device("meta"):  # `config` from read_config, which refuses what AutoModelForCausalLM cannot build
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn_implementation)
     layer_cls = decoder_layer_class(model)
     if quant != "none":
+        routers = moe_routers(model)
         for prefix, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, layer_cls)]:
-            for name, linear in list(layer.named_modules()):
-                if type(linear) is nn.Linear and (only is None or f"{prefix}.{name}" in only):
-                    layer.set_submodule(name, quantization.linear4bit_shell(linear, quant))
+            for name, module in list(layer.named_modules()):
+                path = f"{prefix}.{name}"
+                if type(module) is nn.Linear and (path in only if only is not None else path not in routers):
+                    layer.set_submodule(name, quantization.linear4bit_shell(module, quant))
+                elif only is None:  # MoE experts' 3-D weights (a pre-quantized checkpoint stores them in 16 bits)
+                    quantization.pack_experts(module, quant)
     return model
 
 
 def quantized_weights(model: nn.Module) -> set[str]:
-    """The names of the weights that are 4-bit in `model`: those of its Linear4bit modules."""
-    return {f"{name}.weight" for name, module in model.named_modules() if quantization.is_4bit(module)}
+    """The names of the weights that are 4-bit in `model`: those of its Linear4bit modules, and the experts' 3-D
+    tensors (Packed4bit), by the names the model gives them."""
+    linears = {f"{name}.weight" for name, module in model.named_modules() if quantization.is_4bit(module)}
+    return linears | quantization.packed_shells(model).keys()
 
 
 @dataclass
@@ -381,6 +423,8 @@ class LoadPlan:
     entries: dict[str, TensorEntry]
     by_file: dict[Path, list[str]]  # the tensors to read, file by file (check_checkpoint)
     packed: dict[str, list[str]]  # a pre-quantized checkpoint's 4-bit weights -> their entries (packed_weights)
+    # model tensors read from other names -> those names (checkpoint_sources): experts one per expert, renamed blocks
+    sources: dict[str, list[str]]
 
 
 def plan_load(model_dir: Path, quant: str, attn_implementation: str | None = None) -> LoadPlan:
@@ -391,7 +435,15 @@ def plan_load(model_dir: Path, quant: str, attn_implementation: str | None = Non
     packed = packed_weights(entries, stored)
     only = None if stored is None else {weight.removesuffix(".weight") for weight in packed}
     model = build_skeleton(config, quant, attn_implementation, only)
-    return LoadPlan(model, entries, check_checkpoint(entries, model, packed), packed)
+    sources = checkpoint_sources(entries, model)
+    by_file = check_checkpoint(entries, model, packed, sources)
+    renamed = {name: list(names) for name, names in sources.items() if [*names] != [name]}
+    return LoadPlan(model, entries, by_file, packed, renamed)
+
+
+def _fused_into(plan: LoadPlan) -> dict[str, str]:
+    """Every checkpoint tensor read under another name (LoadPlan.sources) -> the model tensor it goes into."""
+    return {source: name for name, sources in plan.sources.items() for source in sources}
 
 
 def host_bytes(plan: LoadPlan) -> int:
@@ -399,15 +451,18 @@ def host_bytes(plan: LoadPlan) -> int:
     everything else in bf16. What --cpu_offload keeps in host memory, summed over the ranks of a node."""
     shells = quantized_weights(plan.model)
     shapes, owner = _expected_shapes(plan.model), _owners(plan.packed)
+    fused_into = _fused_into(plan)
     total = 0
     for name in (name for names in plan.by_file.values() for name in names):
-        weight = owner.get(name, name)
+        weight, shape = owner.get(name, name), plan.entries[name].shape  # checked: a 16-bit tensor's shape is its own
         if weight in plan.packed and weight not in shells:  # dequantized to bf16, its quant_state dropped
             total += 2 * math.prod(shapes[weight]) if name == weight else 0
         elif weight in plan.packed:
             total += plan.entries[name].nbytes
+        elif fused_into.get(name, name) in shells:  # an expert stored alone counts as its share of the fused tensor
+            total += quantization.quantized_bytes(shape)
         else:
-            total += quantization.quantized_bytes(shapes[name]) if name in shells else 2 * math.prod(shapes[name])
+            total += 2 * math.prod(shape)
     return total
 
 
@@ -449,15 +504,18 @@ def load_model(model_dir: Path, quant: str = quantization.AUTO, device: torch.de
     # one to dequantize (a linear the model keeps in bf16). The rest, pre-quantized weights for a shell included, goes
     # straight where it waits.
     quantized, where = quantized_weights(model), {}
+    fused_into = _fused_into(plan)
     for name in (name for names in plan.by_file.values() for name in names):
-        weight = owner.get(name, name)
+        weight = owner.get(name, fused_into.get(name, name))  # an expert is quantized with the others of its layer
         to_quantize = weight in quantized and weight not in plan.packed
         to_dequantize = weight in plan.packed and weight not in quantized
         where[name] = device if to_quantize or to_dequantize else keep_on
     bar = tqdm(total=len(where), desc="loading", unit="tensor", disable=not progress)
-    for name, tensor, stats in _assemble(read_ahead(plan.by_file, where), plan.packed):
-        _put(model, name, tensor, stats, device, keep_on, plan.entries[name].file)
-        bar.update(1 + len(stats or {}))
+    tensors = conversions.fuse(read_ahead(plan.by_file, where), plan.sources, model)
+    for name, tensor, stats in _assemble(tensors, plan.packed):
+        read_as = plan.sources.get(name, [name])
+        _put(model, name, tensor, stats, device, keep_on, plan.entries[read_as[0]].file)
+        bar.update(len(read_as) + len(stats or {}))
     bar.close()
     model.tie_weights()  # tied lm_head (Gemma, small Qwen/Llama) points at the loaded embedding again
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -589,6 +647,11 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, stats: dict[str, tor
         tensor = quantization.dequantize(weight)  # a linear the model keeps in bf16 (lm_head; all with --quant none)
     if quantization.is_4bit(module) and attr == "weight":  # quantized on `device`; .to moves quant_state along
         module.weight = quantization.quantize(tensor.to(device), module.weight.quant_type, device, module).to(keep_on)
+        return
+    packed = getattr(module, "packed", None)
+    if isinstance(packed, nn.ModuleDict) and attr in packed:  # an MoE layer's experts, all of them at once
+        shell = packed[attr]
+        shell.weight = quantization.quantize(tensor.to(device), shell.quant_type, device, shell).to(keep_on)
         return
     tensor = tensor.to(device=keep_on, dtype=torch.bfloat16)  # the rest goes where it waits, with no round trip
     if attr in module._buffers:

@@ -10,6 +10,7 @@ its packed bytes under the weight's own name, beside the quant_state's tensors u
 a JSON of the rest (shape, dtype, block sizes, offset). from_prequantized and serialize turn one into the other.
 """
 import math
+import types
 
 import bitsandbytes as bnb
 import torch
@@ -47,6 +48,60 @@ def linear4bit_shell(linear: nn.Linear, quant: str) -> nn.Module:
 
 def is_4bit(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
+
+
+class Packed4bit(nn.Module):
+    """One 4-bit weight of any shape outside a linear layer (an MoE layer's experts, (experts, out, in)): the packed
+    bytes are its parameter `weight`, in STORAGE like a Linear4bit's, so FSDP flattens them with the layer's other
+    frozen weights; the quant_state stays on the module, as FSDP drops it from the flattened weight. Calling it gives
+    the dense COMPUTE tensor."""
+
+    def __init__(self, shape: tuple[int, ...], quant: str):
+        super().__init__()
+        self.shape, self.quant_type, self.quant_state = tuple(shape), quant, None
+        packed = torch.empty(math.ceil(packed_bytes(shape) / STORAGE.itemsize), 1, dtype=STORAGE, device="meta")
+        self.weight = nn.Parameter(packed, requires_grad=False)  # replaced by quantize(..., module=self)
+
+    def forward(self) -> torch.Tensor:
+        return dequantize(self.weight, self)
+
+
+def pack_experts(experts: nn.Module, quant: str) -> list[str]:
+    """Swap the 3-D parameters of a transformers experts module (on meta) for Packed4bit shells in `experts.packed`,
+    and give this module (no other, not its class) a forward that runs the class's own on their dense tensors.
+    Returns the names swapped."""
+    names = [name for name, p in experts.named_parameters(recurse=False) if p.dim() == 3]
+    if names:
+        experts.packed = nn.ModuleDict({name: Packed4bit(experts._parameters.pop(name).shape, quant)
+                                        for name in names})
+        experts.forward = types.MethodType(_forward_dequantized, experts)
+    return names
+
+
+def _forward_dequantized(experts: nn.Module, *args, **kwargs):
+    # The class's forward (eager, or grouped_mm as config._experts_implementation picks) reads self.gate_up_proj and
+    # self.down_proj. For this call those are plain attributes holding all the layer's experts dequantized at once;
+    # afterwards only the packed bytes stay. Autograd keeps the dense tensors until the backward of the layer, unless
+    # activation checkpointing recomputes it (then they live for one layer at a time).
+    for name, packed in experts.packed.items():
+        object.__setattr__(experts, name, packed())
+    try:
+        return type(experts).forward(experts, *args, **kwargs)
+    finally:
+        for name in experts.packed:
+            object.__delattr__(experts, name)
+
+
+def packed_shells(model: nn.Module) -> dict[str, Packed4bit]:
+    """The Packed4bit modules of `model` by the name of the tensor they hold (dense_name)."""
+    return {dense_name(name): m for name, m in model.named_modules() if isinstance(m, Packed4bit)}
+
+
+def dense_name(shell_name: str) -> str:
+    """"...experts.packed.down_proj" (a Packed4bit) holds "...experts.down_proj": the model's and the fused
+    checkpoint's name for it."""
+    experts, _, attr = shell_name.rpartition(".")
+    return f"{experts.removesuffix('.packed')}.{attr}"
 
 
 def quantize(weight: torch.Tensor, quant: str, device: torch.device, module: nn.Module | None = None):

@@ -53,11 +53,17 @@ def quantize_checkpoint(model: str, out: str | Path, quant: str = "nf4", device:
         raise QuantizeError(f"--quant {quant!r}: choose one of {QUANTS}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = model_loading.plan_load(model_dir, quant)  # the source checked against its config before a byte is written
-    shells = model_loading.quantized_weights(plan.model)
+    shells = linear_shells(plan.model)
     where = {name: device if name in shells else torch.device("cpu") for names in plan.by_file.values()
              for name in names}
     tensors = model_loading.read_ahead(plan.by_file, where)
     return write_4bit(config, tensors, out, quant, device, overwrite, model_dir, shard_size_mb, progress, len(where))
+
+
+def linear_shells(skeleton: nn.Module) -> set[str]:
+    """The weights a 4-bit checkpoint stores in 4 bits: the linears'. MoE experts' 3-D tensors stay bf16, as
+    transformers' bitsandbytes quantization leaves them (and as the loader then reads them)."""
+    return model_loading.quantized_weights(skeleton) - quantization.packed_shells(skeleton).keys()
 
 
 def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tensor]], out: str | Path,
@@ -81,7 +87,7 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
     if shard_size_mb < 0:
         raise QuantizeError(f"--shard_size_mb must be >= 0 (0: a shard per tensor), got {shard_size_mb}")
     skeleton = model_loading.build_skeleton(config, quant)
-    shells = model_loading.quantized_weights(skeleton)
+    shells = linear_shells(skeleton)
     tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {})  # saved once, as the embedding
     t0 = time.perf_counter()
     with model_loading.written_whole(out) as tmp:

@@ -195,6 +195,10 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     keep_on = torch.device("cpu") if dist.get_world_size() > 1 and cfg.sharding != "no_shard" else device
     model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention,
                                      keep_on=keep_on)
+    quantized, experts = model_loading.quantized_weights(model), quantization.packed_shells(model)
+    if quantized:  # an expert tensor is 3-D: all of one MoE layer's experts of one kind
+        print0(f"base: {len(quantized)} weights in 4 bits" + (f", {len(experts)} of them MoE expert tensors"
+                                                               if experts else ""))
     layer_cls = model_loading.decoder_layer_class(model)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
     targets = lora.parse_targets(cfg.lora_targets)

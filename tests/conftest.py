@@ -33,14 +33,25 @@ def tiny_config(arch: str):
     cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
            "gemma": "GemmaConfig", "cohere": "CohereConfig", "granite": "GraniteConfig", "gemma2": "Gemma2Config",
            "gemma3": "Gemma3TextConfig", "phi3": "Phi3Config", "olmo2": "Olmo2Config",
-           "stablelm": "StableLmConfig"}[arch]
+           "stablelm": "StableLmConfig", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
+           "qwen3_moe": "Qwen3MoeConfig", "olmoe": "OlmoeConfig", "granitemoe": "GraniteMoeConfig",
+           "phimoe": "PhimoeConfig"}[arch]
     # Logits large enough for their transforms to matter: Granite divides them by 4, Cohere (logit_scale 1/16 by
     # default) multiplies, Gemma 2 caps them at 30. Gemma 2 and 3 alternate sliding and full attention: a window of 4
     # tokens makes the sliding layer differ within TOKENS' 10. StableLM as its larger models are: q/k/v biases,
     # per-head LayerNorms of q and k, rotary on a quarter of each head.
     extra = {"granite": dict(logits_scaling=4.0), "phi3": dict(pad_token_id=0), "olmo2": dict(eos_token_id=2),
              "gemma2": dict(sliding_window=4), "stablelm": dict(use_qkv_bias=True, qk_layernorm=True),
-             "gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])}.get(arch, {}) | (
+             "gemma3": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+             # Mixture of experts: 4 experts, 2 per token, each as wide as the dense MLP (Qwen's: half, beside
+             # Qwen2-MoE's gated shared expert); Mixtral, GraniteMoE and PhiMoE call the count num_local_experts.
+             "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+             "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2),
+             "phimoe": dict(num_local_experts=4, num_experts_per_tok=2),
+             "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                               shared_expert_intermediate_size=128),
+             "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64),
+             "olmoe": dict(num_experts=4, num_experts_per_tok=2, eos_token_id=2)}.get(arch, {}) | (
         dict(initializer_range=0.2) if arch in ("cohere", "granite", "gemma2") else {})
     return getattr(transformers, cls)(**SHAPE, **extra)
 
@@ -49,6 +60,8 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 # The architectures the README calls supported, each checked against transformers and PEFT: logits (test_model_loading),
 # the first step's loss (test_training), the default targets and the adapter in PEFT (test_lora).
 SUPPORTED = ARCHS + ["gemma2", "gemma3", "phi3", "cohere", "granite", "olmo2", "stablelm"]
+# Mixtures of experts, whose experts transformers keeps fused (3-D) and save_pretrained writes one per expert
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"]
 # --lora_targets' default before "all-linear": the linears of a Llama decoder layer, by name
 LLAMA_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # The same tests prove the CUDA path (bnb's GPU kernels, NCCL) when run on a machine with a GPU.

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (ARCHS, DEVICE, ROOT, SUPPORTED, TOKENS, reference_model, refused_before_loading,
+from conftest import (ARCHS, DEVICE, MOE, ROOT, SUPPORTED, TOKENS, reference_model, refused_before_loading,
                       tiny_config)
 from safetensors.torch import load_file, save_file
 
@@ -41,7 +41,7 @@ def test_linear4bit_matches_dequantized_linear():
     assert x1.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", SUPPORTED)
+@pytest.mark.parametrize("arch", SUPPORTED + MOE)
 def test_tiny_checkpoints_are_what_save_pretrained_writes(checkpoints, tmp_path, arch):
     """The tests' checkpoints (builtin.write_random_checkpoint) hold the tensors and config.json that transformers'
     own save_pretrained writes for the same model, name for name and bit for bit."""
