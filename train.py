@@ -292,7 +292,7 @@ def evaluate(model, batches: list[dict], device: torch.device) -> float:
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-# The longest sequences measured to train at batch 1 on one GPU under a 24 GiB cap (BENCHMARKS.md), by the shape of
+# The longest sequences measured to fit at batch 1 on one GPU under a 24 GiB cap (BENCHMARKS.md), by the shape of
 # the model: (hidden size, decoder layers) -> (what it is, tokens, the flags it took).
 LONGEST_MEASURED = {(4096, 32): ("an 8B Llama-3 shape", 131_072, "--offload_activations --tiled_mlp 8192")}
 
@@ -305,7 +305,7 @@ def out_of_memory(cfg: Config, config, step: int) -> str:
     measured = LONGEST_MEASURED.get((config.hidden_size, config.num_hidden_layers))
     if measured:
         name, tokens, flags = measured
-        advice += f". For {name}, {tokens:,} tokens trained at batch 1 in 24 GiB with {flags} (BENCHMARKS.md)"
+        advice += f". For {name}, {tokens:,} tokens fitted at batch 1 in 24 GiB with {flags} (BENCHMARKS.md)"
     return advice
 
 

@@ -294,7 +294,7 @@ def test_out_of_memory_names_the_longest_sequence_measured_for_the_shape():
     cfg = train.Config()
     advice = train.out_of_memory(cfg, LlamaConfig(hidden_size=4096, num_hidden_layers=32), 3)
     assert "131,072 tokens" in advice and "--offload_activations --tiled_mlp 8192" in advice
-    assert "tokens trained" not in train.out_of_memory(cfg, LlamaConfig(hidden_size=64, num_hidden_layers=2), 3)
+    assert "tokens fitted" not in train.out_of_memory(cfg, LlamaConfig(hidden_size=64, num_hidden_layers=2), 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
