@@ -411,10 +411,6 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     unsupported = {"peft_type": config.get("peft_type") != "LORA", "use_dora": config.get("use_dora"),
                    "fan_in_fan_out": config.get("fan_in_fan_out"), "modules_to_save": config.get("modules_to_save"),
                    "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
-    if config.get("target_parameters"):  # train.py trains and resumes it, PEFT loads it; applying it is not done yet
-        raise ValueError(f"{adapter_dir} adapts MoE experts' tensors (target_parameters "
-                         f"{config['target_parameters']}): merge.py and generate.py cannot apply that yet; load it "
-                         "with PEFT (PeftModel.from_pretrained) instead")
     if any(unsupported.values()):
         raise ValueError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
                          "only plain LoRA adapters (as train.py saves them) are supported")
@@ -430,8 +426,10 @@ def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
     """The model as trained: LoRA injected into the (4-bit) base with the adapter's own r, alpha and targets, then
     its weights loaded. The inverse of save_adapter; for inference (dropout is off in eval mode)."""
     config = read_adapter_config(adapter_dir)
-    targets = config["target_modules"]
+    targets = config.get("target_modules") or []  # None when only experts' tensors are adapted
     targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
+    if config.get("target_parameters"):  # every experts tensor, as train.py adapts them; load_adapter checks the keys
+        targets.append(EXPERTS)
     device = next(model.parameters()).device
     inject_lora(model, targets, model_loading.decoder_layer_class(model), config["r"], config["lora_alpha"],
                 config.get("lora_dropout", 0.0), device)

@@ -10,7 +10,9 @@ from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import generate
 import lora
+import merge
 import model_loading
 import quantization
 import quantize
@@ -259,7 +261,8 @@ def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
 
 
 def test_expert_lora_round_trips_exactly(checkpoints, tmp_path):
-    """save_adapter -> load_adapter into a freshly injected model (another seed) gives back every factor exactly."""
+    """save_adapter -> load_adapter into a freshly injected model (another seed) gives back every factor exactly;
+    generate.py applies the adapter (lora.apply_adapter) to the same logits; merge.py refuses it, as not done yet."""
     path = checkpoints("qwen3_moe", "single")
     first, _ = adapted(path, targets=EXPERT_TARGETS)
     randomize_b(first)
@@ -274,8 +277,11 @@ def test_expert_lora_round_trips_exactly(checkpoints, tmp_path):
     assert loaded.keys() == state.keys() and any(".lora_experts." in k for k in state)
     for key in state:
         assert torch.equal(loaded[key], state[key]), key
-    with pytest.raises(ValueError, match="merge.py and generate.py cannot apply"):  # not done yet: refused
-        lora.read_adapter_config(tmp_path)
+    with pytest.raises(merge.MergeError, match="merging them is not done yet"):  # refused before anything is read
+        merge.merge(str(path), tmp_path, tmp_path / "merged", progress=False)
+    as_generated, _ = generate.load(str(path), str(tmp_path), "none", DEVICE)  # lora.apply_adapter: r, alpha, targets
+    with torch.no_grad():
+        torch.testing.assert_close(as_generated(TOKENS).logits, first(TOKENS).logits, rtol=0, atol=0)
 
 
 def test_expert_lora_alone_equals_peft(checkpoints, tmp_path):
