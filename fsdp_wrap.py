@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 import fused
 import offload
 import quantization
-from lora import LoRALinear, factor_weights
+from lora import ADAPTERS, ExpertsLoRA, LoRALinear, factor_weights
 
 SHARDING = {
     "full_shard": ShardingStrategy.FULL_SHARD,  # params, grads and optimizer state split over all ranks (ZeRO-3)
@@ -41,9 +41,9 @@ def clean_name(name: str) -> str:
     return re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_adapters_wrapped_module)\.", "", name)
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear of a wrapped (or unwrapped) model by its path in the unwrapped model."""
-    return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | ExpertsLoRA]:
+    """Every LoRALinear and ExpertsLoRA of a wrapped (or unwrapped) model by its path in the unwrapped model."""
+    return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, ADAPTERS)}
 
 
 class LayerAdapters(nn.Module):
@@ -63,7 +63,7 @@ class LayerAdapters(nn.Module):
         self._adapters_wrapped_module = layer  # clean_name drops this attribute from paths
         self.adapters = nn.ModuleDict()
         for name, module in layer.named_modules():
-            if isinstance(module, LoRALinear):
+            if isinstance(module, ADAPTERS):  # an MoE layer's ExpertsLoRA too: its A and B join the same unit
                 for ab in ("lora_A", "lora_B"):
                     factor = module._modules.pop(ab)
                     object.__setattr__(module, ab, factor)  # module.lora_A still works; it is no longer a child
@@ -96,7 +96,7 @@ def group_adapters(model: nn.Module, layer_cls: type[nn.Module]) -> None:
     """Put every decoder layer that holds LoRA inside a LayerAdapters, in place."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, layer_cls)]
     for name, layer in layers:
-        if any(isinstance(m, LoRALinear) for m in layer.modules()):
+        if any(isinstance(m, ADAPTERS) for m in layer.modules()):
             model.set_submodule(name, LayerAdapters(layer))
 
 
@@ -158,6 +158,6 @@ def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(unit.module, LayerAdapters):
             continue
         with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-            modules = {names[id(m)]: m for m in unit.module.modules() if isinstance(m, LoRALinear)}
+            modules = {names[id(m)]: m for m in unit.module.modules() if isinstance(m, ADAPTERS)}
             state.update({k: w.detach().to("cpu", copy=True) for k, w in factor_weights(modules).items()})
     return state

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+import types
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,10 @@ import quantization
 ALL_LINEAR = "all-linear"  # --lora_targets' default, PEFT's keyword: every linear of every decoder layer
 PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
 FACTORS = ("lora_A", "lora_B")
+# --lora_targets' keyword for the MoE experts' 3-D tensors, alone or beside the linears ("all-linear,experts"). Not
+# part of "all-linear", as in PEFT, where all-linear takes nn.Linear layers only and experts are adapted by naming
+# their parameters (target_parameters): an all-linear adapter trained here keeps loading where PEFT's would.
+EXPERTS = "experts"
 
 
 class LoRAFactor(nn.Linear):
@@ -91,6 +96,71 @@ def add_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
     return torch.addmm(weight, b, a, alpha=scaling)
 
 
+class ExpertsLoRA(nn.Module):
+    """LoRA on one MoE layer's experts tensor W, (experts, out, in): expert e computes with W_e + B_e A_e * alpha / r.
+
+    The factors are laid out as PEFT's ParamWrapper keeps them (peft/tuners/lora/layer.py), so the adapter file needs
+    no conversion: A is (r * experts, in), expert e's rows at [e * r, (e + 1) * r); B is (out, r * experts) with the
+    expert index LAST, i.e. B viewed as (out, r, experts). Init as LoRALinear: A Kaiming-uniform, B zero. No dropout:
+    it applies to the input, which a weight update cannot factor in (PEFT refuses it too).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], r: int, alpha: float, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.experts, out, inp = shape
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.lora_A = skip_init(LoRAFactor, inp, r * self.experts, bias=False, dtype=torch.float32, device=device)
+        self.lora_B = skip_init(LoRAFactor, r * self.experts, out, bias=False, dtype=torch.float32, device=device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def update(self, dtype: torch.dtype) -> torch.Tensor:
+        """scaling * B_e @ A_e for every expert e, (experts, out, in), in `dtype` (fp32 masters; bf16 under FSDP)."""
+        a = self.lora_A.weight.to(dtype).view(self.experts, self.r, -1)  # (experts, r, in)
+        b = self.lora_B.weight.to(dtype).view(-1, self.r, self.experts).permute(2, 0, 1)  # (experts, out, r)
+        return torch.bmm(b, a) * self.scaling
+
+
+def _forward_with_lora(experts: nn.Module, *args, **kwargs):
+    # Each adapted tensor, dense (dequantized from 4 bits, or the 16-bit parameter), plus its update; the class's own
+    # forward then runs on the sums (quantization.forward_with).
+    packed = getattr(experts, "packed", {})
+    weights = {name: m() for name, m in packed.items()} | {
+        name: getattr(experts, name) for name in experts.lora_experts if name not in packed}
+    for name, adapter in experts.lora_experts.items():
+        weights[name] = weights[name] + adapter.update(weights[name].dtype)
+    return quantization.forward_with(experts, weights, *args, **kwargs)
+
+
+def expert_tensors(model: nn.Module, within: type[nn.Module]) -> dict[str, tuple[nn.Module, str, tuple[int, ...]]]:
+    """Every MoE experts tensor inside the decoder layers, "<experts path>.<name>" -> (experts module, name, shape),
+    16-bit or packed, in the order the experts class declares them (PEFT nests its wrappers in that order)."""
+    inside = {id(m) for layer in model.modules() if isinstance(layer, within) for m in layer.modules()}
+    found = {}
+    for path, block in model.named_modules():  # an MoE block: the module holding `experts` (model_loading.moe_routers)
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, nn.Module) or id(experts) not in inside:
+            continue
+        packed = getattr(experts, "packed", {})  # quantization.pack_experts keeps the declared order
+        dense = {n: tuple(p.shape) for n, p in experts.named_parameters(recurse=False) if p.dim() == 3}
+        for name, shape in {**{n: m.shape for n, m in packed.items()}, **dense}.items():
+            found[f"{path}.experts.{name}"] = (experts, name, tuple(shape))
+    return found
+
+
+def inject_experts_lora(model: nn.Module, within: type[nn.Module], r: int, alpha: float,
+                        device: torch.device | str) -> list[str]:
+    """An ExpertsLoRA for every experts tensor, in `experts.lora_experts`, and the forward that adds their updates;
+    returns the tensors' names."""
+    found = expert_tensors(model, within)
+    for name, (experts, attr, shape) in found.items():
+        if not hasattr(experts, "lora_experts"):
+            experts.lora_experts = nn.ModuleDict()
+            experts.forward = types.MethodType(_forward_with_lora, experts)
+        experts.lora_experts[attr] = ExpertsLoRA(shape, r, alpha, device)
+    return list(found)
+
+
 def _merged_weight(base: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                    scaling: float) -> torch.Tensor:
     """W + scaling * B @ A as a new bf16 (out, in) matrix, W dequantized from 4 bits or taken as it is."""
@@ -133,9 +203,9 @@ def parse_targets(targets: str | list[str]) -> list[str]:
         except re.error as e:
             raise ValueError(f"--lora_targets: {target!r} is not a valid regular expression ({e}); a name matches as "
                              r"it is, a pattern is a Python regex (.*_proj, not the glob *_proj; \. for a dot)") from e
-    if ALL_LINEAR in found and len(found) > 1:
+    if ALL_LINEAR in found and set(found) - {ALL_LINEAR, EXPERTS}:
         raise ValueError(f"--lora_targets: {ALL_LINEAR!r} already selects every linear of the decoder layers; give it "
-                         f"alone, or name the linears instead of it")
+                         f"alone (or with {EXPERTS!r}), or name the linears instead of it")
     return found
 
 
@@ -148,7 +218,7 @@ def matching_modules(model: nn.Module, targets: str | list[str], within: type[nn
     set (tests/test_lora.py compares them). lm_head and the embeddings are outside the decoder layers, so they are never
     adapted.
     """
-    targets, linears = parse_targets(targets), _layer_linears(model, within)
+    targets, linears = [t for t in parse_targets(targets) if t != EXPERTS], _layer_linears(model, within)
     routers = _routers(model, linears) if targets == [ALL_LINEAR] else set()
     return {name: module for name, module in linears.items()
             if name not in routers and any(_matches(t, name) for t in targets)}
@@ -180,7 +250,9 @@ def targets_on(config, targets: str | list[str]) -> dict[str, nn.Module]:
     """What `targets` select in the model `config` describes, found on a skeleton on the meta device (no memory, no
     weights): targets compared before the model loads (a resume), or handed to PEFT (benchmark.py)."""
     skeleton = model_loading.build_skeleton(config, "none")
-    return matching_modules(skeleton, targets, model_loading.decoder_layer_class(skeleton))
+    layer_cls = model_loading.decoder_layer_class(skeleton)
+    experts = expert_tensors(skeleton, layer_cls) if EXPERTS in parse_targets(targets) else {}
+    return matching_modules(skeleton, targets, layer_cls) | {name: m for name, (m, _, _) in experts.items()}
 
 
 def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r: int, alpha: float,
@@ -188,12 +260,20 @@ def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r
     """Replace each matching linear with a LoRALinear around it, its weights on `device`; returns the adapted names.
 
     A's random init is drawn on `device`, from torch's global generator for that device: seed it identically on every
-    rank (FSDP does not broadcast). A target that matches nothing in some decoder layer is warned about.
+    rank (FSDP does not broadcast). A target that matches nothing in some decoder layer is warned about. EXPERTS
+    adds an ExpertsLoRA for every MoE experts tensor (inject_experts_lora); their names come last.
     """
     targets, linears = parse_targets(targets), _layer_linears(model, within)
-    found = matching_modules(model, targets, within)
+    experts = EXPERTS in targets
+    targets = [t for t in targets if t != EXPERTS]
+    if experts and not expert_tensors(model, within):
+        raise ValueError(f"--lora_targets {EXPERTS!r}: this model has no MoE experts in its decoder layers")
+    if experts and dropout > 0:
+        raise ValueError(f"--lora_targets {EXPERTS!r} needs --lora_dropout 0: dropout applies to a layer's input, "
+                         "which an update of the experts' weights cannot (PEFT refuses such adapters too)")
+    found = matching_modules(model, targets, within) if targets else {}
     have = kinds(linears)  # what the decoder layers have; lm_head is not among them
-    if not found:
+    if targets and not found:
         raise ValueError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {have}")
     layers = [name for name, m in model.named_modules() if isinstance(m, within)]
     for target in targets:
@@ -203,22 +283,61 @@ def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r
                           f"(first: {missed[0]}); their linears are {have}")
     for name, base in found.items():
         model.set_submodule(name, LoRALinear(base, r, alpha, dropout, device))
-    return list(found)
+    return list(found) + (inject_experts_lora(model, within, r, alpha, device) if experts else [])
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear of an unwrapped model by its path (fsdp_wrap.lora_modules for a wrapped one)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+ADAPTERS = (LoRALinear, ExpertsLoRA)  # the modules that hold an A and a B
 
 
-def factor_weights(modules: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
-    """Each A and B weight by its key in the model's state dict, "<path>.lora_A.weight": PEFT's key, unprefixed."""
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | ExpertsLoRA]:
+    """Every LoRALinear and ExpertsLoRA of an unwrapped model by its path (fsdp_wrap.lora_modules for a wrapped one)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTERS)}
+
+
+def factor_weights(modules: dict[str, LoRALinear | ExpertsLoRA]) -> dict[str, torch.Tensor]:
+    """Each A and B weight by its key in the model's state dict, "<path>.lora_A.weight": for a linear PEFT's key,
+    unprefixed; for experts "<experts>.lora_experts.<tensor>.lora_A.weight", which peft_keys renames. The order is
+    the modules' (an experts class's tensors in their declared order), as peft_keys needs it."""
     return {f"{path}.{ab}.weight": getattr(module, ab).weight for path, module in modules.items() for ab in FACTORS}
 
 
 def peft_key(key: str) -> str:
     """"<path>.lora_A.weight" as PEFT's adapter file names it: after the path of the model inside PEFT's wrappers."""
     return PEFT_PREFIX + key
+
+
+def peft_keys(keys) -> dict[str, str]:
+    """factor_weights' keys (in its order) -> the adapter file's.
+
+    PEFT adapts a parameter by wrapping its module in a ParamWrapper; a second parameter of the same module wraps
+    that wrapper again, in the order the module declares its parameters (tuners_utils' _inject_parameters walks
+    named_parameters). So the LAST declared tensor's factors sit at "<experts>.lora_A.weight", the one before it at
+    "<experts>.base_layer.lora_A.weight", and so on: gate_up_proj, then down_proj, gives down_proj the outer one.
+    """
+    keys, renamed = list(keys), {}
+    tensors = {}  # "<experts>" -> its adapted tensors in order
+    for key in keys:
+        if ".lora_experts." in key:
+            experts, _, rest = key.partition(".lora_experts.")
+            names = tensors.setdefault(experts, [])
+            if rest.split(".")[0] not in names:
+                names.append(rest.split(".")[0])
+    for key in keys:
+        if ".lora_experts." not in key:
+            renamed[key] = peft_key(key)
+            continue
+        experts, _, rest = key.partition(".lora_experts.")
+        name, _, factor = rest.partition(".")
+        depth = len(tensors[experts]) - 1 - tensors[experts].index(name)
+        renamed[key] = peft_key(f"{experts}.{'base_layer.' * depth}{factor}")
+    return renamed
+
+
+def expert_targets(keys) -> list[str]:
+    """target_parameters for adapter_config.json: "experts.<tensor>" for each adapted experts tensor, which PEFT
+    matches as a suffix of "<experts path>.<tensor>"."""
+    tensors = {k.partition(".lora_experts.")[2].split(".")[0] for k in keys if ".lora_experts." in k}
+    return sorted(f"{EXPERTS}.{name}" for name in tensors)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -247,22 +366,29 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
     """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" to full (unsharded) tensors."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {peft_key(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    names = peft_keys(state)
+    tensors = {names[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    targets = kinds(k.split(".lora_")[0] for k in state)  # the layers adapted, never "all-linear": PEFT, vLLM read it
+    linears = [k for k in state if ".lora_experts." not in k]
+    targets = kinds(k.split(".lora_")[0] for k in linears)  # the layers adapted, never "all-linear": PEFT, vLLM read it
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
     }
+    if expert_targets(state):  # MoE experts' tensors (ExpertsLoRA), loaded by PEFT 0.21's ParamWrapper
+        config["target_modules"] = targets or None  # PEFT takes an empty list as "no match", None as "none asked"
+        config["target_parameters"] = expert_targets(state)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
     """Copy a PEFT-format adapter into the LoRALinear modules of an unwrapped model (before FSDP)."""
     tensors = load_file(Path(adapter_dir) / "adapter_model.safetensors")
-    wanted = {peft_key(k): weight for k, weight in factor_weights(lora_modules(model)).items()}
+    weights = factor_weights(lora_modules(model))
+    names = peft_keys(weights)
+    wanted = {names[k]: weight for k, weight in weights.items()}
     if set(tensors) != set(wanted):
         missing, unexpected = sorted(wanted.keys() - tensors.keys()), sorted(tensors.keys() - wanted.keys())
         raise ValueError(f"adapter in {adapter_dir} does not fit this model: missing {missing[:3]}, "
@@ -300,8 +426,10 @@ def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
     """The model as trained: LoRA injected into the (4-bit) base with the adapter's own r, alpha and targets, then
     its weights loaded. The inverse of save_adapter; for inference (dropout is off in eval mode)."""
     config = read_adapter_config(adapter_dir)
-    targets = config["target_modules"]
+    targets = config.get("target_modules") or []  # None when only experts' tensors are adapted
     targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
+    if config.get("target_parameters"):  # every experts tensor, as train.py adapts them; load_adapter checks the keys
+        targets.append(EXPERTS)
     device = next(model.parameters()).device
     inject_lora(model, targets, model_loading.decoder_layer_class(model), config["r"], config["lora_alpha"],
                 config.get("lora_dropout", 0.0), device)

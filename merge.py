@@ -64,6 +64,10 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
         raise MergeError(f"--shard_size_mb must be positive, got {shard_size_mb}")
     base_dir, adapter_dir, out_dir = builtin.model_dir(model), Path(adapter), Path(out)
     adapter_config = lora.read_adapter_config(adapter_dir)
+    if adapter_config.get("target_parameters"):
+        raise MergeError(f"{adapter_dir} adapts MoE experts' tensors (target_parameters "
+                         f"{adapter_config['target_parameters']}): merging them is not done yet; generate.py applies "
+                         "the adapter unmerged, and PEFT's PeftModel.from_pretrained loads it")
     train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
     quant = run_folder.trained_quant(adapter_dir)
     if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):

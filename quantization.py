@@ -79,16 +79,22 @@ def pack_experts(experts: nn.Module, quant: str) -> list[str]:
 
 
 def _forward_dequantized(experts: nn.Module, *args, **kwargs):
-    # The class's forward (eager, or grouped_mm as config._experts_implementation picks) reads self.gate_up_proj and
-    # self.down_proj. For this call those are plain attributes holding all the layer's experts dequantized at once;
-    # afterwards only the packed bytes stay. Autograd keeps the dense tensors until the backward of the layer, unless
-    # activation checkpointing recomputes it (then they live for one layer at a time).
-    for name, packed in experts.packed.items():
-        object.__setattr__(experts, name, packed())
+    return forward_with(experts, {name: packed() for name, packed in experts.packed.items()}, *args, **kwargs)
+
+
+def forward_with(experts: nn.Module, weights: dict[str, torch.Tensor], *args, **kwargs):
+    """The experts class's own forward (eager, or grouped_mm as config._experts_implementation picks) run on
+    `weights` (name -> dense 3-D tensor) instead of the module's own: dequantized ones here, with LoRA's update added
+    in lora.py. For this call they are plain instance attributes, which Python finds before nn.Module's parameters
+    and before the class's; afterwards only the module's own (packed or 16-bit) stay. Autograd keeps the dense
+    tensors until the backward of the layer, unless activation checkpointing recomputes it (then they live for one
+    layer at a time)."""
+    for name, weight in weights.items():
+        object.__setattr__(experts, name, weight)
     try:
         return type(experts).forward(experts, *args, **kwargs)
     finally:
-        for name in experts.packed:
+        for name in weights:
             object.__delattr__(experts, name)
 
 

@@ -75,7 +75,7 @@ class Config(data.DataConfig):
     lora_rank: int = field(default=16, metadata={"help": "rank r of each update"})
     lora_alpha: float = field(default=32.0, metadata={"help": "the update is scaled by alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=lora.ALL_LINEAR, metadata={"help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but MoE routers", "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
+    lora_targets: str = field(default=lora.ALL_LINEAR, metadata={"help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but MoE routers; add 'experts' for LoRA on the MoE experts' tensors too (PEFT's target_parameters; needs --lora_dropout 0)", "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
     # memory and sharding
     quant: str = field(default=quantization.AUTO, metadata={"choices": [quantization.AUTO, *quantization.QUANT_TYPES], "help": f"4-bit type of the base, or none (plain LoRA); {quantization.AUTO}: a pre-quantized checkpoint's own type, else {quantization.DEFAULT}"})
     sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
@@ -149,6 +149,9 @@ def validate(cfg: Config) -> None:
         raise ValueError("--cpu_offload moves GPU shards to CPU memory; there is no GPU here")
     if not lora.parse_targets(cfg.lora_targets):  # which also refuses a pattern that does not compile
         raise ValueError("--lora_targets is empty")
+    if lora.EXPERTS in lora.parse_targets(cfg.lora_targets) and cfg.lora_dropout > 0:
+        raise ValueError(f"--lora_targets {lora.EXPERTS!r} needs --lora_dropout 0: dropout applies to a layer's input, "
+                         "which an update of the experts' weights cannot (PEFT refuses such adapters too)")
     reporting.parse(cfg.report_to)  # an unknown backend, or one not installed, with the pip command
 
 
@@ -211,7 +214,7 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kinds = collections.Counter(name.split(".")[-1] for name in names)
-    print0(f"LoRA r={cfg.lora_rank} on {len(names)} linears ({', '.join(f'{k} x{n}' for k, n in kinds.items())}): "
+    print0(f"LoRA r={cfg.lora_rank} on {len(names)} linears or expert tensors ({', '.join(f'{k} x{n}' for k, n in kinds.items())}): "
            f"{n_lora / 1e6:.2f}M trainable parameters")
     compile = "inductor" if cfg.compile and device.type == "cuda" else None  # CPU (tests, gloo): eager
     return fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing,
