@@ -297,10 +297,11 @@ def main() -> None:
     model_dir = synthetic_checkpoint(args.shape, args.layers, root, args.prequantized)
     print(f"checkpoint ready in {time.perf_counter() - t0:.0f}s: {model_dir}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    rows_text = {}
-    for seq in args.seq_lens:
+    rows_text = {}  # a child process needs its own length's rows only, and the parent has written the files
+    for seq in [args.one_seq] if args.one else args.seq_lens:
         rows_text[seq] = random_rows(max(batch_sizes) * args.steps, seq)
-        (root / f"random-{seq}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_text[seq]))
+        if not args.one:
+            (root / f"random-{seq}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_text[seq]))
     n_linear = linear_params(model_dir)
     if args.max_memory_gib and (args.one or args.profile):  # a training process; the writer above is not capped
         torch.cuda.set_per_process_memory_fraction(args.max_memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
