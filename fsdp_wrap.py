@@ -5,6 +5,12 @@ their MLPs if asked (fused.py), group each layer's LoRA weights, add the chunked
 weights and one around it for its LoRA weights; the root spans the embeddings, lm_head and the loss), then put
 activation checkpointing inside each decoder-layer unit, as torchtitan and the FSDP-QLoRA recipe do, its saved layer
 inputs in host memory if asked (offload.py).
+
+--cpu_offload on several GPUs is FSDP's CPUOffload: each rank's shards live in host memory, and the optimizer steps
+there. On one GPU FSDP does not shard (it switches to NO_SHARD), and its CPUOffload then leaves every unit's copy on the
+GPU after use, so the whole model ends up there. One GPU therefore streams instead (offload.WeightStream): the decoder
+layers' frozen weights stay out of FSDP, in pinned host memory, and come to the GPU one layer ahead of their use; the
+LoRA weights, their optimizer state, the embeddings and the head stay on the GPU.
 """
 import functools
 import re
@@ -104,6 +110,7 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
                cpu_offload: bool = False, grad_checkpointing: str = "non_reentrant", compile: str | None = None,
                offload_activations: bool = False, tiled_mlp: int = 0) -> FSDP:
     """compile: None, or the torch.compile backend for compile_elementwise and the loss ("inductor" on GPUs).
+    cpu_offload: parameters in host memory: FSDP's CPUOffload on several ranks, offload.WeightStream on one.
     offload_activations: checkpointed layer inputs in host memory (needs non-reentrant checkpointing).
     tiled_mlp: tokens per MLP tile (fused.tile_mlps); 0 leaves the MLPs whole."""
     if compile:
@@ -116,6 +123,13 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     group_adapters(model, layer_cls)
     model = fused.CausalLMWithLoss(model, compile=compile)
+    stream, streamed = None, None
+    if cpu_offload and torch.distributed.get_world_size() == 1:
+        if CHECKPOINTING[grad_checkpointing] is None:
+            raise ValueError(offload.NEEDS_RECOMPUTE)
+        streamed = [m for m in model.modules() if isinstance(m, layer_cls)]  # in the order forward runs them
+        stream = offload.WeightStream(streamed, device, quantization.state_tensors)
+        cpu_offload = False  # FSDP leaves these layers alone (ignored_states) and keeps the rest on the GPU
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_cls, LayerAdapters})
     model = FSDP(
         model,
@@ -134,7 +148,9 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
         # Rate-limits all-gathers so that at most two units are unsharded at a time: bounded memory, small cost.
         limit_all_gathers=True,
         use_orig_params=False,
+        ignored_states=streamed,
     )
+    model.weight_stream = stream  # None unless streaming: the log and the tests read it
     if CHECKPOINTING[grad_checkpointing] is not None:
         # Recompute each decoder layer in backward instead of storing its activations: memory O(layers) -> O(1).
         # Non-reentrant needs no input that requires grad (all embeddings here are frozen) and supports kwargs.

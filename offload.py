@@ -1,10 +1,11 @@
-"""Checkpointed decoder-layer inputs in host memory, for sequences too long for them to stay on the GPU.
+"""Host memory in place of GPU memory, for what the GPU needs only for a moment: checkpointed layer inputs (long
+sequences), and on one GPU the frozen weights of the decoder layers (a 70B model in 24 GiB).
 
-With every decoder layer checkpointed, what a layer keeps between forward and backward is its input: seq x hidden x 2
-bytes, for every layer at once. For an 8B model at 131,072 tokens that is 1 GiB per layer, 32 GiB in all; for 70B at
-batch 4 x 2,048 tokens, 128 MiB per layer, 10 GiB over its 80 layers. ActivationOffload.checkpoint is a checkpoint
-function that sends each such input to pinned host memory as forward leaves the layer, and brings it back one layer
-ahead of backward, so that the GPU holds about two of them.
+Layer inputs. With every decoder layer checkpointed, what a layer keeps between forward and backward is its input:
+seq x hidden x 2 bytes, for every layer at once. For an 8B model at 131,072 tokens that is 1 GiB per layer, 32 GiB in
+all; for 70B at batch 4 x 2,048 tokens, 128 MiB per layer, 10 GiB over its 80 layers. ActivationOffload.checkpoint is a
+checkpoint function that sends each such input to pinned host memory as forward leaves the layer, and brings it back
+one layer ahead of backward, so that the GPU holds about two of them.
 
 How: torch's non-reentrant checkpoint saves the inputs of the checkpointed function as saved tensors (everything inside
 the function is recomputed instead), and saved tensors go through the innermost `saved_tensors_hooks`. Entered around
@@ -12,6 +13,14 @@ the checkpoint call only, the hooks below see exactly the layer inputs, and noth
 (torch.autograd.graph.save_on_cpu, by contrast, moves every saved tensor). On CUDA both copies run on side streams:
 the copy out overlaps the next layers' forward, and the copy of layer k-1's input back overlaps layer k's backward.
 On CPU the hooks copy too, so that tests run the same mechanism.
+
+Frozen weights (WeightStream). A decoder layer's 4-bit weights, their quant_state and its norms are one pinned host
+buffer, copied whole into a GPU buffer just before the layer runs: in forward while the layer before it computes, in
+backward (where checkpointing recomputes the layer first) while the layer after it does. The GPU holds about three
+layers' weights at any time, whatever the depth. Every tensor of the layer is a view of its GPU buffer, whose storage
+is resized to nothing when the layer is done (what FSDP does with the gathered parameters it frees): views that
+autograd keeps, such as the packed weight bitsandbytes holds for its backward, then pin no memory, and see the data
+again when the buffer is refilled for the recompute.
 """
 import weakref
 
@@ -84,3 +93,121 @@ class ActivationOffload:
         with torch.cuda.stream(self.copy_in):
             entry.device_tensor = entry.host.to(self.device, non_blocking=True)
         entry.fetched = self.copy_in.record_event()
+
+
+NEEDS_RECOMPUTE = ("--cpu_offload on one GPU brings each layer's weights back for its backward by recomputing the "
+                   "layer: it needs --grad_checkpointing non_reentrant or reentrant")
+
+
+class _LayerWeights:
+    """One decoder layer's frozen tensors as views of one device buffer, whose bytes live in one host buffer."""
+
+    def __init__(self, layer: torch.nn.Module, device: torch.device, quant_state_tensors):
+        slots, tensors = [], {}  # (owner, kind, key, tensor): where each tensor is referenced; id -> tensor
+        for module in layer.modules():
+            for key, p in module._parameters.items():
+                if p is not None:
+                    if p.requires_grad:
+                        raise ValueError(f"{type(layer).__name__} holds the trainable {key!r}: only frozen weights "
+                                         "stream from host memory (LoRA weights belong to the layer's adapters)")
+                    slots.append((p, "data", None, p))
+            for key, b in module._buffers.items():
+                if b is not None:
+                    slots.append((module._buffers, "item", key, b))
+            slots += [(owner, "attr", key, t) for owner, key, t in quant_state_tensors(module)]
+        for *_, t in slots:
+            tensors.setdefault(id(t), t)
+        offsets, self.nbytes = {}, 0
+        for key, t in tensors.items():  # 64-byte aligned, so that every view of the buffer may take any dtype
+            offsets[key] = self.nbytes
+            self.nbytes += -(-t.numel() * t.element_size() // 64) * 64
+        cuda = device.type == "cuda"
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=cuda)  # pinned: asynchronous copies
+        self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        views = {}
+        for key, t in tensors.items():
+            start, n = offsets[key], t.numel() * t.element_size()
+            self.host[start:start + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+            views[key] = self.buffer[start:start + n].view(t.dtype).view(t.shape)
+        for owner, kind, key, t in slots:  # every reference now points into the buffer; the originals are freed
+            if kind == "data":
+                owner.data = views[id(t)]
+            elif kind == "item":
+                owner[key] = views[id(t)]
+            else:
+                setattr(owner, key, views[id(t)])
+        self.ready = None  # CUDA event: the copy into the buffer is done
+        self.resident = False
+        self.free()
+
+    def free(self) -> None:
+        self.buffer.untyped_storage().resize_(0)
+        self.resident = False
+
+
+class WeightStream:
+    """Keeps `layers` (a model's decoder layers, in the order forward runs them) in host memory, each brought to
+    `device` around its own use. Needs activation checkpointing: backward must run each layer again, which is what
+    brings its weights back. On CPU it copies between two CPU buffers, so that tests run the same mechanism."""
+
+    def __init__(self, layers: list[torch.nn.Module], device: torch.device, quant_state_tensors):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.copy_in = torch.cuda.Stream(device) if self.cuda else None
+        self.layers = [_LayerWeights(layer, device, quant_state_tensors) for layer in layers]
+        self.host_bytes = sum(w.nbytes for w in self.layers)
+        self.fetches = 0  # layer copies to the device so far: what the tests read
+        self._callback_queued = False
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda module, args, i=i: self._before(i))
+            layer.register_forward_hook(lambda module, args, out, i=i: self._after(i))
+
+    def _before(self, i: int) -> None:
+        if torch._C._current_graph_task_id() == -1:  # forward: the layers run first to last
+            self._use(i)
+            self._fetch(i + 1)
+            return
+        # Backward: checkpointing recomputes layer i just before its backward, once layer i+1's backward is over.
+        self._release(i + 1)
+        if not self._callback_queued:  # layer 0 has no layer below it to release it
+            torch.autograd.Variable._execution_engine.queue_callback(self._release_all)
+            self._callback_queued = True
+        self._use(i)
+        self._fetch(i - 1)
+
+    def _after(self, i: int) -> None:
+        if torch._C._current_graph_task_id() == -1:  # in backward, the layer's own backward still needs it
+            self._release(i)
+
+    def _fetch(self, i: int) -> None:
+        if not 0 <= i < len(self.layers) or self.layers[i].resident:
+            return
+        w = self.layers[i]
+        # Allocated in the compute stream's order, which alone frees it; the copy starts once the compute queued so
+        # far is done with whatever memory this reuses, and runs while the compute queued next does.
+        w.buffer.untyped_storage().resize_(w.nbytes)
+        w.resident = True
+        self.fetches += 1
+        if not self.cuda:
+            w.buffer.copy_(w.host)
+            return
+        self.copy_in.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_in):
+            w.buffer.copy_(w.host, non_blocking=True)
+        w.ready = self.copy_in.record_event()
+
+    def _use(self, i: int) -> None:
+        self._fetch(i)  # a no-op unless nothing fetched it ahead (the first layer)
+        w = self.layers[i]
+        if w.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(w.ready)
+            w.ready = None
+
+    def _release(self, i: int) -> None:
+        if 0 <= i < len(self.layers) and self.layers[i].resident:
+            self._use(i)  # a copy still in flight must land before its memory can go back
+            self.layers[i].free()
+
+    def _release_all(self) -> None:
+        self._callback_queued = False
+        for i in range(len(self.layers)):
+            self._release(i)

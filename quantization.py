@@ -15,7 +15,7 @@ import types
 import bitsandbytes as bnb
 import torch
 import torch.nn as nn
-from bitsandbytes.functional import dequantize_4bit
+from bitsandbytes.functional import QuantState, dequantize_4bit
 
 QUANT_TYPES = ("nf4", "fp4", "none")  # none: the base stays bf16 (plain LoRA)
 DEFAULT = "nf4"  # the QLoRA paper's choice: quantiles of a normal distribution, which weights roughly follow
@@ -129,6 +129,26 @@ def dequantize(weight: torch.Tensor, module: nn.Module | None = None) -> torch.T
     """
     quant_state = getattr(weight, "quant_state", None) or getattr(module, "quant_state", None)
     return dequantize_4bit(weight.reshape(-1, 1), quant_state)
+
+
+def state_tensors(module: nn.Module):
+    """(owner, attribute, tensor) for every tensor of the quant_state a 4-bit module holds, the nested statistics'
+    included: what has to travel with the packed bytes when they move (offload.WeightStream). Nothing for other
+    modules."""
+    seen = set()
+
+    def walk(state):
+        if not isinstance(state, QuantState) or id(state) in seen:
+            return
+        seen.add(id(state))
+        for key, value in vars(state).items():
+            if isinstance(value, torch.Tensor):
+                yield state, key, value
+            else:
+                yield from walk(value)  # state2: the absmax scales' own quant_state
+
+    yield from walk(getattr(module, "quant_state", None))
+    yield from walk(getattr(module._parameters.get("weight"), "quant_state", None))  # the same object, as a rule
 
 
 def packed_bytes(shape: tuple[int, ...]) -> int:

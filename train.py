@@ -33,6 +33,7 @@ import fused
 import generate
 import lora
 import model_loading
+import offload
 import quantization
 import reporting
 import run_folder
@@ -147,6 +148,8 @@ def validate(cfg: Config) -> None:
                          f"--grad_checkpointing non_reentrant (got {cfg.grad_checkpointing})")
     if cfg.cpu_offload and not torch.cuda.is_available():
         raise ValueError("--cpu_offload moves GPU shards to CPU memory; there is no GPU here")
+    if cfg.cpu_offload and cfg.grad_checkpointing == "none" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise ValueError(offload.NEEDS_RECOMPUTE)
     if not lora.parse_targets(cfg.lora_targets):  # which also refuses a pattern that does not compile
         raise ValueError("--lora_targets is empty")
     if lora.EXPERTS in lora.parse_targets(cfg.lora_targets) and cfg.lora_dropout > 0:
@@ -193,9 +196,11 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     """Stream the 4-bit base onto the device, add LoRA (identically on every rank, or loaded from `adapter_dir`),
     then shard and checkpoint."""
     attention = data.packed_attention(device) if cfg.packing else None
-    # Sharded over several GPUs, the whole 4-bit model may not fit one of them (70B: ~38 GB): quantize on the GPU,
-    # keep the result in CPU memory, and let FSDP move each unit to the GPU as it shards it.
-    keep_on = torch.device("cpu") if dist.get_world_size() > 1 and cfg.sharding != "no_shard" else device
+    # Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B: ~38 GB): quantize on
+    # the GPU, keep the result in CPU memory, and let FSDP move each unit to the GPU as it shards it (or, offloaded
+    # on one GPU, offload.WeightStream keep the decoder layers in host memory).
+    sharded = dist.get_world_size() > 1 and cfg.sharding != "no_shard"
+    keep_on = torch.device("cpu") if sharded or cfg.cpu_offload else device
     model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention,
                                      keep_on=keep_on)
     quantized, experts = model_loading.quantized_weights(model), quantization.packed_shells(model)
@@ -217,8 +222,13 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     print0(f"LoRA r={cfg.lora_rank} on {len(names)} linears or expert tensors ({', '.join(f'{k} x{n}' for k, n in kinds.items())}): "
            f"{n_lora / 1e6:.2f}M trainable parameters")
     compile = "inductor" if cfg.compile and device.type == "cuda" else None  # CPU (tests, gloo): eager
-    return fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing,
-                                compile, cfg.offload_activations, cfg.tiled_mlp)
+    model = fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing,
+                                 compile, cfg.offload_activations, cfg.tiled_mlp)
+    if model.weight_stream is not None:
+        print0(f"--cpu_offload on one GPU: the weights of {len(model.weight_stream.layers)} decoder layers stay in "
+               f"pinned host memory ({model.weight_stream.host_bytes / 2**30:.2f} GiB), each copied to the GPU ahead "
+               "of its use")
+    return model
 
 
 def lr_lambda(cfg: Config, total_steps: int):

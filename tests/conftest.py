@@ -15,6 +15,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import fsdp_wrap  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
 import train  # noqa: E402
@@ -197,6 +198,16 @@ def adapted_4bit(path, keep_on=None):
     for m in lora.lora_modules(model).values():
         m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
     return model, layer_cls
+
+
+def loss_and_grads(path, ids, **wrap):
+    """The wrapped 4-bit model (adapted_4bit, wrap_model with `wrap`), its loss on `ids` and the LoRA gradients."""
+    torch.manual_seed(0)  # the same A
+    model, layer_cls = adapted_4bit(path)
+    model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, **wrap)
+    loss = model(input_ids=ids, labels=ids)
+    loss.backward()
+    return model, loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
 def adapted(path, quant="none", r=4, alpha=8.0, targets=(lora.ALL_LINEAR,)):

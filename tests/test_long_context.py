@@ -3,20 +3,11 @@ what plain runs compute, and the mechanisms do what they claim: every layer inpu
 more than a tile. On a GPU, memory falls."""
 import pytest
 import torch
-from conftest import DEVICE, adapted_4bit, common, losses, run_inprocess
+from conftest import DEVICE, adapted_4bit, common, loss_and_grads, losses, run_inprocess
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 import fsdp_wrap
 import offload
-
-
-def loss_and_grads(path, ids, **wrap):
-    torch.manual_seed(0)  # the same A
-    model, layer_cls = adapted_4bit(path)
-    model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, **wrap)
-    loss = model(input_ids=ids, labels=ids)
-    loss.backward()
-    return model, loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
 def offloaders(model) -> list[offload.ActivationOffload]:
