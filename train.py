@@ -307,7 +307,9 @@ def evaluate(model, batches: list[dict], device: torch.device) -> float:
 
 # The longest sequences measured to fit at batch 1 on one GPU under a 24 GiB cap (BENCHMARKS.md), by the shape of
 # the model: (hidden size, decoder layers) -> (what it is, tokens, the flags it took).
-LONGEST_MEASURED = {(4096, 32): ("an 8B Llama-3 shape", 131_072, "--offload_activations --tiled_mlp 8192")}
+LONGEST_MEASURED = {(4096, 32): ("an 8B Llama-3 shape", 131_072, "--offload_activations --tiled_mlp 8192"),
+                    (8192, 80): ("a 70B Llama-3 shape", 32_768,
+                                 "--cpu_offload --offload_activations --tiled_mlp 8192 --lora_rank 16")}
 
 
 def out_of_memory(cfg: Config, config, step: int) -> str:

@@ -287,13 +287,16 @@ def test_out_of_memory_says_what_to_lower(small_run, tmp_path, monkeypatch):
         run_inprocess(small_run(tmp_path / "run", 2))
 
 
-def test_out_of_memory_names_the_longest_sequence_measured_for_the_shape():
-    """For a shape BENCHMARKS.md measured (8B: hidden 4096, 32 layers), the advice says how far it went."""
+@pytest.mark.parametrize("hidden, layers, tokens, flags", [
+    (4096, 32, "131,072", "--offload_activations --tiled_mlp 8192"),
+    (8192, 80, "32,768", "--cpu_offload --offload_activations --tiled_mlp 8192 --lora_rank 16")])
+def test_out_of_memory_names_the_longest_sequence_measured_for_the_shape(hidden, layers, tokens, flags):
+    """For a shape BENCHMARKS.md measured (8B, 70B), the advice says how far it went, and with which flags."""
     from transformers import LlamaConfig
 
     cfg = train.Config()
-    advice = train.out_of_memory(cfg, LlamaConfig(hidden_size=4096, num_hidden_layers=32), 3)
-    assert "131,072 tokens" in advice and "--offload_activations --tiled_mlp 8192" in advice
+    advice = train.out_of_memory(cfg, LlamaConfig(hidden_size=hidden, num_hidden_layers=layers), 3)
+    assert f"{tokens} tokens fitted at batch 1 in 24 GiB with {flags} " in advice
     assert "tokens fitted" not in train.out_of_memory(cfg, LlamaConfig(hidden_size=64, num_hidden_layers=2), 3)
 
 

@@ -94,17 +94,19 @@ def test_streamed_layers_stay_off_the_gpu(tmp_path, process_group):
     training step's peak is at least five layers' weights lower."""
     layer_bytes, ids = eight_layers(tmp_path), torch.randint(4, 500, (2, 512), device=DEVICE)
     held, peak = {}, {}
-    for name, streamed in {"resident": False, "streamed": True}.items():  # anything left over would count against
-        torch.manual_seed(0)                                                # the streamed run
+    for name, streamed in {"resident": False, "streamed": True}.items():
+        gc.collect()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()  # whatever an earlier model left behind is not this one's
+        torch.manual_seed(0)
         model, layer_cls = adapted_4bit(tmp_path, keep_on="cpu" if streamed else None)
         model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, cpu_offload=streamed)
         torch.cuda.synchronize()
-        held[name] = torch.cuda.memory_allocated()
+        held[name] = torch.cuda.memory_allocated() - before
         torch.cuda.reset_peak_memory_stats()
         model(input_ids=ids, labels=ids).backward()
         torch.cuda.synchronize()
-        peak[name] = torch.cuda.max_memory_allocated()
+        peak[name] = torch.cuda.max_memory_allocated() - before
         del model
-        gc.collect()
     assert held["streamed"] < held["resident"] - 0.95 * 8 * layer_bytes, held
     assert peak["streamed"] < peak["resident"] - 5 * layer_bytes, peak
