@@ -125,7 +125,8 @@ class ExpertsLoRA(nn.Module):
 
 
 def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ExpertsLoRA's A (r * experts, in) and B (out, r * experts) as each expert's: (experts, r, in), (experts, out, r)."""
+    """ExpertsLoRA's A (r * experts, in) and B (out, r * experts) as each expert's factors: (experts, r, in) and
+    (experts, out, r)."""
     r = a.shape[0] // experts
     return a.view(experts, r, -1), b.view(-1, r, experts).permute(2, 0, 1)
 
