@@ -19,8 +19,9 @@ ALL_LINEAR = "all-linear"  # --lora_targets' default, PEFT's keyword: every line
 PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
 FACTORS = ("lora_A", "lora_B")
 # --lora_targets' keyword for the MoE experts' 3-D tensors, alone or beside the linears ("all-linear,experts"). Not
-# part of "all-linear", as in PEFT, where all-linear takes nn.Linear layers only and experts are adapted by naming
-# their parameters (target_parameters): an all-linear adapter trained here keeps loading where PEFT's would.
+# part of "all-linear", which takes linears only (PEFT 0.21's own "all-linear" also takes the experts and routers of
+# Mixtral, Qwen3-MoE and OLMoE, linears in transformers 4). The saved adapter names the linears and the experts'
+# tensors (target_parameters), never "all-linear", so PEFT loads exactly what was trained.
 EXPERTS = "experts"
 
 

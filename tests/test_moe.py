@@ -407,12 +407,14 @@ def test_moe_default_targets_are_every_linear_but_the_routers(checkpoints, arch)
     bits. PEFT 0.21's "all-linear" takes more on Mixtral, Qwen3-MoE and OLMoE, whose experts and router were linears
     in transformers 4: the experts' tensors (gate_up_proj at twice the rank) and the router's bare weight."""
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import ParamWrapper
 
     path = checkpoints(arch)
     skeleton = model_loading.build_skeleton(model_loading.read_config(path), "nf4")
     layer_cls = model_loading.decoder_layer_class(skeleton)
     ours = lora.matching_modules(skeleton, train.Config.lora_targets, layer_cls)
-    linears, params = peft_adapted(get_peft_model(reference_model(path), LoraConfig(r=4, target_modules="all-linear")))
+    peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, target_modules="all-linear"))
+    linears, params = peft_adapted(peft_model)
     routers = model_loading.moe_routers(skeleton)
     assert len(routers) == (2 if arch == "qwen2_moe" else 0) and routers <= linears
     assert set(ours) == linears - routers
@@ -422,6 +424,8 @@ def test_moe_default_targets_are_every_linear_but_the_routers(checkpoints, arch)
     assert len(experts) == 4 and experts.keys() == quantization.packed_shells(skeleton).keys()
     bare_routers = {f"{name.rpartition('.experts.')[0]}.gate.weight" for name in experts}
     assert params == (set() if arch == "qwen2_moe" else experts.keys() | bare_routers)
+    doubled = [m for m in peft_model.modules() if isinstance(m, ParamWrapper) and m.parameter_name == "gate_up_proj"]
+    assert all(m.r["default"] == 8 for m in doubled) and len(doubled) == len(params) // 3
 
 
 @pytest.mark.parametrize("arch", CHECKED)
