@@ -10,12 +10,13 @@ its output shard at once, so memory stays near one tensor (and its fp32 copy) fo
 output is sharded safetensors with model.safetensors.index.json, config.json, the tokenizer files and a model card
 (README.md) naming the base, the adapter and the training config.
 
-Mixture-of-experts experts (an adapter with target_parameters): each adapted experts tensor W (experts, out, in)
-becomes W_e + B_e @ A_e * alpha / r for every expert e, the update PEFT's ParamWrapper defines (lora.ExpertsLoRA).
+MoE experts (an adapter with target_parameters): each adapted experts tensor W (experts, out, in) becomes
+W_e + B_e @ A_e * alpha / r for every expert e, the update PEFT's ParamWrapper defines (lora.ExpertsLoRA).
 transformers' model holds a layer's experts fused in that 3-D tensor, while save_pretrained writes one tensor per
 expert, and the merged checkpoint keeps the layout of the base: a layer's experts are read and fused as the loader
-fuses them, merged (and quantized, for the dequantized semantics, whole, as the loader quantizes them), then split
-back by transformers' own save-time conversion. So memory then holds one layer's experts tensor, not one tensor.
+fuses them, merged (for the dequantized semantics quantized whole first, as the loader quantizes them: the double
+quantization's statistics span the whole tensor), then split back by transformers' own save-time conversion. While
+they are merged, memory holds that layer's experts tensor and its fp32 copy, not one expert's.
 
 Which W. The adapter was trained against the 4-bit base, dequant(quant(W)), not against W itself:
   --semantics dequantized   (default) W is the 4-bit base dequantized, quantized exactly as the loader does in
