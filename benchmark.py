@@ -6,6 +6,7 @@
         --extra="--cpu_offload --offload_activations"              # the whole 70B on one GPU in 24 GiB
     python benchmark.py --seq_lens 16384,32768 --batch_sizes 1 --max_memory_gib 24 --steps 5 --warmup 2 \
         --extra="--offload_activations --tiled_mlp 8192" --extra=   # long context: two variants of ours
+    python benchmark.py --shape qwen3-30b-a3b --layers 8 --batch_sizes 1,4     # a mixture of experts
 
 Runs on a synthetic checkpoint with random weights in a real model's shape, written once and streamed through the
 same loader as a real checkpoint. For each batch size it times
@@ -13,9 +14,16 @@ same loader as a real checkpoint. For each batch size it times
     reference   transformers from_pretrained + BitsAndBytesConfig (nf4, bf16 compute and storage) + PEFT LoRA with
                 the same r, alpha and targets, dropout 0.1, non-reentrant checkpointing, AdamW
     tuned       the same with dropout 0 and the adapters cast to bf16
-on the same tokens, each in a fresh process of its own, one after the other; checks that the first-step losses agree
-(same weights, same tokens, B = 0), and prints a table: median tokens/s of the steps after the warmup ones; MFU = 6 x
-(linear-layer parameters) x tokens/s / (bf16 matmul peak measured here), and beside it the MFU that also counts
+On a mixture of experts (the MoE shapes) both adapt the experts too: ours with --lora_targets all-linear,experts
+(the experts in NF4), the reference with PEFT's target_parameters on the experts' 3-D tensors, which transformers'
+bitsandbytes quantization leaves in bf16, and with dropout 0, the only value PEFT accepts there; its memory and load
+time include those bf16 experts. A --prequantized MoE checkpoint keeps its experts in bf16 for both stacks, as
+transformers writes them. The 16-bit synthetic checkpoint is made in memory, by write_random_checkpoint, with a copy
+of the experts: about twice its size (the full Mixtral-8x7B shape is 93 GB in bf16; use --layers on one GPU).
+All run on the same tokens, each in a fresh process of its own, one after the other; checks that the first-step
+losses agree (same weights, same tokens, B = 0; on an MoE they differ by the experts' NF4 rounding too), and prints
+a table: median tokens/s of the steps after the warmup ones; MFU = 6 x (linear-layer parameters, of an MoE's experts
+those a token is routed to) x tokens/s / (bf16 matmul peak measured here), and beside it the MFU that also counts
 attention's 12 x layers x heads x head_dim x seq FLOPs per token, as torchtitan and the PaLM paper count them (the whole
 seq x seq score matrix, although causal attention computes half of it); peak GPU memory allocated and reserved; peak
 host memory (RSS) of the process; load time from safetensors to ready. A stack that runs out of GPU memory becomes a
@@ -24,6 +32,7 @@ row saying so, with the memory it had reserved, and the benchmark goes on.
 import argparse
 import gc
 import json
+import math
 import os
 import random
 import re
@@ -56,34 +65,72 @@ SHAPES = {  # transformers config kwargs of real models
     "llama3-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
                        max_position_embeddings=8192, rms_norm_eps=1e-5),
+    # Mixtures of experts: transformers' Qwen3MoeConfig calls num_experts num_local_experts, as Mixtral does
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_local_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                          rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6),
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         vocab_size=32000, rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-5),
 }
 
 
 def synthetic_checkpoint(shape: str, layers: int, root: Path, prequantized: bool = False) -> Path:
     """Random weights in the shape of a real model, written once: as bf16 safetensors, or (prequantized) straight
     as the bitsandbytes NF4 checkpoint transformers writes, never bf16 on disk (70B: ~40 GB instead of 140 GB)."""
-    from transformers import AutoConfig
-
-    kwargs = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
-    out = root / f"synthetic-{shape}-{kwargs['num_hidden_layers']}layers{'-nf4' if prequantized else ''}"
+    config = shape_config(shape, layers)
+    out = root / f"synthetic-{shape}-{config.num_hidden_layers}layers{'-nf4' if prequantized else ''}"
     if not (out / "config.json").is_file():
-        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if not prequantized:
             write_random_checkpoint(config, out, max_shard_size="5GB", tokenizer=make_tokenizer(), device=device)
             return out
+        from transformers.core_model_loading import revert_weight_conversion
+
         import model_loading
         import quantize
 
+        skeleton = model_loading.build_skeleton(config, "none")
+
         def weights():  # as transformers initialises them: normal(0, initializer_range) matrices, norms of ones
-            for name, t in model_loading.build_skeleton(config, "none").state_dict().items():
-                yield name, (torch.randn(t.shape, device=device, dtype=torch.bfloat16) * config.initializer_range
-                             if t.dim() > 1 else torch.ones(t.shape, device=device, dtype=torch.bfloat16))
+            for name, t in skeleton.state_dict().items():
+                w = (torch.randn(t.shape, device=device, dtype=torch.bfloat16) * config.initializer_range
+                     if t.dim() > 1 else torch.ones(t.shape, device=device, dtype=torch.bfloat16))
+                # an MoE layer's fused experts one per expert, as save_pretrained writes them
+                yield from revert_weight_conversion(skeleton, {name: w}).items() if w.dim() == 3 else [(name, w)]
 
         torch.manual_seed(0)
         quantize.write_4bit(config, weights(), out, "nf4", device)
         make_tokenizer().save_pretrained(out)
     return out
+
+
+def shape_config(shape: str, layers: int = 0):
+    """The transformers config of SHAPES[shape], with `layers` decoder layers if given."""
+    from transformers import AutoConfig
+
+    kwargs = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+
+
+def lora_targets(config) -> str:
+    """What both stacks adapt: every linear of the decoder layers, and on a mixture of experts the experts too."""
+    import model_loading
+
+    skeleton = model_loading.build_skeleton(config, "none")
+    has_experts = lora.expert_tensors(skeleton, model_loading.decoder_layer_class(skeleton))
+    return f"{lora.ALL_LINEAR},{lora.EXPERTS}" if has_experts else lora.ALL_LINEAR
+
+
+def reference_lora_targets(config) -> dict:
+    """LoraConfig's targets that make PEFT adapt what train.py adapts (lora_targets): the linears by name (PEFT's own
+    "all-linear" would also take an MoE's routers that are linears) and the experts' 3-D tensors as
+    target_parameters, "experts.gate_up_proj", which PEFT matches as a suffix of each tensor's name."""
+    selected = lora.targets_on(config, lora_targets(config))
+    linears = {name for name, module in selected.items() if hasattr(module, "in_features")}
+    experts = sorted({".".join(name.split(".")[-2:]) for name in selected.keys() - linears})
+    return dict(target_modules=lora.kinds(linears), **({"target_parameters": experts} if experts else {}))
 
 
 def random_rows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
@@ -94,13 +141,16 @@ def random_rows(n: int, seq_len: int, seed: int = 0) -> list[dict]:
             for _ in range(n)]
 
 
-def linear_params(model_dir: Path) -> int:
-    """Parameters in nn.Linear layers (lm_head included): the N of 6N FLOPs per token."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def linear_params(config) -> int:
+    """Parameters in nn.Linear layers (lm_head included) and those of the experts a token is routed to: the N of 6N
+    FLOPs per token. A mixture of experts' 3-D experts tensors count at num_experts_per_tok of their experts."""
+    import model_loading
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    skeleton = model_loading.build_skeleton(config, "none")
+    linear = sum(m.weight.numel() for m in skeleton.modules() if isinstance(m, torch.nn.Linear))
+    experts = lora.expert_tensors(skeleton, model_loading.decoder_layer_class(skeleton))
+    active = sum(math.prod(shape[1:]) * config.num_experts_per_tok for _, _, shape in experts.values())
+    return linear + active
 
 
 def matmul_peak_tflops() -> float:
@@ -130,10 +180,13 @@ def host_rss_gib() -> float:
 
 
 def run_ours(model_dir: Path, data_file: Path, out: Path, seq: int, bs: int, extra: str, args) -> dict:
+    from transformers import AutoConfig
+
     fresh_memory()
     flags = ["--model", str(model_dir), "--dataset", str(data_file), "--output_dir", str(out), "--seq_len",
              str(seq), "--batch_size", str(bs), "--max_steps", str(args.steps), "--lora_rank", str(args.r),
-             "--lora_alpha", str(args.alpha), "--lr", "1e-4", "--overwrite", *extra.split()]
+             "--lora_alpha", str(args.alpha), "--lr", "1e-4", "--overwrite",
+             "--lora_targets", lora_targets(AutoConfig.from_pretrained(model_dir)), *extra.split()]
     history = train.train(train.parse_config(flags))
     return dict(tps=statistics.median(h["tokens_per_s"] for h in history[args.warmup:]),
                 first_loss=history[0]["loss"], load_s=history[0]["load_s"], mem=memory(), rss=host_rss_gib())
@@ -144,8 +197,8 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    # The linears train.py adapts by default, by name: PEFT's own "all-linear" would also take an MoE's routers
-    targets = lora.kinds(lora.targets_on(AutoConfig.from_pretrained(model_dir), lora.ALL_LINEAR))
+    targets = reference_lora_targets(AutoConfig.from_pretrained(model_dir))
+    dropout = 0.0 if tuned or "target_parameters" in targets else 0.1  # PEFT refuses dropout on experts' tensors
     fresh_memory()
     t0 = time.perf_counter()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -155,8 +208,8 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing and PEFT its dropout
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0 if tuned else 0.1,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=dropout,
+                                             task_type="CAUSAL_LM", **targets))
     params = [p for p in model.parameters() if p.requires_grad]
     if tuned:
         for p in params:
@@ -302,7 +355,7 @@ def main() -> None:
         rows_text[seq] = random_rows(max(batch_sizes) * args.steps, seq)
         if not args.one:
             (root / f"random-{seq}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows_text[seq]))
-    n_linear = linear_params(model_dir)
+    n_linear = linear_params(shape_config(args.shape, args.layers))
     if args.max_memory_gib and (args.one or args.profile):  # a training process; the writer above is not capped
         torch.cuda.set_per_process_memory_fraction(args.max_memory_gib * 2**30 / torch.cuda.mem_get_info()[1])
 

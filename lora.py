@@ -19,8 +19,9 @@ ALL_LINEAR = "all-linear"  # --lora_targets' default, PEFT's keyword: every line
 PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
 FACTORS = ("lora_A", "lora_B")
 # --lora_targets' keyword for the MoE experts' 3-D tensors, alone or beside the linears ("all-linear,experts"). Not
-# part of "all-linear", as in PEFT, where all-linear takes nn.Linear layers only and experts are adapted by naming
-# their parameters (target_parameters): an all-linear adapter trained here keeps loading where PEFT's would.
+# part of "all-linear", which takes linears only (PEFT 0.21's own "all-linear" also takes the experts and routers of
+# Mixtral, Qwen3-MoE and OLMoE, linears in transformers 4). The saved adapter names the linears and the experts'
+# tensors (target_parameters), never "all-linear", so PEFT loads exactly what was trained.
 EXPERTS = "experts"
 
 
@@ -120,9 +121,22 @@ class ExpertsLoRA(nn.Module):
 
     def update(self, dtype: torch.dtype) -> torch.Tensor:
         """scaling * B_e @ A_e for every expert e, (experts, out, in), in `dtype` (fp32 masters; bf16 under FSDP)."""
-        a = self.lora_A.weight.to(dtype).view(self.experts, self.r, -1)  # (experts, r, in)
-        b = self.lora_B.weight.to(dtype).view(-1, self.r, self.experts).permute(2, 0, 1)  # (experts, out, r)
+        a, b = expert_factors(self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype), self.experts)
         return torch.bmm(b, a) * self.scaling
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ExpertsLoRA's A (r * experts, in) and B (out, r * experts) as each expert's factors: (experts, r, in) and
+    (experts, out, r)."""
+    r = a.shape[0] // experts
+    return a.view(experts, r, -1), b.view(-1, r, experts).permute(2, 0, 1)
+
+
+def add_experts_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W_e + scaling * B_e @ A_e for every expert e of an experts tensor W (experts, out, in), as a new tensor, from
+    ExpertsLoRA's factors; PEFT's ParamWrapper.get_delta_weight computes the same update (merge.py, in fp32)."""
+    a, b = expert_factors(a, b, weight.shape[0])
+    return torch.baddbmm(weight, b, a, alpha=scaling)
 
 
 def _forward_with_lora(experts: nn.Module, *args, **kwargs):
@@ -340,6 +354,15 @@ def peft_keys(keys) -> dict[str, str]:
         depth = len(tensors[experts]) - 1 - tensors[experts].index(name)
         renamed[key] = peft_key(f"{experts}.{'base_layer.' * depth}{factor}")
     return renamed
+
+
+def expert_peft_keys(tensors: list[str]) -> dict[str, tuple[str, str]]:
+    """Experts tensors, "<experts path>.<tensor>" as expert_tensors names them (in its order) -> the adapter file's
+    keys of their lora_A and lora_B (peft_keys), for a reader of the file that has no model to inject (merge.py)."""
+    factors = {t: [f"{t.rpartition('.')[0]}.lora_experts.{t.rpartition('.')[2]}.{ab}.weight" for ab in FACTORS]
+               for t in tensors}
+    renamed = peft_keys(key for pair in factors.values() for key in pair)
+    return {t: (renamed[a], renamed[b]) for t, (a, b) in factors.items()}
 
 
 def expert_targets(keys) -> list[str]:

@@ -10,6 +10,14 @@ its output shard at once, so memory stays near one tensor (and its fp32 copy) fo
 output is sharded safetensors with model.safetensors.index.json, config.json, the tokenizer files and a model card
 (README.md) naming the base, the adapter and the training config.
 
+MoE experts (an adapter with target_parameters): each adapted experts tensor W (experts, out, in) becomes
+W_e + B_e @ A_e * alpha / r for every expert e, the update PEFT's ParamWrapper defines (lora.ExpertsLoRA).
+transformers' model holds a layer's experts fused in that 3-D tensor, while save_pretrained writes one tensor per
+expert, and the merged checkpoint keeps the layout of the base: a layer's experts are read and fused as the loader
+fuses them, merged (for the dequantized semantics quantized whole first, as the loader quantizes them: the double
+quantization's statistics span the whole tensor), then split back by transformers' own save-time conversion. While
+they are merged, memory holds that layer's experts tensor and its fp32 copy, not one expert's.
+
 Which W. The adapter was trained against the 4-bit base, dequant(quant(W)), not against W itself:
   --semantics dequantized   (default) W is the 4-bit base dequantized, quantized exactly as the loader does in
                             training: the merged model is the trained model up to bf16 rounding of W', the model
@@ -30,15 +38,17 @@ import json
 import math
 import struct
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
+from transformers.core_model_loading import revert_weight_conversion
 
 import builtin
+import conversions
 import lora
 import model_loading
 import quantization
@@ -64,10 +74,6 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
         raise MergeError(f"--shard_size_mb must be positive, got {shard_size_mb}")
     base_dir, adapter_dir, out_dir = builtin.model_dir(model), Path(adapter), Path(out)
     adapter_config = lora.read_adapter_config(adapter_dir)
-    if adapter_config.get("target_parameters"):
-        raise MergeError(f"{adapter_dir} adapts MoE experts' tensors (target_parameters "
-                         f"{adapter_config['target_parameters']}): merging them is not done yet; generate.py applies "
-                         "the adapter unmerged, and PEFT's PeftModel.from_pretrained loads it")
     train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
     quant = run_folder.trained_quant(adapter_dir)
     if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
@@ -75,23 +81,25 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     model_loading.check_out_folder(out_dir, overwrite, MergeError)
 
     # Everything is checked from the headers before a byte is written: base against its config, adapter against base.
-    config, entries, stats = read_base(base_dir, semantics)
-    updates = plan_updates(entries, adapter_dir, adapter_config)
+    base = read_base(base_dir, semantics)
+    updates = plan_updates(base, adapter_dir, adapter_config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The dequantized semantics of a 16-bit base: W goes through the loader's 4-bit round trip first
-    round_trip = quant if semantics == "dequantized" and quant != "none" and not stats else None
+    round_trip = quant if semantics == "dequantized" and quant != "none" and not base.stats else None
 
     # Written into a hidden sibling, renamed into place at the end: an interrupted merge never looks complete.
     with model_loading.written_whole(out_dir) as tmp:
         t0 = time.perf_counter()
-        n_shards, n_bytes = write_weights(entries, updates, adapter_dir, lora.adapter_scaling(adapter_config), tmp,
-                                          DTYPES[dtype], round_trip, shard_size_mb * 2**20, device, progress, stats)
+        n_shards, n_bytes = write_weights(base, updates, adapter_dir, lora.adapter_scaling(adapter_config), tmp,
+                                          DTYPES[dtype], round_trip, shard_size_mb * 2**20, device, progress)
+        config = base.config
         config.dtype = DTYPES[dtype]  # saved as "dtype": from_pretrained(dtype="auto") picks it
-        if stats:  # the merged weights are 16-bit: transformers must not read them as 4-bit
+        if base.stats:  # the merged weights are 16-bit: transformers must not read them as 4-bit
             del config.quantization_config
         config.save_pretrained(tmp)
         copied = model_loading.copy_beside(base_dir, tmp)
-        print(f"merged {len(updates)} adapted weights into {len(entries)} tensors: {n_shards} shards, "
+        adapted = {update.tensor for update in updates.values()}
+        print(f"merged {len(adapted)} adapted weights into {len(base.entries)} tensors: {n_shards} shards, "
               f"{n_bytes / 2**20:,.1f} MiB, in {time.perf_counter() - t0:.1f}s")
         if not any(name.startswith("tokenizer") for name in copied):
             print(f"warning: {base_dir} has no tokenizer files; add them to {out_dir} before serving it")
@@ -105,40 +113,63 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     return diffs[0] if diffs else None
 
 
-def read_base(base_dir: Path, semantics: str) -> tuple[PretrainedConfig, dict[str, TensorEntry],
-                                                       dict[str, dict[str, TensorEntry]]]:
-    """The base's config, its tensors as the merged checkpoint holds them (dense_entries), checked against the config
-    from the headers, and the quant_state entries of each weight of a pre-quantized base (none for a 16-bit one)."""
+@dataclass
+class Base:
+    """The base model as the merge reads it, known from its config and safetensors headers alone."""
+    config: PretrainedConfig
+    entries: dict[str, TensorEntry]  # its tensors as the merged checkpoint holds them (dense_entries), in file order
+    stats: dict[str, dict[str, TensorEntry]]  # each 4-bit weight's quant_state entries (none in a 16-bit base)
+    skeleton: torch.nn.Module  # the 16-bit model on meta: the names and shapes of the model's tensors
+    sources: dict[str, list[str]]  # model tensor -> the base's tensors it is read from (itself, or one per expert)
+
+
+def read_base(base_dir: Path, semantics: str) -> Base:
+    """The base, checked against its config from the headers (model_loading.check_checkpoint)."""
     config = model_loading.read_config(base_dir)
     entries = model_loading.index_checkpoint(base_dir)
     packed = model_loading.packed_weights(entries, model_loading.checkpoint_quant(config))
     skeleton = model_loading.build_skeleton(config, "none")
-    model_loading.check_checkpoint(entries, skeleton, packed)
+    sources = model_loading.checkpoint_sources(entries, skeleton)
+    model_loading.check_checkpoint(entries, skeleton, packed, sources)
     if packed and semantics == "bf16":
         raise MergeError(f"--semantics bf16 adds the update to the 16-bit base weights, and {base_dir} is "
                          "pre-quantized to 4 bits: they are not in it. Leave --semantics at dequantized, or pass the "
                          "16-bit original as --model")
     stats = {weight: {part.removeprefix(f"{weight}."): entries[part] for part in parts[1:]}
              for weight, parts in packed.items()}
-    return config, dense_entries(entries, stats, skeleton), stats
+    return Base(config, dense_entries(entries, stats, skeleton), stats, skeleton,
+                {name: list(names) for name, names in sources.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The plan: which base weight gets which update, and which tensor goes into which output shard
 
 
-def plan_updates(entries: dict[str, TensorEntry], adapter_dir: Path, config: dict) -> dict[str, str]:
-    """Base weight name -> adapted module path, every LoRA shape checked against the base weight it updates."""
+@dataclass
+class Update:
+    """One adapted tensor of the model: its LoRA factors' keys in the adapter file, and the base's tensors it is read
+    from and written back to (Base.sources): itself, or an experts tensor's one per expert as save_pretrained wrote
+    them."""
+    tensor: str
+    factors: tuple[str, str]
+    sources: list[str]
+
+
+def plan_updates(base: Base, adapter_dir: Path, config: dict) -> dict[str, Update]:
+    """Base tensor name -> the update it takes part in, every LoRA shape checked against the tensor it updates."""
+    entries = base.entries
     source = f"the adapter in {adapter_dir} (trained on {config.get('base_model_name_or_path')!r})"
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    experts = plan_experts(base, shapes, config, source)
+    updates = {name: update for update in experts for name in update.sources}
     factors: dict[str, set[str]] = {}
-    for key in shapes:  # "base_model.model.<path>.lora_A.weight"
+    for key in shapes.keys() - {key for update in experts for key in update.factors}:
+        # "base_model.model.<path>.lora_A.weight"
         path, sep, rest = key.removeprefix(lora.PEFT_PREFIX).rpartition(".lora_")
         if not sep or rest not in ("A.weight", "B.weight"):
             raise MergeError(f"unexpected tensor {key} in {source}: only lora_A and lora_B weights can be merged")
         factors.setdefault(path, set()).add(rest[0])
-    updates = {}
     for path, found in factors.items():
         if found != {"A", "B"}:
             raise MergeError(f"{path} has lora_{found.pop()} but not its partner in {source}; the file is incomplete")
@@ -152,7 +183,34 @@ def plan_updates(entries: dict[str, TensorEntry], adapter_dir: Path, config: dic
             raise MergeError(f"{source} does not fit {weight} of shape {list(entries[weight].shape)}: it has lora_A "
                              f"{list(a)} and lora_B {list(b)} (r={r}). It was trained on another base model; "
                              "merge it into that one")
-        updates[weight] = path
+        updates[weight] = Update(weight, tuple(lora.peft_key(f"{path}.{ab}.weight") for ab in lora.FACTORS), [weight])
+    return updates
+
+
+def plan_experts(base: Base, shapes: dict[str, tuple[int, ...]], config: dict, source: str) -> list[Update]:
+    """The experts tensors the adapter's target_parameters name, as PEFT matches them (the tensor's full name, or a
+    suffix of it after a dot), each with its factors found in the adapter and checked against its shape."""
+    targets = config.get("target_parameters") or []
+    found = lora.expert_tensors(base.skeleton, model_loading.decoder_layer_class(base.skeleton))
+    tensors = [name for name in found if any(name == t or name.endswith(f".{t}") for t in targets)]
+    unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in tensors)]
+    if unmatched:
+        raise MergeError(f"{source} adapts {unmatched} (target_parameters), which this base model does not have (its "
+                         f"MoE experts tensors: {sorted({n.rpartition('.')[2] for n in found}) or 'none'}): merge it "
+                         "into the model it was trained on")
+    updates, r = [], config["r"]
+    for tensor, (a_key, b_key) in lora.expert_peft_keys(tensors).items():
+        lost = [key for key in (a_key, b_key) if key not in shapes]
+        if lost:
+            raise MergeError(f"{source} adapts {tensor} (target_parameters) but holds no {lost[0]}: the file is "
+                             "incomplete")
+        experts, out_features, in_features = found[tensor][2]
+        a, b = shapes[a_key], shapes[b_key]
+        if a != (r * experts, in_features) or b != (out_features, r * experts):
+            raise MergeError(f"{source} does not fit {tensor} of shape {[experts, out_features, in_features]}: it has "
+                             f"lora_A {list(a)} and lora_B {list(b)} (r={r}, so ({r} x experts, in) and (out, {r} x "
+                             "experts) were expected). It was trained on another base model; merge it into that one")
+        updates.append(Update(tensor, (a_key, b_key), base.sources[tensor]))
     return updates
 
 
@@ -198,40 +256,56 @@ def output_dtypes(entries: dict[str, TensorEntry], dtype: torch.dtype) -> dict[s
 # The streaming merge
 
 
-def read_in_order(entries: dict[str, TensorEntry], stats: dict[str, dict[str, TensorEntry]],
-                  device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor alone, in the order of `entries`; a pre-quantized weight (in `stats`, with its quant_state entries)
-    dequantized on `device`, as the loader computes it. The file is opened for each tensor and closed right after:
-    safe_open memory-maps it, and mapped pages count as resident until unmapped, so a 5 GB input shard kept open would
-    add up to 5 GB to the merge's memory. Opening costs a header parse, nothing next to the tensor itself."""
+def read_tensor(base: Base, name: str, device: torch.device) -> torch.Tensor:
+    """One base tensor alone; a pre-quantized weight (in `base.stats`, with its quant_state entries) dequantized on
+    `device`, as the loader computes it. The file is opened for each tensor and closed right after: safe_open
+    memory-maps it, and mapped pages count as resident until unmapped, so a 5 GB input shard kept open would add up
+    to 5 GB to the merge's memory. Opening costs a header parse, nothing next to the tensor itself."""
     def read(name: str, entry: TensorEntry) -> torch.Tensor:
         with safe_open(str(entry.file), framework="pt", device="cpu") as f:
             return f.get_tensor(name)
 
-    for name, entry in entries.items():
-        tensor = read(name, entry)
-        if name in stats:
-            parts = {key: read(f"{name}.{key}", part).to(device) for key, part in stats[name].items()}
-            weight = model_loading.unpack_4bit(name, tensor.to(device), parts, entry.shape, entry.file)
-            tensor = quantization.dequantize(weight)
-        yield name, tensor
+    entry = base.entries[name]
+    tensor = read(name, entry)
+    if name in base.stats:
+        parts = {key: read(f"{name}.{key}", part).to(device) for key, part in base.stats[name].items()}
+        weight = model_loading.unpack_4bit(name, tensor.to(device), parts, entry.shape, entry.file)
+        tensor = quantization.dequantize(weight)
+    return tensor
 
 
-def read_factors(adapter_dir: Path, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA's A and B for one module, read as the base tensors are (a 70B r=64 adapter is 3 GB in fp32)."""
+def read_factors(adapter_dir: Path, keys: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA's A and B for one tensor, read as the base tensors are (a 70B r=64 adapter is 3 GB in fp32)."""
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
-        a, b = (f.get_tensor(lora.peft_key(f"{path}.{ab}.weight")) for ab in lora.FACTORS)
+        a, b = (f.get_tensor(key) for key in keys)
     return a, b
 
 
 def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, round_trip: str | None,
                   device: torch.device) -> torch.Tensor:
-    """W + B @ A * scaling in fp32, W being the base weight as read or, with `round_trip` (a 4-bit type), its 4-bit
-    round trip (see the module docstring)."""
+    """W + B @ A * scaling in fp32 (for an experts tensor, expert by expert), W being the base weight as read or,
+    with `round_trip` (a 4-bit type), its 4-bit round trip (see the module docstring)."""
     w = w.to(device)
     if round_trip is not None:  # exactly as the loader quantizes
         w = quantization.dequantize(quantization.quantize(w, round_trip, device))
-    return lora.add_update(w.float(), a.to(device, torch.float32), b.to(device, torch.float32), scaling)
+    add = lora.add_experts_update if w.dim() == 3 else lora.add_update
+    return add(w.float(), a.to(device, torch.float32), b.to(device, torch.float32), scaling)
+
+
+def merge_update(base: Base, update: Update, adapter_dir: Path, scaling: float, round_trip: str | None,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of one update, merged, by their names in the base: {name: W'} for a linear's weight (or experts
+    stored fused); for experts stored one per expert, all of a layer's tensor's experts, fused as the loader fuses
+    them (conversions.fuse), merged, and split back as save_pretrained splits them."""
+    if update.sources == [update.tensor]:
+        w = read_tensor(base, update.tensor, device)
+    else:
+        parts = ((name, read_tensor(base, name, device)) for name in update.sources)
+        [(_, w)] = conversions.fuse(parts, {update.tensor: update.sources}, base.skeleton)
+    w = merged_weight(w, *read_factors(adapter_dir, update.factors), scaling, round_trip, device)
+    if update.sources == [update.tensor]:
+        return {update.tensor: w}
+    return revert_weight_conversion(base.skeleton, {update.tensor: w})
 
 
 def safetensors_header(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> bytes:
@@ -249,29 +323,31 @@ def safetensors_header(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) 
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_weights(entries: dict[str, TensorEntry], updates: dict[str, str], adapter_dir: Path, scaling: float,
-                  out_dir: Path, dtype: torch.dtype, round_trip: str | None, shard_bytes: int,
-                  device: torch.device, progress: bool = True,
-                  stats: dict[str, dict[str, TensorEntry]] | None = None) -> tuple[int, int]:
+def write_weights(base: Base, updates: dict[str, Update], adapter_dir: Path, scaling: float, out_dir: Path,
+                  dtype: torch.dtype, round_trip: str | None, shard_bytes: int, device: torch.device,
+                  progress: bool = True) -> tuple[int, int]:
     """Stream every base tensor, merged where adapted, into the shards of `out_dir`; returns (shards, bytes).
-    `stats`: a pre-quantized base's quant_state entries (read_in_order).
 
     At any moment one tensor is in memory (with its fp32 copy while it is merged): it is read, merged, cast and
-    appended to its shard's file, then dropped.
+    appended to its shard's file, then dropped. An experts tensor stored one per expert is merged whole when its
+    first expert's turn comes; the others wait, merged, for theirs (the next few tensors in the files).
     """
+    entries = base.entries
     dtypes = output_dtypes(entries, dtype)
     shards = plan_shards(entries, dtypes, shard_bytes)
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    tensors = read_in_order(entries, stats or {}, device)
+    waiting: dict[str, torch.Tensor] = {}  # merged, not yet written
     bar = tqdm(total=len(entries), desc="merging", unit="tensor", disable=not progress)
     for file, names in zip(files, shards):
         with open(out_dir / file, "wb") as f:
             f.write(safetensors_header({name: (entries[name].shape, dtypes[name]) for name in names}))
             for name in names:
-                _, tensor = next(tensors)  # the same order as planned
-                if name in updates:
-                    a, b = read_factors(adapter_dir, updates[name])
-                    tensor = merged_weight(tensor, a, b, scaling, round_trip, device)
+                if name in updates and name not in waiting:
+                    waiting |= merge_update(base, updates[name], adapter_dir, scaling, round_trip, device)
+                tensor = waiting.pop(name) if name in waiting else read_tensor(base, name, device)
+                if tuple(tensor.shape) != entries[name].shape:  # the header above is written: never a wrong size
+                    raise RuntimeError(f"{name} was merged as {list(tensor.shape)}, the base holds "
+                                       f"{list(entries[name].shape)}: transformers' split of the experts changed")
                 tensor = tensor.to("cpu", dtypes[name]).contiguous()
                 f.write(tensor.reshape(-1).view(torch.uint8).numpy())  # raw little-endian bytes, as the format says
                 bar.update()
@@ -317,10 +393,12 @@ def write_model_card(out_dir: Path, title: str, base: str, adapter_dir: Path, ad
                      semantics: str, quant: str, dtype: str, diffs: tuple[float, float] | None) -> None:
     how = ("into the original base weights (as PEFT's merge_and_unload does)" if semantics == "bf16" or quant == "none"
            else f"into the {quant}-dequantized base weights the adapter was trained against")
+    modules = adapter_config.get("target_modules") or []  # None when only experts are adapted; PEFT allows a regex
+    targets = ([modules] if isinstance(modules, str) else modules) + (adapter_config.get("target_parameters") or [])
     lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [lora, qlora, merged]", "---", "",
              f"# {title}", "",
              f"`{base}` with the LoRA adapter `{adapter_dir}` (r={adapter_config['r']}, "
-             f"alpha={adapter_config['lora_alpha']}, targets {', '.join(adapter_config['target_modules'])}) "
+             f"alpha={adapter_config['lora_alpha']}, targets {', '.join(targets)}) "
              f"merged {how}, saved in {dtype}. It loads with `AutoModelForCausalLM.from_pretrained` and no extra "
              "code.", ""]
     if diffs:

@@ -224,9 +224,9 @@ def randomize_b(model):
             m.lora_B.weight.normal_(std=0.05)
 
 
-def make_adapter(base, out, quant="nf4"):
+def make_adapter(base, out, quant="nf4", targets=(lora.ALL_LINEAR,)):
     """A trained-looking adapter for `base` (our LoRA, r=4, with random B), saved as train.py saves it."""
-    model, _ = adapted(base)
+    model, _ = adapted(base, targets=targets)
     randomize_b(model)
     lora.save_adapter(lora.factor_weights(lora.lora_modules(model)), out, r=4, alpha=8.0, dropout=0.0, base_model=str(base))
     (out / "train_config.json").write_text(json.dumps({"model": str(base), "quant": quant, "lora_rank": 4}))

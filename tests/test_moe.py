@@ -4,12 +4,17 @@ import json
 
 import pytest
 import torch
-from conftest import (DEVICE, MOE, TOKENS, adapted, common, losses, randomize_b, reference_model, run_inprocess,
-                      run_torchrun, tiny_config)
+from conftest import (DEVICE, MOE, SHAPE, TOKENS, adapted, common, losses, make_adapter, randomize_b,
+                      reference_model, run_inprocess, run_torchrun, tiny_config)
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file, save_file
+# The dense architectures' own checks, run on the mixtures of experts too (see "The four checks" below); imported
+# under names pytest does not collect a second time
+from test_lora import test_peft_loads_our_adapter_with_same_logits as peft_loads_our_adapter
+from test_training import test_first_step_loss_is_the_models_own_loss as first_step_loss
 from transformers import AutoModelForCausalLM
 
+import benchmark
 import generate
 import lora
 import merge
@@ -227,7 +232,13 @@ def test_transformers_4bit_moe_checkpoint_loads_as_saved(checkpoints, tmp_path):
 EXPERT_TARGETS = (lora.ALL_LINEAR, lora.EXPERTS)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+# The mixtures of experts that pass the four checks of the supported architectures (README, Architectures)
+CHECKED = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+# Not OLMoE: there one of TOKENS' 20 tokens is routed to another pair of experts once bf16 rounds the two sums
+# differently (a near-tie of its tiny random router), and the logits of that token then differ by far more
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
     """Our LoRA on the linears and the experts (random B, --quant none), saved, is what PEFT 0.21 loads onto
     transformers' own model: the same keys, none missing or unexpected, and the same logits (bf16 tolerance)."""
@@ -269,7 +280,7 @@ def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
 
 def test_expert_lora_round_trips_exactly(checkpoints, tmp_path):
     """save_adapter -> load_adapter into a freshly injected model (another seed) gives back every factor exactly;
-    generate.py applies the adapter (lora.apply_adapter) to the same logits; merge.py refuses it, as not done yet."""
+    generate.py applies the adapter (lora.apply_adapter) to the same logits."""
     path = checkpoints("qwen3_moe", "single")
     first, _ = adapted(path, targets=EXPERT_TARGETS)
     randomize_b(first)
@@ -284,8 +295,6 @@ def test_expert_lora_round_trips_exactly(checkpoints, tmp_path):
     assert loaded.keys() == state.keys() and any(".lora_experts." in k for k in state)
     for key in state:
         assert torch.equal(loaded[key], state[key]), key
-    with pytest.raises(merge.MergeError, match="merging them is not done yet"):  # refused before anything is read
-        merge.merge(str(path), tmp_path, tmp_path / "merged", progress=False)
     as_generated, _ = generate.load(str(path), str(tmp_path), "none", DEVICE)  # lora.apply_adapter: r, alpha, targets
     with torch.no_grad():
         torch.testing.assert_close(as_generated(TOKENS).logits, first(TOKENS).logits, rtol=0, atol=0)
@@ -361,3 +370,222 @@ def test_expert_lora_joins_its_layers_adapters_unit(checkpoints):
         assert all(p.requires_grad and p.dtype == torch.float32 for p in unit.adapters.parameters())
         assert not any(p.requires_grad for p in unit._adapters_wrapped_module.parameters())
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The four checks of every supported architecture (README, Architectures), on the mixtures of experts. The first,
+# --quant none logits equal from_pretrained's, is test_moe_unquantized_logits_equal_from_pretrained above.
+
+
+@pytest.mark.parametrize("arch", CHECKED)
+def test_moe_first_step_loss_is_the_models_own_loss(checkpoints, process_group, arch):
+    """The dense architectures' check (test_training): step 1's loss on the model train.py builds (16-bit base, LoRA
+    with B = 0, sharded and checkpointed) is transformers' own forward(labels=...) loss, to 1e-6."""
+    first_step_loss(checkpoints, process_group, arch)
+
+
+def peft_adapted(model) -> tuple[set[str], set[str]]:
+    """What PEFT adapts in `model`: its LoRA linears by path, and the parameters its ParamWrappers adapt, by name
+    (a second parameter of a module wraps the first one's wrapper, at "<module>.base_layer")."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    linears, params = set(), set()
+    for name, module in model.named_modules():
+        path = name.removeprefix(lora.PEFT_PREFIX).replace(".base_layer", "")
+        if isinstance(module, ParamWrapper):
+            params.add(f"{path}.{module.parameter_name}")
+        elif isinstance(module, LoraLayer):
+            linears.add(path)
+    return linears, params
+
+
+@pytest.mark.parametrize("arch", CHECKED)
+def test_moe_default_targets_are_every_linear_but_the_routers(checkpoints, arch):
+    """The default targets adapt every linear that PEFT's "all-linear" adapts in transformers' model but the routers
+    among them (Qwen2-MoE's shared_expert_gate, an nn.Linear to 1), and exactly the linears the loader makes 4-bit;
+    the routers stay bf16 and frozen. `experts` adds exactly the experts' 3-D tensors, which the loader packs in 4
+    bits. PEFT 0.21's "all-linear" takes more on Mixtral, Qwen3-MoE and OLMoE, whose experts and router were linears
+    in transformers 4: the experts' tensors (gate_up_proj at twice the rank) and the router's bare weight."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import ParamWrapper
+
+    path = checkpoints(arch)
+    skeleton = model_loading.build_skeleton(model_loading.read_config(path), "nf4")
+    layer_cls = model_loading.decoder_layer_class(skeleton)
+    ours = lora.matching_modules(skeleton, train.Config.lora_targets, layer_cls)
+    peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, target_modules="all-linear"))
+    linears, params = peft_adapted(peft_model)
+    routers = model_loading.moe_routers(skeleton)
+    assert len(routers) == (2 if arch == "qwen2_moe" else 0) and routers <= linears
+    assert set(ours) == linears - routers
+    assert set(ours) == {n for n, m in skeleton.named_modules() if quantization.is_4bit(m)}
+    assert all(type(skeleton.get_submodule(n)) is torch.nn.Linear for n in routers)  # bf16, as transformers built it
+    experts = lora.expert_tensors(skeleton, layer_cls)
+    assert len(experts) == 4 and experts.keys() == quantization.packed_shells(skeleton).keys()
+    bare_routers = {f"{name.rpartition('.experts.')[0]}.gate.weight" for name in experts}
+    assert params == (set() if arch == "qwen2_moe" else experts.keys() | bare_routers)
+    doubled = [m for m in peft_model.modules() if isinstance(m, ParamWrapper) and m.parameter_name == "gate_up_proj"]
+    assert all(m.r["default"] == 8 for m in doubled) and len(doubled) == len(params) // 3
+
+
+@pytest.mark.parametrize("arch", CHECKED)
+def test_moe_peft_loads_our_adapter_with_same_logits(checkpoints, tmp_path, arch):
+    """The dense architectures' check (test_lora) on the default targets: PEFT loads our adapter with no missing or
+    unexpected keys, with our logits up to bf16 rounding (the experts adapted too: test_expert_lora_equals_peft)."""
+    peft_loads_our_adapter(checkpoints, tmp_path, arch)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merging an adapter of the experts (merge.py)
+
+
+@pytest.fixture(scope="module")
+def experts_adapter(checkpoints, tmp_path_factory):
+    """arch -> our LoRA on the linears and the experts (r=4, random B) of its sharded checkpoint, saved as train.py
+    saves it (trained on the nf4 base)."""
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            made[arch] = make_adapter(checkpoints(arch), tmp_path_factory.mktemp(f"{arch}-experts-adapter"),
+                                      targets=EXPERT_TARGETS)
+        return made[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_merged_experts_equal_peft_merge_and_unload(checkpoints, experts_adapter, tmp_path, arch):
+    """merge.py --semantics bf16 writes the experts one per expert, as the base holds them, and from_pretrained's
+    model of the folder is PEFT's merge_and_unload: every experts tensor W_e + B_e A_e alpha/r up to one bf16
+    rounding of the update (PEFT rounds it to bf16 before adding it; merge.py adds in fp32 and rounds once, as for
+    the linears), the rest bit for bit; its logits are our unmerged model's."""
+    from peft import PeftModel
+
+    base, adapter, out = checkpoints(arch), experts_adapter(arch), tmp_path / "merged"
+    merge.merge(str(base), adapter, out, semantics="bf16", verify=False, progress=False)
+    assert model_loading.index_checkpoint(out).keys() == model_loading.index_checkpoint(base).keys()
+    merged = reference_model(out)
+    peft = PeftModel.from_pretrained(reference_model(base), adapter).merge_and_unload()
+    original, ours, theirs = reference_model(base).state_dict(), merged.state_dict(), peft.state_dict()
+    assert ours.keys() == theirs.keys() and sum(".experts." in name for name in ours) == 4
+    for name, w in ours.items():
+        if ".experts." not in name:
+            assert torch.equal(w, theirs[name]), name
+            continue
+        update = (theirs[name].float() - original[name].float()).abs().max().item()
+        assert update > 0.01  # the experts' update is in both
+        torch.testing.assert_close(w, theirs[name], rtol=2**-7, atol=update * 2**-8)
+    unmerged = load_model(base, quant="none", device=DEVICE, progress=False).eval()
+    lora.apply_adapter(unmerged, adapter)
+    with torch.no_grad():
+        expected, got, plain = (m(TOKENS).logits for m in (unmerged, merged, reference_model(base)))
+    assert (expected - plain).abs().max() > 0.05
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_merged_experts_are_the_model_as_trained(checkpoints, experts_adapter, tmp_path, arch):
+    """With the default semantics the experts' W is the NF4 base they were trained against: from_pretrained of the
+    merged folder gives the logits of our NF4 base + adapter (bf16 tolerance), and merge.py's own check, which
+    compares the two, reports a difference within it."""
+    base, adapter, out = checkpoints(arch), experts_adapter(arch), tmp_path / "merged"
+    reported = merge.merge(str(base), adapter, out, progress=False)
+    trained = load_model(base, quant="nf4", device=DEVICE, progress=False).eval()
+    lora.apply_adapter(trained, adapter)
+    with torch.no_grad():
+        expected, got, plain = (m(TOKENS).logits for m in (trained, reference_model(out), reference_model(base)))
+    assert (expected - plain).abs().max() > 0.05
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    assert reported < 2e-2
+
+
+def test_experts_merge_into_the_layout_of_the_base(checkpoints, fused_checkpoint, experts_adapter, tmp_path):
+    """A base whose experts are stored fused (one tensor per layer, as a state_dict holds them) is merged into the
+    same fused layout, and its merged tensors are, exactly, those of the merge into the same weights stored one per
+    expert, once from_pretrained has fused them."""
+    adapter = experts_adapter("mixtral")
+    for layout, base in (("fused", fused_checkpoint), ("per-expert", checkpoints("mixtral"))):
+        merge.merge(str(base), adapter, tmp_path / layout, verify=False, progress=False)
+    written = model_loading.index_checkpoint(tmp_path / "fused")
+    assert written.keys() == model_loading.index_checkpoint(fused_checkpoint).keys()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in written
+    fused, per_expert = (reference_model(tmp_path / layout).state_dict() for layout in ("fused", "per-expert"))
+    assert fused.keys() == per_expert.keys() and all(torch.equal(fused[k], per_expert[k]) for k in fused)
+
+
+def test_experts_adapter_that_does_not_fit_is_refused(checkpoints, experts_adapter, tmp_path):
+    """An experts adapter merged into a base without experts, one missing a factor, and one whose factors are for
+    another number of experts are refused naming the tensor, from the headers, before anything is written."""
+    import shutil
+
+    adapter, out = experts_adapter("qwen3_moe"), tmp_path / "out"
+    with pytest.raises(merge.MergeError, match=r"adapts \['experts.down_proj', 'experts.gate_up_proj'\] "
+                                               r"\(target_parameters\), which this base model does not have"):
+        merge.merge(str(checkpoints("llama")), adapter, out, progress=False)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(adapter, damaged)
+    tensors = load_file(damaged / "adapter_model.safetensors")
+    experts = "base_model.model.model.layers.1.mlp.experts"
+    b = tensors.pop(f"{experts}.lora_B.weight")  # down_proj's
+    save_file(tensors, damaged / "adapter_model.safetensors")
+    with pytest.raises(merge.MergeError, match=rf"holds no {experts}.lora_B.weight: the file is incomplete"):
+        merge.merge(str(checkpoints("qwen3_moe")), damaged, out, progress=False)
+    tensors[f"{experts}.lora_B.weight"] = torch.cat([b, b], dim=1)  # (out, r x 8 experts)
+    save_file(tensors, damaged / "adapter_model.safetensors")
+    with pytest.raises(merge.MergeError, match=r"does not fit model\.layers\.1\.mlp\.experts\.down_proj of shape "
+                                               r"\[4, 64, 64\]: it has lora_A \[16, 64\] and lora_B \[64, 32\]"):
+        merge.merge(str(checkpoints("qwen3_moe")), damaged, out, progress=False)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmark.py on mixtures of experts (its timed runs need a GPU; these are the parts that decide what it compares)
+
+
+def test_benchmark_moe_shapes_are_the_real_models():
+    """The MoE shapes build transformers' models of the published sizes (counted on meta): Qwen3-30B-A3B 30.5B
+    parameters, 3.3B active per token, and Mixtral-8x7B 46.7B and 12.9B; the 6N of the MFU counts the active ones
+    (linear_params, with the input embedding beside it)."""
+    for shape, total, active in (("qwen3-30b-a3b", 30.5, 3.3), ("mixtral-8x7b", 46.7, 12.9)):
+        config = benchmark.shape_config(shape)
+        skeleton = model_loading.build_skeleton(config, "none")
+        embedding = skeleton.get_input_embeddings().weight.numel()
+        assert round(sum(p.numel() for p in skeleton.parameters()) / 1e9, 1) == total, shape
+        assert round((benchmark.linear_params(config) + embedding) / 1e9, 1) == active, shape
+        assert benchmark.lora_targets(config) == "all-linear,experts"
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_benchmark_reference_adapts_what_ours_adapts(checkpoints, arch):
+    """The reference's LoraConfig targets (the linears by name, the experts' tensors as target_parameters) make PEFT
+    adapt exactly what ours adapts with --lora_targets all-linear,experts, all at rank r: not Qwen2-MoE's
+    shared_expert_gate, which PEFT's own "all-linear" takes, nor the router weights and the rank-2r gate_up_proj
+    that it takes on Mixtral and Qwen3-MoE."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    path = checkpoints(arch, "single")
+    config = model_loading.read_config(path)
+    targets = benchmark.reference_lora_targets(config)
+    assert targets["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=8, **targets))
+    linears, params = peft_adapted(peft_model)
+    assert linears | params == lora.targets_on(config, benchmark.lora_targets(config)).keys() and len(params) == 4
+    adapters = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    assert all(m.r["default"] == 4 and m.scaling["default"] == 2 for m in adapters)
+
+
+def test_benchmark_writes_a_prequantized_moe_as_transformers_reads_it(monkeypatch, tmp_path):
+    """--prequantized on an MoE shape (1 layer) writes 4-bit linears and the experts one per expert in bf16, as
+    transformers saves a bitsandbytes MoE; transformers' from_pretrained of the folder gives our logits exactly."""
+    tiny = dict(model_type="mixtral", **SHAPE, num_local_experts=4, num_experts_per_tok=2)
+    monkeypatch.setitem(benchmark.SHAPES, "tiny-mixtral", tiny)
+    out = benchmark.synthetic_checkpoint("tiny-mixtral", 1, tmp_path, prequantized=True)
+    stored = model_loading.index_checkpoint(out)
+    assert stored["model.layers.0.block_sparse_moe.experts.3.w1.weight"].dtype == "BF16"
+    assert "model.layers.0.self_attn.q_proj.weight.absmax" in stored
+    assert "model.layers.1.input_layernorm.weight" not in stored  # --layers 1
+    ours = load_model(out, quantization.AUTO, DEVICE, progress=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, reference_model(out)(TOKENS).logits, rtol=0, atol=0)
