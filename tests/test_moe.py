@@ -153,7 +153,9 @@ def test_nf4_experts_equal_transformers_with_dequantized_weights(checkpoints, ar
         for name, module in ours.named_modules():
             if quantization.is_4bit(module):
                 ref.get_submodule(name).weight.copy_(quantization.dequantize(module.weight, module))
-        torch.testing.assert_close(ours(TOKENS).logits, ref(TOKENS).logits, rtol=1e-2, atol=1e-2)
+        # On a GPU bitsandbytes' kernels and cuBLAS round otherwise: PhiMoE's logits differed by up to 0.021 (an H200)
+        tol = 1e-2 if DEVICE.type == "cpu" else 3e-2
+        torch.testing.assert_close(ours(TOKENS).logits, ref(TOKENS).logits, rtol=tol, atol=tol)
     # The routers: a bare weight (gate or router) in every block, or a linear (PhiMoE's; Qwen2-MoE's
     # shared_expert_gate beside its bare gate)
     bare = [p for name, p in ours.named_parameters() if name.endswith((".gate.weight", ".router.weight"))]
@@ -265,7 +267,7 @@ def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
     theirs = get_peft_model_state_dict(peft)
     assert theirs.keys() == saved.keys()
     for key, value in saved.items():
-        torch.testing.assert_close(theirs[key].float(), value, rtol=0, atol=0 if theirs[key].dtype == torch.float32
+        torch.testing.assert_close(theirs[key].float().cpu(), value, rtol=0, atol=0 if theirs[key].dtype == torch.float32
                                    else value.abs().max().item() / 128)
     with torch.no_grad():
         want, base = peft(TOKENS).logits.float(), reference_model(path)(TOKENS).logits.float()

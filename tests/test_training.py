@@ -265,8 +265,10 @@ def test_first_step_loss_is_the_models_own_loss(checkpoints, process_group, arch
             head.scale, head.softcap = transforms
     ours = train.train_step(model, optimizer, [batch], cfg, DEVICE)["loss"]
     # The same fp32 cross-entropy of the same bf16 logits, up to summation order; but transformers soft-caps the
-    # bf16 logits (Gemma 2), and we their fp32 copy (2.8e-4 apart here)
-    assert ours == pytest.approx(own, rel=1e-3 if transforms[1] else 1e-6)
+    # bf16 logits (Gemma 2), and we their fp32 copy (2.8e-4 apart here). On a GPU the norms, rotary embedding and
+    # activation are compiled, which rounds to bf16 less often than eager: 4.4e-6 apart on a tiny Mixtral, 1.1e-4 on
+    # Granite (an H200); the check above asserts that a head without the model's transforms is more than 1% off.
+    assert ours == pytest.approx(own, rel=1e-3 if transforms[1] or DEVICE.type != "cpu" else 1e-6)
 
 
 def test_a_head_we_do_not_reproduce_is_refused_before_the_first_step(checkpoints, tmp_path, monkeypatch):
