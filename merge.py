@@ -164,7 +164,8 @@ def plan_updates(base: Base, adapter_dir: Path, config: dict) -> dict[str, Updat
     experts = plan_experts(base, shapes, config, source)
     updates = {name: update for update in experts for name in update.sources}
     factors: dict[str, set[str]] = {}
-    for key in shapes.keys() - {key for update in experts for key in update.factors}:
+    of_experts = {key for update in experts for key in update.factors}
+    for key in (key for key in shapes if key not in of_experts):  # in the file's order: errors name the first
         # "base_model.model.<path>.lora_A.weight"
         path, sep, rest = key.removeprefix(lora.PEFT_PREFIX).rpartition(".lora_")
         if not sep or rest not in ("A.weight", "B.weight"):

@@ -91,6 +91,10 @@ def tensorboard_events(out: Path) -> tuple[dict[str, list[tuple[int, float]]], d
 def wandb_runs(out: Path) -> list[tuple[str, list[dict]]]:
     """Each offline run folder under out/wandb, oldest first: its run id and history rows, read from W&B's own
     transaction log (run-ID.wandb: LevelDB's log format of wandb_internal_pb2.Record messages)."""
+    # W&B's service process writes that log behind run.finish(): in the whole suite this once found no history in a
+    # file that held all of it afterwards (its last write 0.13 s after metrics.jsonl's). teardown waits for the
+    # service to finish writing.
+    wandb.teardown()
     runs = []
     for file in sorted(out.glob("wandb/offline-run-*/run-*.wandb")):
         data, pos, pending, run_id, rows = file.read_bytes(), 7, b"", None, []  # 7: W&B's header
