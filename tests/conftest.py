@@ -210,6 +210,18 @@ def loss_and_grads(path, ids, **wrap):
     return model, loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
 
+def exactly_as_plain(path, **wrap):
+    """The loss and every LoRA gradient of loss_and_grads with `wrap` are those without it, exactly, on 2 x 40
+    random tokens; returns the wrapped model and the tokens."""
+    ids = torch.randint(4, 400, (2, 40), device=DEVICE)
+    _, plain_loss, plain_grads = loss_and_grads(path, ids)
+    model, loss, grads = loss_and_grads(path, ids, **wrap)
+    assert plain_grads.abs().sum() > 0
+    assert torch.equal(loss, plain_loss)
+    assert torch.equal(grads, plain_grads)
+    return model, ids
+
+
 def adapted(path, quant="none", r=4, alpha=8.0, targets=(lora.ALL_LINEAR,)):
     """Our LoRA injected into the loaded model (eval mode), and the adapted module names."""
     model = load_model(path, quant=quant, device=DEVICE, progress=False)

@@ -3,7 +3,7 @@ what plain runs compute, and the mechanisms do what they claim: every layer inpu
 more than a tile. On a GPU, memory falls."""
 import pytest
 import torch
-from conftest import DEVICE, adapted_4bit, common, loss_and_grads, losses, run_inprocess
+from conftest import DEVICE, adapted_4bit, common, exactly_as_plain, loss_and_grads, losses, run_inprocess
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 import fsdp_wrap
@@ -20,12 +20,7 @@ def offloaders(model) -> list[offload.ActivationOffload]:
 def test_offloaded_layer_inputs_give_the_same_loss_and_gradients(checkpoints, process_group, arch):
     """Offloading moves each layer's input to host memory and back: the loss and every LoRA gradient are those of
     the plain run, exactly, and the bytes sent are exactly the layer inputs (2 layers x tokens x hidden x bf16)."""
-    path, ids = checkpoints(arch), torch.randint(4, 400, (2, 40), device=DEVICE)
-    _, plain_loss, plain_grads = loss_and_grads(path, ids)
-    model, loss, grads = loss_and_grads(path, ids, offload_activations=True)
-    assert plain_grads.abs().sum() > 0
-    assert torch.equal(loss, plain_loss)
-    assert torch.equal(grads, plain_grads)
+    model, ids = exactly_as_plain(checkpoints(arch), offload_activations=True)
     (offloader,) = set(offloaders(model))  # one per model, shared by its layers
     assert offloader.saved_bytes == 2 * ids.numel() * 64 * 2
 
