@@ -86,8 +86,7 @@ def synthetic_checkpoint(shape: str, layers: int, root: Path, prequantized: bool
         if not prequantized:
             write_random_checkpoint(config, out, max_shard_size="5GB", tokenizer=make_tokenizer(), device=device)
             return out
-        from transformers.core_model_loading import revert_weight_conversion
-
+        import conversions
         import model_loading
         import quantize
 
@@ -98,7 +97,7 @@ def synthetic_checkpoint(shape: str, layers: int, root: Path, prequantized: bool
                 w = (torch.randn(t.shape, device=device, dtype=torch.bfloat16) * config.initializer_range
                      if t.dim() > 1 else torch.ones(t.shape, device=device, dtype=torch.bfloat16))
                 # an MoE layer's fused experts one per expert, as save_pretrained writes them
-                yield from revert_weight_conversion(skeleton, {name: w}).items() if w.dim() == 3 else [(name, w)]
+                yield from conversions.split(skeleton, name, w).items() if w.dim() == 3 else [(name, w)]
 
         torch.manual_seed(0)
         quantize.write_4bit(config, weights(), out, "nf4", device)

@@ -13,6 +13,7 @@ it is taken from there, not written again here.
                 it, or the saved one); what is missing, naming the expert when only some of a layer's are there
   fuse          the streamed tensors, a layer's experts gathered and fused by transformers' converter when the last
                 of them arrives: never more than one layer's experts held at once
+  split         the reverse, for writers: one fused experts tensor as save_pretrained writes it, one per expert
 """
 from collections.abc import Iterable, Iterator
 from copy import deepcopy
@@ -90,3 +91,9 @@ def fuse(tensors: Iterable[tuple[str, torch.Tensor]], groups: dict[str, list[str
             converter.add_tensor(target, source, *parts.pop(source))
         for fused_name, fused in converter.convert(target, model=model, config=model.config).items():
             yield fused_name, fused[0] if isinstance(fused, list) else fused
+
+
+def split(model: nn.Module, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A fused experts tensor of `model` (name -> (experts, out, in)) as the per-expert tensors save_pretrained
+    writes for it, by transformers' own save-time reversal (what merge.py and benchmark.py write)."""
+    return revert_weight_conversion(model, {name: tensor})

@@ -45,7 +45,6 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
-from transformers.core_model_loading import revert_weight_conversion
 
 import builtin
 import conversions
@@ -306,7 +305,7 @@ def merge_update(base: Base, update: Update, adapter_dir: Path, scaling: float, 
     w = merged_weight(w, *read_factors(adapter_dir, update.factors), scaling, round_trip, device)
     if update.sources == [update.tensor]:
         return {update.tensor: w}
-    return revert_weight_conversion(base.skeleton, {update.tensor: w})
+    return conversions.split(base.skeleton, update.tensor, w)
 
 
 def safetensors_header(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> bytes:

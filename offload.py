@@ -16,7 +16,7 @@ On CPU the hooks copy too, so that tests run the same mechanism.
 
 Frozen weights (WeightStream). A decoder layer's 4-bit weights, their quant_state and its norms are one pinned host
 buffer, copied whole into a GPU buffer just before the layer runs: in forward while the layer before it computes, in
-backward (where checkpointing recomputes the layer first) while the layer after it does. The GPU holds about three
+backward (where checkpointing recomputes the layer first) while the layer after it does. The GPU holds at most two
 layers' weights at any time, whatever the depth. Every tensor of the layer is a view of its GPU buffer, whose storage
 is resized to nothing when the layer is done (what FSDP does with the gathered parameters it frees): views that
 autograd keeps, such as the packed weight bitsandbytes holds for its backward, then pin no memory, and see the data
@@ -100,49 +100,43 @@ NEEDS_RECOMPUTE = ("--cpu_offload on one GPU brings each layer's weights back fo
 
 
 class _LayerWeights:
-    """One decoder layer's frozen tensors as views of one device buffer, whose bytes live in one host buffer."""
+    """One decoder layer's frozen tensors as views of one device buffer, whose bytes live in one host buffer.
+    quant_state_tensors(module): (owner, attribute, tensor) of the tensors a module holds outside its parameters and
+    buffers (quantization.state_tensors: bitsandbytes' quant_state)."""
 
     def __init__(self, layer: torch.nn.Module, device: torch.device, quant_state_tensors):
-        slots, tensors = [], {}  # (owner, kind, key, tensor): where each tensor is referenced; id -> tensor
+        slots = []  # (owner, attribute, tensor): every reference to a tensor of the layer, re-pointed below
         for module in layer.modules():
             for key, p in module._parameters.items():
-                if p is not None:
-                    if p.requires_grad:
-                        raise ValueError(f"{type(layer).__name__} holds the trainable {key!r}: only frozen weights "
-                                         "stream from host memory (LoRA weights belong to the layer's adapters)")
-                    slots.append((p, "data", None, p))
-            for key, b in module._buffers.items():
-                if b is not None:
-                    slots.append((module._buffers, "item", key, b))
-            slots += [(owner, "attr", key, t) for owner, key, t in quant_state_tensors(module)]
-        for *_, t in slots:
-            tensors.setdefault(id(t), t)
+                if p is not None and p.requires_grad:
+                    raise ValueError(f"{type(layer).__name__} holds the trainable {key!r}: only frozen weights "
+                                     "stream from host memory (LoRA weights belong to the layer's adapters)")
+            slots += [(p, "data", p) for p in module._parameters.values() if p is not None]  # the Parameter stays
+            slots += [(module, key, b) for key, b in module._buffers.items() if b is not None]
+            slots += list(quant_state_tensors(module))
+        tensors = {id(t): t for *_, t in slots}  # a tensor referenced twice is stored once
         offsets, self.nbytes = {}, 0
         for key, t in tensors.items():  # 64-byte aligned, so that every view of the buffer may take any dtype
             offsets[key] = self.nbytes
             self.nbytes += -(-t.numel() * t.element_size() // 64) * 64
-        cuda = device.type == "cuda"
-        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=cuda)  # pinned: asynchronous copies
+        self.host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")  # async copies
         self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         views = {}
         for key, t in tensors.items():
             start, n = offsets[key], t.numel() * t.element_size()
             self.host[start:start + n].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
             views[key] = self.buffer[start:start + n].view(t.dtype).view(t.shape)
-        for owner, kind, key, t in slots:  # every reference now points into the buffer; the originals are freed
-            if kind == "data":
-                owner.data = views[id(t)]
-            elif kind == "item":
-                owner[key] = views[id(t)]
-            else:
-                setattr(owner, key, views[id(t)])
+        for owner, attr, t in slots:  # every reference now points into the buffer; the originals are freed
+            setattr(owner, attr, views[id(t)])
         self.ready = None  # CUDA event: the copy into the buffer is done
-        self.resident = False
         self.free()
+
+    @property
+    def resident(self) -> bool:
+        return self.buffer.untyped_storage().nbytes() > 0
 
     def free(self) -> None:
         self.buffer.untyped_storage().resize_(0)
-        self.resident = False
 
 
 class WeightStream:
@@ -185,7 +179,6 @@ class WeightStream:
         # Allocated in the compute stream's order, which alone frees it; the copy starts once the compute queued so
         # far is done with whatever memory this reuses, and runs while the compute queued next does.
         w.buffer.untyped_storage().resize_(w.nbytes)
-        w.resident = True
         self.fetches += 1
         if not self.cuda:
             w.buffer.copy_(w.host)
