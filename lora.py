@@ -119,6 +119,15 @@ class ExpertsLoRA(nn.Module):
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.lora_A, self.lora_B = _factors(inp, r * self.experts, out, device)
 
+    def apply(self, x: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """The update's share of each expert's output for its tokens x (sorted by expert; _grouped_forward), through
+        the r-wide factors: x A_e^T B_e^T s, or x B_e A_e s for a tensor stored (experts, in, out)."""
+        a, b = expert_factors(self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype), self.experts)
+        b = b.contiguous()  # B's expert index is its last: the grouped kernel needs each expert's block in one piece
+        if transposed:
+            return _grouped_mm(_grouped_mm(x, b, offsets) * self.scaling, a, offsets)
+        return _grouped_mm(_grouped_mm(x, a.transpose(1, 2), offsets) * self.scaling, b.transpose(1, 2), offsets)
+
     def update(self, dtype: torch.dtype) -> torch.Tensor:
         """scaling * B_e @ A_e for every expert e, (experts, out, in), in `dtype` (fp32 masters; bf16 under FSDP)."""
         a, b = expert_factors(self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype), self.experts)
@@ -140,14 +149,75 @@ def add_experts_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s
 
 
 def _forward_with_lora(experts: nn.Module, *args, **kwargs):
-    # Each adapted tensor, dense (dequantized from 4 bits, or the 16-bit parameter), plus its update; the class's own
-    # forward then runs on the sums (quantization.forward_with).
-    packed = getattr(experts, "packed", {})
-    weights = {name: m() for name, m in packed.items()} | {
-        name: getattr(experts, name) for name in experts.lora_experts if name not in packed}
+    if _groups_by_expert(experts):
+        return _grouped_forward(experts, *args, **kwargs)
+    # Another experts class: each adapted tensor, dense (dequantized from 4 bits, or the 16-bit parameter), plus its
+    # update; the class's own forward then runs on the sums (quantization.forward_with).
+    weights = _dense_weights(experts)
     for name, adapter in experts.lora_experts.items():
         weights[name] = weights[name] + adapter.update(weights[name].dtype)
     return quantization.forward_with(experts, weights, *args, **kwargs)
+
+
+def _dense_weights(experts: nn.Module) -> dict[str, torch.Tensor]:
+    """The experts' 3-D tensors that LoRA adapts or that are packed, as dense COMPUTE tensors (no gradient)."""
+    packed = getattr(experts, "packed", {})
+    return {name: m() for name, m in packed.items()} | {
+        name: getattr(experts, name) for name in experts.lora_experts if name not in packed}
+
+
+def _groups_by_expert(experts: nn.Module) -> bool:
+    """An experts class that transformers' use_experts_implementation describes (has_gate, is_transposed, ...): its
+    computation is known, so _grouped_forward can run it with the updates applied to the activations. Expert
+    parallelism is not (it routes tokens to other ranks)."""
+    return hasattr(experts, "has_gate") and not getattr(experts, "_is_expert_parallel", False)
+
+
+def _grouped_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' grouped_mm experts forward (integrations/moe.py: tokens sorted by expert, one grouped matmul per
+    projection, gate, routing weights, tokens restored) with each adapted projection's LoRA applied to its input,
+    x W_e^T + s (x A_e^T) B_e^T, instead of to the weight.
+
+    Why: with W_e + s B_e A_e as the weight, backward computes the gradient of the whole (experts, out, in) weight,
+    one more matmul as large as the forward's plus a write of the weight's size, only to reduce it to A's and B's.
+    Here the frozen base gets no weight gradient at all, and the low-rank products are r wide.
+    """
+    weights = _dense_weights(experts)
+    top_k = top_k_index.size(-1)
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    x = hidden_states[perm // top_k]
+    offsets = torch.cumsum(torch.bincount(expert_ids, minlength=experts.num_experts), 0).to(torch.int32)
+
+    def project(x: torch.Tensor, name: str) -> torch.Tensor:
+        weight = weights[name] if name in weights else getattr(experts, name)
+        out = _grouped_mm(x, weight if experts.is_transposed else weight.transpose(1, 2), offsets)
+        if name in experts.lora_experts:
+            out = out + experts.lora_experts[name].apply(x, offsets, experts.is_transposed)
+        if experts.has_bias:
+            out = out + getattr(experts, f"{name}_bias")[expert_ids]
+        return out
+
+    if experts.has_gate:
+        h = experts._apply_gate(project(x, "gate_up_proj"))
+    else:
+        h = experts.act_fn(project(x, "up_proj"))
+    out = project(h, "down_proj")
+    if experts.has_post_expert_norm:
+        out = experts.post_expert_norm(out)
+    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    restored = torch.empty_like(out).index_copy_(0, perm, out)  # back to (token, k) order, then summed over k
+    return restored.view(-1, top_k, out.size(-1)).sum(dim=1).to(hidden_states.dtype)
+
+
+def _grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x (tokens sorted by expert, in) @ weight[e] (experts, in, out) for each expert's rows (offsets: their ends).
+    torch's grouped kernel takes bf16 with 16-byte aligned strides (a LoRA rank of 8 or more); anything else, an fp32
+    test or a rank of 4, goes expert by expert."""
+    if x.dtype == weight.dtype == torch.bfloat16 and all(s * 2 % 16 == 0 for s in (*weight.shape[1:], x.shape[1])):
+        return F.grouped_mm(x, weight, offs=offsets)
+    ends = offsets.tolist()
+    return torch.cat([x[start:end] @ weight[e].to(x.dtype) for e, (start, end) in enumerate(zip([0] + ends, ends))])
 
 
 def expert_tensors(model: nn.Module, within: type[nn.Module]) -> dict[str, tuple[nn.Module, str, tuple[int, ...]]]:
