@@ -536,9 +536,12 @@ def test_merged_experts_are_the_model_as_trained(checkpoints, experts_adapter, t
     lora.apply_adapter(trained, adapter)
     with torch.no_grad():
         expected, got, plain = (m(TOKENS).logits for m in (trained, reference_model(out), reference_model(base)))
-    assert (expected - plain).abs().max() > 0.05
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-    assert reported < 2e-2
+    # bf16 activations round the update's two forms (applied to the routed tokens; merged into W) differently, and
+    # more so in the GPU's kernels; the adapter moves the logits by ~0.5, well above either tolerance
+    tol = 2e-2 if DEVICE.type == "cpu" else 4e-2
+    assert (expected - plain).abs().max() > 5 * tol
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    assert reported < tol
 
 
 def test_experts_merge_into_the_layout_of_the_base(checkpoints, fused_checkpoint, experts_adapter, tmp_path):
