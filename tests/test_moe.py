@@ -351,7 +351,7 @@ def damaged_experts(experts_4bit, tmp_path):
     ("model.layers.0.mlp.experts.gate_up_proj", lambda tensor: tensor[:100],
      r"tensor model\.layers\.0\.mlp\.experts\.gate_up_proj in .* holds \[100, 1\] BF16 of packed 4-bit codes, but "
      r"the config's \[4, 256, 64\] weight packs into \(32768, 1\) bytes"),
-])
+], ids=["absmax-missing", "too-few-bytes"])
 def test_damaged_packed_experts_are_named(damaged_experts, name, change, message):
     """A packed experts tensor whose absmax is missing, or with too few bytes, is refused as a linear's is: naming
     the tensor and, for the bytes, the shape they should pack."""
