@@ -17,9 +17,11 @@ same loader as a real checkpoint. For each batch size it times
 On a mixture of experts (the MoE shapes) both adapt the experts too: ours with --lora_targets all-linear,experts
 (the experts in NF4), the reference with PEFT's target_parameters on the experts' 3-D tensors, which transformers'
 bitsandbytes quantization leaves in bf16, and with dropout 0, the only value PEFT accepts there; its memory and load
-time include those bf16 experts. A --prequantized MoE checkpoint keeps its experts in bf16 for both stacks, as
-transformers writes them. The 16-bit synthetic checkpoint is made in memory, by write_random_checkpoint, with a copy
-of the experts: about twice its size (the full Mixtral-8x7B shape is 93 GB in bf16; use --layers on one GPU).
+time include those bf16 experts. A --prequantized MoE checkpoint holds its experts in NF4 too (quantize.py
+--quantize_experts: the full Qwen3-30B-A3B shape about a quarter of its bf16 size), which transformers cannot load:
+with an MoE shape, --prequantized needs --no_reference. The 16-bit synthetic checkpoint is made in memory, by
+write_random_checkpoint, with a copy of the experts: about twice its size (the full Mixtral-8x7B shape is 93 GB in
+bf16; use --layers on one GPU).
 All run on the same tokens, each in a fresh process of its own, one after the other; checks that the first-step
 losses agree (same weights, same tokens, B = 0; on an MoE they differ by the experts' NF4 rounding too), and prints
 a table: median tokens/s of the steps after the warmup ones; MFU = 6 x (linear-layer parameters, of an MoE's experts
@@ -78,29 +80,30 @@ SHAPES = {  # transformers config kwargs of real models
 
 def synthetic_checkpoint(shape: str, layers: int, root: Path, prequantized: bool = False) -> Path:
     """Random weights in the shape of a real model, written once: as bf16 safetensors, or (prequantized) straight
-    as the bitsandbytes NF4 checkpoint transformers writes, never bf16 on disk (70B: ~40 GB instead of 140 GB)."""
+    as the bitsandbytes NF4 checkpoint transformers writes, never bf16 on disk (70B: ~40 GB instead of 140 GB); of a
+    mixture of experts, with the experts in NF4 too (quantize.py --quantize_experts), which only ours loads."""
     config = shape_config(shape, layers)
-    out = root / f"synthetic-{shape}-{config.num_hidden_layers}layers{'-nf4' if prequantized else ''}"
+    moe = has_experts(config)
+    # Its own folder name: a folder of an older benchmark, its experts in bf16, is not taken for it
+    suffix = ("-nf4-experts" if moe else "-nf4") if prequantized else ""
+    out = root / f"synthetic-{shape}-{config.num_hidden_layers}layers{suffix}"
     if not (out / "config.json").is_file():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if not prequantized:
             write_random_checkpoint(config, out, max_shard_size="5GB", tokenizer=make_tokenizer(), device=device)
             return out
-        import conversions
         import model_loading
         import quantize
 
         skeleton = model_loading.build_skeleton(config, "none")
 
-        def weights():  # as transformers initialises them: normal(0, initializer_range) matrices, norms of ones
-            for name, t in skeleton.state_dict().items():
-                w = (torch.randn(t.shape, device=device, dtype=torch.bfloat16) * config.initializer_range
-                     if t.dim() > 1 else torch.ones(t.shape, device=device, dtype=torch.bfloat16))
-                # an MoE layer's fused experts one per expert, as save_pretrained writes them
-                yield from conversions.split(skeleton, name, w).items() if w.dim() == 3 else [(name, w)]
+        def weights():  # as transformers initialises them: normal(0, initializer_range) matrices, norms of ones;
+            for name, t in skeleton.state_dict().items():  # an MoE layer's experts fused, as write_4bit packs them
+                yield name, (torch.randn(t.shape, device=device, dtype=torch.bfloat16) * config.initializer_range
+                             if t.dim() > 1 else torch.ones(t.shape, device=device, dtype=torch.bfloat16))
 
         torch.manual_seed(0)
-        quantize.write_4bit(config, weights(), out, "nf4", device)
+        quantize.write_4bit(config, weights(), out, "nf4", device, quantize_experts=True)
         make_tokenizer().save_pretrained(out)
     return out
 
@@ -113,13 +116,17 @@ def shape_config(shape: str, layers: int = 0):
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
-def lora_targets(config) -> str:
-    """What both stacks adapt: every linear of the decoder layers, and on a mixture of experts the experts too."""
+def has_experts(config) -> bool:
+    """Whether the model is a mixture of experts (experts' 3-D tensors in its decoder layers), seen on meta."""
     import model_loading
 
     skeleton = model_loading.build_skeleton(config, "none")
-    has_experts = lora.expert_tensors(skeleton, model_loading.decoder_layer_class(skeleton))
-    return f"{lora.ALL_LINEAR},{lora.EXPERTS}" if has_experts else lora.ALL_LINEAR
+    return bool(lora.expert_tensors(skeleton, model_loading.decoder_layer_class(skeleton)))
+
+
+def lora_targets(config) -> str:
+    """What both stacks adapt: every linear of the decoder layers, and on a mixture of experts the experts too."""
+    return f"{lora.ALL_LINEAR},{lora.EXPERTS}" if has_experts(config) else lora.ALL_LINEAR
 
 
 def reference_lora_targets(config) -> dict:
@@ -325,7 +332,8 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--no_reference", action="store_true", help="time ours only")
     p.add_argument("--prequantized", action="store_true",
-                   help="write the synthetic checkpoint as NF4 (the bitsandbytes format transformers writes)")
+                   help="write the synthetic checkpoint as NF4 (the bitsandbytes format transformers writes; of an "
+                        "MoE shape, the experts in NF4 too, which needs --no_reference)")
     p.add_argument("--profile", action="store_true",
                    help="profile ours instead (the steps after the warmup): GPU time by kind of kernel, then top ops")
     p.add_argument("--max_memory_gib", type=float, default=0,
@@ -342,6 +350,10 @@ def main() -> None:
     args.seq_lens = [int(n) for n in args.seq_lens.split(",")]
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup}): no step would be timed")
+    if args.prequantized and not args.no_reference and has_experts(shape_config(args.shape, args.layers)):
+        raise SystemExit(f"--prequantized on the mixture of experts {args.shape} writes its experts in NF4, which "
+                         "transformers' from_pretrained (the reference) cannot load: add --no_reference to time ours "
+                         "alone, or drop --prequantized to compare both on a bf16 checkpoint")
 
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)

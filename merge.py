@@ -234,13 +234,13 @@ def plan_shards(entries: dict[str, TensorEntry], dtypes: dict[str, torch.dtype],
 def dense_entries(entries: dict[str, TensorEntry], stats: dict[str, dict[str, TensorEntry]],
                   skeleton: torch.nn.Module) -> dict[str, TensorEntry]:
     """The base's tensors as a 16-bit checkpoint holds them: a pre-quantized weight (`stats`: its quant_state
-    entries) as its (out, in) bf16 matrix, its quant_state entries dropped; the rest as they are."""
+    entries) as its bf16 tensor ((out, in), or an experts tensor's (experts, out, in) that quantize.py
+    --quantize_experts stores fused), its quant_state entries dropped; the rest as they are."""
     quant_state = {f"{weight}.{key}" for weight, entries_of in stats.items() for key in entries_of}
     dense = {}
     for name, entry in entries.items():
-        if name in stats:
-            linear = skeleton.get_submodule(name.removesuffix(".weight"))
-            dense[name] = TensorEntry(entry.file, (linear.out_features, linear.in_features), "BF16")
+        if name in stats:  # the 16-bit skeleton's own tensor of that name gives the shape
+            dense[name] = TensorEntry(entry.file, tuple(skeleton.get_parameter(name).shape), "BF16")
         elif name not in quant_state:
             dense[name] = entry
     return dense

@@ -7,7 +7,8 @@ The path, top to bottom:
   load_tokenizer      the tokenizer saved beside it, or an error that names the folder
   index_checkpoint    which file holds which tensor, validated against the model before any data is read
   build_skeleton      the transformers model on the meta device (no memory), its decoder-layer linears swapped
-                      for Linear4bit shells (in a pre-quantized checkpoint: those it stores in 4 bits)
+                      for Linear4bit shells and MoE experts for Packed4bit ones (in a pre-quantized checkpoint:
+                      those it stores in 4 bits)
   check_host_memory   with --cpu_offload: the loaded model's size in host memory, from the headers, against what
                       the machine has
   load_model          streams every tensor with safe_open, quantizes it on the rank's device, puts it in place;
@@ -392,8 +393,9 @@ def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: st
                    only: set[str] | None = None) -> nn.Module:
     """The model on the meta device, with every nn.Linear inside the decoder layers but the MoE routers replaced by a
     Linear4bit shell, and the MoE experts' 3-D weights by Packed4bit ones; with `only` (a pre-quantized checkpoint's
-    4-bit modules), the linears it names: what it keeps in 16 bits (llm_int8_skip_modules) stays so, as transformers
-    builds it."""
+    4-bit weights, a linear's without ".weight"), what it names: what it keeps in 16 bits (llm_int8_skip_modules, and
+    the experts as transformers saves them) stays so, as transformers builds it. Experts that quantize.py
+    --quantize_experts wrote in 4 bits are named by their 3-D tensors (`...mlp.experts.gate_up_proj`)."""
     with torch.device("meta"):  # `config` from read_config, which refuses what AutoModelForCausalLM cannot build
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn_implementation)
     layer_cls = decoder_layer_class(model)
@@ -404,9 +406,16 @@ def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: st
                 path = f"{prefix}.{name}"
                 if type(module) is nn.Linear and (path in only if only is not None else path not in routers):
                     layer.set_submodule(name, quantization.linear4bit_shell(module, quant))
-                elif only is None:  # MoE experts' 3-D weights (a pre-quantized checkpoint stores them in 16 bits)
+                elif only is None or _packed_in_checkpoint(module, path, only):  # MoE experts' 3-D weights
                     quantization.pack_experts(module, quant)
     return model
+
+
+def _packed_in_checkpoint(module: nn.Module, path: str, only: set[str]) -> bool:
+    """Whether a pre-quantized checkpoint stores this module's 3-D (experts) tensors in 4 bits. transformers' own
+    bitsandbytes checkpoints store them in 16 bits, and so does quantize.py unless --quantize_experts; pack_experts
+    packs all of a module's, so one stored in 4 bits and another in 16 would be quantized at load."""
+    return any(f"{path}.{name}" in only for name, p in module.named_parameters(recurse=False) if p.dim() == 3)
 
 
 def quantized_weights(model: nn.Module) -> set[str]:
@@ -637,21 +646,22 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, stats: dict[str, tor
          device: torch.device, keep_on: torch.device, file: Path) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    packed = getattr(module, "packed", None)
+    experts = packed[attr] if isinstance(packed, nn.ModuleDict) and attr in packed else None  # a Packed4bit
     if stats is not None:  # pre-quantized: the packed bytes and quant_state as stored, read onto keep_on for a shell
-        shell = quantization.is_4bit(module)
-        weight = unpack_4bit(name, tensor, stats, (module.out_features, module.in_features), file,
-                             module if shell else None)
-        if shell:
-            module.weight = weight
+        shell = experts if experts is not None else module if quantization.is_4bit(module) else None
+        shape = (experts.shape if experts is not None else (module.out_features, module.in_features)
+                 if shell is not None else tuple(getattr(module, attr).shape))  # no shell: the bf16 tensor on meta
+        weight = unpack_4bit(name, tensor, stats, shape, file, shell)
+        if shell is not None:
+            shell.weight = weight
             return
-        tensor = quantization.dequantize(weight)  # a linear the model keeps in bf16 (lm_head; all with --quant none)
+        tensor = quantization.dequantize(weight)  # a weight the model keeps in bf16 (lm_head; all with --quant none)
     if quantization.is_4bit(module) and attr == "weight":  # quantized on `device`; .to moves quant_state along
         module.weight = quantization.quantize(tensor.to(device), module.weight.quant_type, device, module).to(keep_on)
         return
-    packed = getattr(module, "packed", None)
-    if isinstance(packed, nn.ModuleDict) and attr in packed:  # an MoE layer's experts, all of them at once
-        shell = packed[attr]
-        shell.weight = quantization.quantize(tensor.to(device), shell.quant_type, device, shell).to(keep_on)
+    if experts is not None:  # an MoE layer's experts, all of them at once
+        experts.weight = quantization.quantize(tensor.to(device), experts.quant_type, device, experts).to(keep_on)
         return
     tensor = tensor.to(device=keep_on, dtype=torch.bfloat16)  # the rest goes where it waits, with no round trip
     if attr in module._buffers:

@@ -10,6 +10,14 @@ AutoModelForCausalLM.from_pretrained loads it as 4-bit too. Which linears are qu
 does in training (model_loading.build_skeleton, quantization.quantize): a model built from the output holds the bytes
 of one built from the 16-bit original. Linears it leaves in 16 bits (lm_head) are listed in llm_int8_skip_modules.
 
+A mixture of experts' experts are no linears: transformers keeps each layer's fused in 3-D tensors (experts, out, in)
+and its bitsandbytes quantization leaves them in 16 bits, most of such a model's bytes (~58 GB of Qwen3-30B-A3B's
+~61). --quantize_experts writes them in 4 bits too, each fused tensor under the model's own name
+(`model.layers.0.mlp.experts.gate_up_proj`) beside its quant_state entries, as the loader quantizes them from a 16-bit
+checkpoint: the checkpoint is about 4x smaller, and train.py, merge.py and generate.py load it with the same bytes.
+transformers' from_pretrained cannot: it expects the experts in 16 bits. Without the flag the output is what
+from_pretrained loads.
+
 It streams: each tensor is read, quantized on --device and added to the current shard, and a full shard is written
 out, so memory stays near one shard (--shard_size_mb). The folder is written under a temporary name and renamed at
 the end: an interrupted run never looks finished, and --overwrite replaces an older folder only then.
@@ -29,6 +37,7 @@ from tqdm import tqdm
 from transformers import BitsAndBytesConfig, PretrainedConfig
 
 import builtin
+import conversions
 import model_loading
 import quantization
 
@@ -40,8 +49,10 @@ class QuantizeError(ValueError):
 
 
 def quantize_checkpoint(model: str, out: str | Path, quant: str = "nf4", device: str | None = None,
-                        overwrite: bool = False, shard_size_mb: int = 1000, progress: bool = True) -> Path:
-    """Write `model` (a 16-bit folder, Hub id or 'tiny') quantized to `quant` into `out`, with its tokenizer."""
+                        overwrite: bool = False, shard_size_mb: int = 1000, progress: bool = True,
+                        quantize_experts: bool = False) -> Path:
+    """Write `model` (a 16-bit folder, Hub id or 'tiny') quantized to `quant` into `out`, with its tokenizer;
+    an MoE's experts too with `quantize_experts` (see the module docstring)."""
     model_dir, out = builtin.model_dir(model), Path(out)
     config = model_loading.read_config(model_dir)
     if model_loading.checkpoint_quant(config) is not None:
@@ -53,27 +64,37 @@ def quantize_checkpoint(model: str, out: str | Path, quant: str = "nf4", device:
         raise QuantizeError(f"--quant {quant!r}: choose one of {QUANTS}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = model_loading.plan_load(model_dir, quant)  # the source checked against its config before a byte is written
-    shells = linear_shells(plan.model)
-    where = {name: device if name in shells else torch.device("cpu") for names in plan.by_file.values()
-             for name in names}
-    tensors = model_loading.read_ahead(plan.by_file, where)
-    return write_4bit(config, tensors, out, quant, device, overwrite, model_dir, shard_size_mb, progress, len(where))
+    shells = stored_4bit(plan.model, quantize_experts)
+    # A checkpoint tensor read under another name (an expert stored alone, Mixtral's block_sparse_moe) goes where the
+    # model tensor it fuses into goes
+    fused_into = {source: name for name, sources in plan.sources.items() for source in sources}
+    where = {name: device if fused_into.get(name, name) in shells else torch.device("cpu")
+             for names in plan.by_file.values() for name in names}
+    tensors, total = model_loading.read_ahead(plan.by_file, where), len(where)
+    if quantize_experts:  # each layer's experts fused as the model holds them, one layer at a time, under its names
+        tensors = conversions.fuse(tensors, plan.sources, plan.model)
+        total -= sum(len(sources) - 1 for sources in plan.sources.values())
+    return write_4bit(config, tensors, out, quant, device, overwrite, model_dir, shard_size_mb, progress, total,
+                      quantize_experts)
 
 
-def linear_shells(skeleton: nn.Module) -> set[str]:
-    """The weights a 4-bit checkpoint stores in 4 bits: the linears'. MoE experts' 3-D tensors stay bf16, as
-    transformers' bitsandbytes quantization leaves them (and as the loader then reads them)."""
-    return model_loading.quantized_weights(skeleton) - quantization.packed_shells(skeleton).keys()
+def stored_4bit(skeleton: nn.Module, quantize_experts: bool = False) -> set[str]:
+    """The weights a 4-bit checkpoint stores in 4 bits: the linears', and with `quantize_experts` the MoE experts'
+    fused 3-D tensors. Without it those stay bf16, as transformers' bitsandbytes quantization leaves them (and as the
+    loader then reads them)."""
+    weights = model_loading.quantized_weights(skeleton)
+    return weights if quantize_experts else weights - quantization.packed_shells(skeleton).keys()
 
 
 def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tensor]], out: str | Path,
                quant: str = "nf4", device: str | torch.device = "cpu", overwrite: bool = False,
                beside: Path | None = None, shard_size_mb: int = 1000, progress: bool = True,
-               total: int | None = None) -> Path:
+               total: int | None = None, quantize_experts: bool = False) -> Path:
     """The 4-bit checkpoint of the model `config` describes, from its 16-bit tensors, into `out`; with the tokenizer
     and generation files of the folder `beside`, if given. `tensors` yields (name, tensor) as a state dict or a
-    checkpoint names them, in any order, each once (tied copies are skipped), on any device. A synthetic checkpoint
-    needs no model in memory:
+    checkpoint names them, in any order, each once (tied copies are skipped), on any device. `quantize_experts`: an
+    MoE's experts in 4 bits too, which needs each experts tensor fused, under the model's name (conversions.fuse). A
+    synthetic checkpoint needs no model in memory:
 
         shapes = model_loading.build_skeleton(config, "none").state_dict()  # on meta: no memory
         write_4bit(config, ((n, torch.randn(t.shape, device="cuda") * 0.02) for n, t in shapes.items()), out, "nf4",
@@ -87,14 +108,20 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
     if shard_size_mb < 0:
         raise QuantizeError(f"--shard_size_mb must be >= 0 (0: a shard per tensor), got {shard_size_mb}")
     skeleton = model_loading.build_skeleton(config, quant)
-    shells = linear_shells(skeleton)
+    shells = stored_4bit(skeleton, quantize_experts)
+    experts = shells & quantization.packed_shells(skeleton).keys()
     tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {})  # saved once, as the embedding
-    t0 = time.perf_counter()
+    t0, written = time.perf_counter(), set()
     with model_loading.written_whole(out) as tmp:
         bar = tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress)
-        stored = (_stored(name, tensor, name in shells, quant, device) for name, tensor in tensors if name not in tied)
+        stored = (_stored(name, tensor, name in shells, quant, device, written) for name, tensor in tensors
+                  if name not in tied)
         n_shards, n_bytes = _write_shards(stored, tmp, shard_size_mb * 2**20, bar)
         bar.close()
+        if experts - written:  # they came one per expert, and were written so, in bf16
+            raise QuantizeError(f"quantize_experts, but {sorted(experts - written)[0]} did not arrive as one fused "
+                                f"tensor (experts, out, in): pass the tensors through conversions.fuse, which fuses "
+                                "the experts that a checkpoint stores one per expert")
         config = copy.deepcopy(config)
         config.architectures = [type(skeleton).__name__]  # as save_pretrained records it
         config.dtype = torch.bfloat16  # of the tensors left in 16 bits
@@ -108,16 +135,18 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
         if beside is not None:
             model_loading.copy_beside(beside, tmp)
         model_loading.plan_load(tmp, quant)  # the loader's own checks, on what was written
-    print(f"wrote {len(shells)} weights in {quant} and the rest in bf16 to {out}: {n_shards} shards, "
-          f"{n_bytes / 2**30:,.2f} GiB, in {time.perf_counter() - t0:.1f}s")
+    print(f"wrote {len(written)} weights in {quant} ({len(experts)} of them experts tensors) and the rest in bf16 to "
+          f"{out}: {n_shards} shards, {n_bytes / 2**30:,.2f} GiB, in {time.perf_counter() - t0:.1f}s")
     return out
 
 
-def _stored(name: str, tensor: torch.Tensor, quantize: bool, quant: str,
-            device: torch.device) -> dict[str, torch.Tensor]:
-    """One tensor as the checkpoint stores it, on the CPU: a 4-bit weight as its packed bytes and quant_state
-    entries, anything else as bf16 (as the loader keeps it; integer tensors as they are)."""
+def _stored(name: str, tensor: torch.Tensor, quantize: bool, quant: str, device: torch.device,
+            written: set[str]) -> dict[str, torch.Tensor]:
+    """One tensor as the checkpoint stores it, on the CPU: a 4-bit weight (its name then added to `written`) as its
+    packed bytes and quant_state entries, anything else as bf16 (as the loader keeps it; integer tensors as they
+    are). An experts tensor (experts, out, in) is quantized whole, as the loader quantizes it: the same bytes."""
     if quantize:
+        written.add(name)
         parts = quantization.serialize(quantization.quantize(tensor.to(device), quant, device))
         stored = {f"{name}.{key}" if key else name: t for key, t in parts.items()}
     else:
@@ -166,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds a model")
     parser.add_argument("--shard_size_mb", type=int, default=defaults["shard_size_mb"],
                         help="size of each output file; memory use is about one of them")
+    parser.add_argument("--quantize_experts", action="store_true",
+                        help="an MoE's experts in 4 bits too: ~4x smaller, loads in train.py, merge.py and generate.py "
+                             "but not in transformers' from_pretrained (which expects them in 16 bits)")
     quantize_checkpoint(**vars(parser.parse_args(argv)))
 
 

@@ -229,6 +229,151 @@ def test_transformers_4bit_moe_checkpoint_loads_as_saved(checkpoints, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Experts pre-quantized too (quantize.py --quantize_experts): the bytes the loader makes from the 16-bit original
+
+
+@pytest.fixture(scope="module")
+def experts_4bit(checkpoints, tmp_path_factory):
+    """arch -> quantize.py --quantize_experts of its sharded checkpoint (40KB shards: experts one per expert)."""
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            made[arch] = tmp_path_factory.mktemp(f"{arch}-experts-nf4") / "q"
+            quantize.main(["--model", str(checkpoints(arch)), "--out", str(made[arch]), "--quantize_experts"])
+        return made[arch]
+
+    return get
+
+
+def raw(tensor):
+    """Packed codes viewed as bf16 hold NaN patterns, which torch.equal finds unequal to themselves: their bytes."""
+    return tensor.detach().cpu().reshape(-1).view(torch.uint8)
+
+
+def state_of(module):
+    """Every tensor of a 4-bit module's quant_state (its nested statistics' too), by owner and attribute."""
+    return {(type(owner).__name__, id(owner) != id(module.quant_state), key): t
+            for owner, key, t in quantization.state_tensors(module)}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_quantize_experts_stores_the_bytes_the_loader_makes(checkpoints, experts_4bit, tmp_path, monkeypatch, arch):
+    """--quantize_experts writes each layer's experts fused, under the model's names, as 4-bit bytes and quant_state;
+    loaded, with nothing quantized, every packed weight (experts and linears) and quant_state tensor is bit for bit
+    what the loader quantizes from the 16-bit original, and the logits are equal exactly. The folder is smaller
+    than without the flag, and the host-memory estimate from its headers covers what the model holds."""
+    src, out = checkpoints(arch), experts_4bit(arch)
+    stored = model_loading.index_checkpoint(out)
+    assert not any(".experts.0." in n or "block_sparse_moe" in n for n in stored)
+    for stat in ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"):
+        assert f"model.layers.1.mlp.experts.gate_up_proj{stat}" in stored
+    quantize.main(["--model", str(src), "--out", str(tmp_path / "bf16-experts")])
+    without = model_loading.index_checkpoint(tmp_path / "bf16-experts")
+    experts_bytes = [sum(e.nbytes for n, e in entries.items() if ".experts." in n) for entries in (stored, without)]
+    assert experts_bytes[0] < 0.3 * experts_bytes[1]  # 4 bits and a byte of absmax per 64 weights, against 16 bits
+    assert sum(e.nbytes for e in stored.values()) < sum(e.nbytes for e in without.values()) - experts_bytes[0]
+    direct = load_model(src, "nf4", DEVICE, progress=False).eval()
+    with monkeypatch.context() as m:
+        m.setattr(quantization, "quantize", lambda *a, **k: pytest.fail("quantized a pre-quantized weight"))
+        ours = load_model(out, quantization.AUTO, DEVICE, progress=False).eval()
+    shells = quantization.packed_shells(ours)
+    assert shells.keys() == quantization.packed_shells(direct).keys() and len(shells) == 4
+    four_bit = {n: m for n, m in ours.named_modules()
+                if quantization.is_4bit(m) or isinstance(m, quantization.Packed4bit)}
+    assert len(four_bit) == 12
+    for name, module in four_bit.items():
+        theirs = direct.get_submodule(name)
+        assert torch.equal(raw(module.weight), raw(theirs.weight)), name
+        mine, want = state_of(module), state_of(theirs)
+        assert mine.keys() == want.keys() and len(mine) >= 4, name
+        assert all(torch.equal(mine[k], want[k]) for k in mine), name
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, direct(TOKENS).logits, rtol=0, atol=0)
+    held = sum(p.nbytes for p in ours.parameters()) + sum(t.nbytes for m in four_bit.values()
+                                                          for _, _, t in quantization.state_tensors(m))
+    estimate = model_loading.host_bytes(model_loading.plan_load(out, quantization.AUTO))
+    assert held <= estimate <= held + len(four_bit) * 200, (held, estimate)
+
+
+def test_quant_none_dequantizes_packed_experts(experts_4bit):
+    """--quant none on such a checkpoint: each experts tensor is a dense (experts, out, in) bf16 parameter, exactly
+    bitsandbytes' dequantization of the stored bytes, and the logits are the 4-bit model's."""
+    path = experts_4bit("qwen3_moe")
+    dense = load_model(path, "none", DEVICE, progress=False).eval()
+    packed = load_model(path, quantization.AUTO, DEVICE, progress=False).eval()
+    assert not quantization.packed_shells(dense)
+    for name, shell in quantization.packed_shells(packed).items():
+        weight = dense.get_parameter(name)
+        assert weight.dtype == torch.bfloat16 and tuple(weight.shape) == shell.shape
+        assert torch.equal(weight, quantization.dequantize(shell.weight, shell)), name
+    with torch.no_grad():
+        torch.testing.assert_close(dense(TOKENS).logits, packed(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_train_and_merge_on_packed_experts(checkpoints, experts_4bit, tmp_path):
+    """train.py --lora_targets all-linear,experts trains 2 steps on Mixtral with packed experts (every expert B moves);
+    merge.py of that adapter writes, once from_pretrained has read both, the tensors it writes from the 16-bit
+    original (whose experts it quantizes as the loader does), bit for bit."""
+    base = experts_4bit("mixtral")
+    history = run_inprocess(common(base, tmp_path / "run", steps=2) + ["--lora_targets", "all-linear,experts"])
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(losses(history))))
+    adapter = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    b = {k: v for k, v in adapter.items() if ".experts." in k and "lora_B" in k}
+    assert len(b) == 4 and all(v.abs().max() > 0 for v in b.values())
+    for name, model in (("packed", base), ("original", checkpoints("mixtral"))):
+        merge.merge(str(model), tmp_path / "run", tmp_path / name, verify=False, progress=False)
+    merged, expected = (reference_model(tmp_path / name).state_dict() for name in ("packed", "original"))
+    assert merged.keys() == expected.keys() and sum(".experts." in k for k in merged) == 4
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)
+
+
+@pytest.fixture
+def damaged_experts(experts_4bit, tmp_path):
+    """A copy of Mixtral's packed-experts checkpoint, and edit(name, change) as in test_prequantized's `damaged`."""
+    import shutil
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(experts_4bit("mixtral"), dst)
+
+    def edit(name, change):
+        shard = next(f for f in sorted(dst.glob("*.safetensors")) if name in load_file(f))
+        tensors = load_file(shard)
+        tensors[name] = change(tensors[name])
+        save_file({k: t for k, t in tensors.items() if t is not None}, shard, metadata={"format": "pt"})
+
+    return dst, edit
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("model.layers.1.mlp.experts.down_proj.absmax", lambda tensor: None,
+     r"model\.layers\.1\.mlp\.experts\.down_proj\.absmax is missing from the checkpoint"),
+    ("model.layers.0.mlp.experts.gate_up_proj", lambda tensor: tensor[:100],
+     r"tensor model\.layers\.0\.mlp\.experts\.gate_up_proj in .* holds \[100, 1\] BF16 of packed 4-bit codes, but "
+     r"the config's \[4, 256, 64\] weight packs into \(32768, 1\) bytes"),
+], ids=["absmax-missing", "too-few-bytes"])
+def test_damaged_packed_experts_are_named(damaged_experts, name, change, message):
+    """A packed experts tensor whose absmax is missing, or with too few bytes, is refused as a linear's is: naming
+    the tensor and, for the bytes, the shape they should pack."""
+    path, edit = damaged_experts
+    edit(name, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path, progress=False)
+
+
+def test_quantize_experts_needs_them_fused(checkpoints, tmp_path):
+    """write_4bit(quantize_experts=True) given the experts one per expert, as save_pretrained writes them, refuses
+    rather than leave them in bf16 unsaid, and writes no folder."""
+    path = checkpoints("qwen3_moe", "single")
+    config = model_loading.read_config(path)
+    tensors = load_file(path / "model.safetensors").items()
+    with pytest.raises(quantize.QuantizeError, match=r"model\.layers\.0\.mlp\.experts\.down_proj did not arrive "
+                                                     r"as one fused tensor.*conversions\.fuse"):
+        quantize.write_4bit(config, tensors, tmp_path / "q", progress=False, quantize_experts=True)
+    assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # LoRA on the experts (--lora_targets all-linear,experts), in PEFT's target_parameters format
 
 EXPERT_TARGETS = (lora.ALL_LINEAR, lora.EXPERTS)
@@ -620,16 +765,36 @@ def test_benchmark_reference_adapts_what_ours_adapts(checkpoints, arch):
     assert all(m.r["default"] == 4 and m.scaling["default"] == 2 for m in adapters)
 
 
-def test_benchmark_writes_a_prequantized_moe_as_transformers_reads_it(monkeypatch, tmp_path):
-    """--prequantized on an MoE shape (1 layer) writes 4-bit linears and the experts one per expert in bf16, as
-    transformers saves a bitsandbytes MoE; transformers' from_pretrained of the folder gives our logits exactly."""
+def test_benchmark_writes_a_prequantized_moe_with_4bit_experts(monkeypatch, tmp_path):
+    """--prequantized on an MoE shape (1 layer) writes 4-bit linears and 4-bit fused experts (quantize_experts),
+    into a folder of its own name; our loader uses the stored bytes as they are (nothing quantized), and the model
+    is its dequantization (the logits of --quant none, exactly), of weights drawn at the initializer's scale."""
     tiny = dict(model_type="mixtral", **SHAPE, num_local_experts=4, num_experts_per_tok=2)
     monkeypatch.setitem(benchmark.SHAPES, "tiny-mixtral", tiny)
     out = benchmark.synthetic_checkpoint("tiny-mixtral", 1, tmp_path, prequantized=True)
+    assert out.name.endswith("-nf4-experts")
     stored = model_loading.index_checkpoint(out)
-    assert stored["model.layers.0.block_sparse_moe.experts.3.w1.weight"].dtype == "BF16"
+    assert "model.layers.0.mlp.experts.gate_up_proj.absmax" in stored and not any(".experts.0." in n for n in stored)
     assert "model.layers.0.self_attn.q_proj.weight.absmax" in stored
     assert "model.layers.1.input_layernorm.weight" not in stored  # --layers 1
-    ours = load_model(out, quantization.AUTO, DEVICE, progress=False).eval()
+    with monkeypatch.context() as m:
+        m.setattr(quantization, "quantize", lambda *a, **k: pytest.fail("quantized a pre-quantized weight"))
+        ours = load_model(out, quantization.AUTO, DEVICE, progress=False).eval()
+    shells = quantization.packed_shells(ours)
+    assert len(shells) == 2
+    for shell in shells.values():
+        std = shell().float().std().item()
+        assert abs(std - benchmark.shape_config("tiny-mixtral").initializer_range) < 0.1 * std
+    dense = load_model(out, "none", DEVICE, progress=False).eval()
     with torch.no_grad():
-        torch.testing.assert_close(ours(TOKENS).logits, reference_model(out)(TOKENS).logits, rtol=0, atol=0)
+        torch.testing.assert_close(ours(TOKENS).logits, dense(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_benchmark_refuses_a_prequantized_moe_for_the_reference(monkeypatch):
+    """transformers cannot load experts in 4 bits: --prequantized on an MoE shape without --no_reference is refused
+    before a checkpoint is written."""
+    monkeypatch.setattr(benchmark, "synthetic_checkpoint", lambda *a, **k: pytest.fail("wrote a checkpoint"))
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "--shape", "qwen3-30b-a3b", "--prequantized"])
+    with pytest.raises(SystemExit, match=r"--prequantized on the mixture of experts qwen3-30b-a3b .* add "
+                                         r"--no_reference"):
+        benchmark.main()
