@@ -296,6 +296,11 @@ def test_quantize_experts_stores_the_bytes_the_loader_makes(checkpoints, experts
     assert held <= estimate <= held + len(four_bit) * 200, (held, estimate)
 
 
+# The logits of the same weights, dense against 4-bit: exactly on the CPU; on a GPU, bitsandbytes' matmul of its 4-bit
+# linears rounds otherwise than F.linear on their dequantized copies (up to 5e-3 apart on an H200)
+DENSE_AS_4BIT = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-2, atol=1e-2)
+
+
 def test_quant_none_dequantizes_packed_experts(experts_4bit):
     """--quant none on such a checkpoint: each experts tensor is a dense (experts, out, in) bf16 parameter, exactly
     bitsandbytes' dequantization of the stored bytes, and the logits are the 4-bit model's."""
@@ -308,7 +313,7 @@ def test_quant_none_dequantizes_packed_experts(experts_4bit):
         assert weight.dtype == torch.bfloat16 and tuple(weight.shape) == shell.shape
         assert torch.equal(weight, quantization.dequantize(shell.weight, shell)), name
     with torch.no_grad():
-        torch.testing.assert_close(dense(TOKENS).logits, packed(TOKENS).logits, rtol=0, atol=0)
+        torch.testing.assert_close(dense(TOKENS).logits, packed(TOKENS).logits, **DENSE_AS_4BIT)
 
 
 def test_train_and_merge_on_packed_experts(checkpoints, experts_4bit, tmp_path):
@@ -815,7 +820,7 @@ def test_benchmark_writes_a_prequantized_moe_with_4bit_experts(monkeypatch, tmp_
         assert abs(std - benchmark.shape_config("tiny-mixtral").initializer_range) < 0.1 * std
     dense = load_model(out, "none", DEVICE, progress=False).eval()
     with torch.no_grad():
-        torch.testing.assert_close(ours(TOKENS).logits, dense(TOKENS).logits, rtol=0, atol=0)
+        torch.testing.assert_close(ours(TOKENS).logits, dense(TOKENS).logits, **DENSE_AS_4BIT)
 
 
 def test_benchmark_refuses_a_prequantized_moe_for_the_reference(monkeypatch):
