@@ -107,10 +107,6 @@ def _gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def _split_gate(fn, gate_up: torch.Tensor) -> torch.Tensor:
-    return fn(*gate_up.chunk(2, dim=-1))  # an MoE experts module's gate: act(first half) * second half
-
-
 def _fused_norm(norm: nn.Module, fn, eps: float, plus_one: bool, x: torch.Tensor) -> torch.Tensor:
     return fn(x, norm.weight, eps, plus_one)  # norm.weight read at each call: FSDP swaps in a new view per forward
 
@@ -138,16 +134,6 @@ def _activation_variant(act_fn: nn.Module):
                      if torch.equal(act_fn(gate), act(gate))), None)
 
 
-def _experts_gate_variant(experts: nn.Module):
-    """The fused gate function that computes exactly what an experts module's _apply_gate does (transformers'
-    default, on its fused gate_up_proj output), or None (gpt-oss clamps and interleaves its halves)."""
-    if not getattr(experts, "has_gate", False) or (fn := _activation_variant(experts.act_fn)) is None:
-        return None
-    gate_up = torch.randn(3, 64, dtype=torch.bfloat16)
-    with torch.no_grad():
-        return fn if torch.equal(experts._apply_gate(gate_up), _split_gate(fn, gate_up)) else None
-
-
 def compile_elementwise(model: nn.Module, layer_cls: type[nn.Module], backend: str = "inductor") -> None:
     """Fuse the memory-bound work between the matmuls of every decoder layer with torch.compile, in place.
 
@@ -157,9 +143,6 @@ def compile_elementwise(model: nn.Module, layer_cls: type[nn.Module], backend: s
     parameter views are never traced. The pieces:
       - RMSNorms (Llama-style and Gemma-style, including Qwen3's q/k norms);
       - gated MLPs (gate_proj, up_proj, down_proj, act_fn: Llama, Mistral, Qwen, Gemma): act_fn(gate) * up;
-      - the gate of an MoE layer's experts, the same on the two halves of each routed token's gate_up_proj output
-        (the experts' _apply_gate, which transformers' experts forwards and lora._grouped_forward call): eagerly,
-        the halves are strided views, read at a fraction of the bandwidth, three times over;
       - the rotary embedding: the modeling module's apply_rotary_pos_emb, which each attention forward looks up in
         its module's globals. Each attention module of this model gets its own copy of that forward, reading a
         private copy of those globals with the compiled function in it (_with_global): the library is untouched.
@@ -177,9 +160,6 @@ def compile_elementwise(model: nn.Module, layer_cls: type[nn.Module], backend: s
                 if (fn := _activation_variant(module.act_fn)) is not None:
                     fused.setdefault(fn, torch.compile(fn, backend=backend))
                     module.forward = functools.partial(_fused_mlp, module, fused[fn])
-            elif (fn := _experts_gate_variant(module)) is not None:
-                fused.setdefault(("experts", fn), torch.compile(functools.partial(_split_gate, fn), backend=backend))
-                module._apply_gate = fused[("experts", fn)]
             elif (rotary := _global_of(module, "apply_rotary_pos_emb")) is not None:
                 fused.setdefault(rotary, torch.compile(rotary, backend=backend))
                 _with_global(module, "apply_rotary_pos_emb", fused[rotary])
