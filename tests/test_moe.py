@@ -319,7 +319,8 @@ def test_quant_none_dequantizes_packed_experts(experts_4bit):
 def test_train_and_merge_on_packed_experts(checkpoints, experts_4bit, tmp_path):
     """train.py --lora_targets all-linear,experts trains 2 steps on Mixtral with packed experts (every expert B moves);
     merge.py of that adapter writes, once from_pretrained has read both, the tensors it writes from the 16-bit
-    original (whose experts it quantizes as the loader does), bit for bit."""
+    original (whose experts it quantizes as the loader does), bit for bit; generate.py applies it with the same logits
+    on either base."""
     base = experts_4bit("mixtral")
     history = run_inprocess(common(base, tmp_path / "run", steps=2) + ["--lora_targets", "all-linear,experts"])
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(losses(history))))
@@ -331,6 +332,11 @@ def test_train_and_merge_on_packed_experts(checkpoints, experts_4bit, tmp_path):
     merged, expected = (reference_model(tmp_path / name).state_dict() for name in ("packed", "original"))
     assert merged.keys() == expected.keys() and sum(".experts." in k for k in merged) == 4
     assert all(torch.equal(merged[k], expected[k]) for k in merged)
+    (on_packed, _), (on_original, _) = (generate.load(str(m), str(tmp_path / "run"), None, DEVICE)
+                                        for m in (base, checkpoints("mixtral")))
+    assert quantization.packed_shells(on_packed)
+    with torch.no_grad():
+        torch.testing.assert_close(on_packed(TOKENS).logits, on_original(TOKENS).logits, rtol=0, atol=0)
 
 
 @pytest.fixture
@@ -433,7 +439,7 @@ def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
 
 @pytest.mark.parametrize("dtype,r", [(torch.float32, 4), (torch.bfloat16, 8), (torch.bfloat16, 4)])
 @pytest.mark.parametrize("arch", MOE)
-def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, arch, dtype, r):
+def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, monkeypatch, arch, dtype, r):
     """LoRA applied to each expert's routed tokens (lora._grouped_forward: the grouped kernel at r=8 in bf16, expert
     by expert otherwise) computes what the class's own forward computes with W_e + s B_e A_e as its weights: the same
     output and the same gradients for the input, A and B (fp32: to rounding; bf16: to bf16 tolerance)."""
@@ -463,6 +469,10 @@ def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, ar
         return quantization.forward_with(experts, weights, x, top_k_index, top_k_weights)
 
     got, want = run(lambda x: experts(x, top_k_index, top_k_weights)), run(merged)
+    monkeypatch.setattr(lora, "_groups_by_expert", lambda experts: False)  # an experts class transformers does not
+    fallback = run(lambda x: experts(x, top_k_index, top_k_weights))  # describe: the merged weights, in its forward
+    for ours, theirs in zip(fallback, want):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     assert want[0].abs().max() > 0 and all(w.abs().max() > 0 for w in want)
     for ours, theirs in zip(got, want):
