@@ -3,6 +3,7 @@ session, as save_pretrained writes them), runs of train.py, adapters, and transf
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from datetime import timedelta
@@ -269,3 +270,19 @@ def refused_before_loading(monkeypatch, tmp_path, model_dir, *, tokenizes: bool,
     if not tokenizes:
         monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("tokenized the data before refusing"))
     run_inprocess(["--model", str(model_dir), "--output_dir", str(tmp_path / "out"), *args])
+
+
+def editable_copy(src: Path, dst: Path):
+    """A copy of the checkpoint `src` at `dst`, and edit(name, change): the tensor `name` becomes change(it), or
+    leaves its shard when that is None (the damaged-checkpoint tests)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+
+    def edit(name, change):
+        shard = next(f for f in sorted(dst.glob("*.safetensors")) if name in load_file(f))
+        tensors = load_file(shard)
+        tensors[name] = change(tensors[name])
+        save_file({k: t for k, t in tensors.items() if t is not None}, shard, metadata={"format": "pt"})
+
+    return dst, edit

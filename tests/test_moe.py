@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import (DEVICE, MOE, SHAPE, TOKENS, adapted, common, losses, make_adapter, randomize_b,
-                      reference_model, run_inprocess, run_torchrun, tiny_config)
+from conftest import (DEVICE, MOE, SHAPE, TOKENS, adapted, common, editable_copy, losses, make_adapter,
+                      randomize_b, reference_model, run_inprocess, run_torchrun, tiny_config)
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file, save_file
 # The dense architectures' own checks, run on the mixtures of experts too (see "The four checks" below); imported
@@ -341,19 +341,8 @@ def test_train_and_merge_on_packed_experts(checkpoints, experts_4bit, tmp_path):
 
 @pytest.fixture
 def damaged_experts(experts_4bit, tmp_path):
-    """A copy of Mixtral's packed-experts checkpoint, and edit(name, change) as in test_prequantized's `damaged`."""
-    import shutil
-
-    dst = tmp_path / "ckpt"
-    shutil.copytree(experts_4bit("mixtral"), dst)
-
-    def edit(name, change):
-        shard = next(f for f in sorted(dst.glob("*.safetensors")) if name in load_file(f))
-        tensors = load_file(shard)
-        tensors[name] = change(tensors[name])
-        save_file({k: t for k, t in tensors.items() if t is not None}, shard, metadata={"format": "pt"})
-
-    return dst, edit
+    """A copy of Mixtral's packed-experts checkpoint, and edit(name, change) (conftest.editable_copy)."""
+    return editable_copy(experts_4bit("mixtral"), tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("name, change, message", [
@@ -465,7 +454,8 @@ def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, mo
         return [out] + grads
 
     def merged(x):
-        weights = {name: getattr(experts, name) + adapter.update(dtype) for name, adapter in experts.lora_experts.items()}
+        weights = {name: getattr(experts, name) + adapter.update(dtype)
+                   for name, adapter in experts.lora_experts.items()}
         return quantization.forward_with(experts, weights, x, top_k_index, top_k_weights)
 
     got, want = run(lambda x: experts(x, top_k_index, top_k_weights)), run(merged)

@@ -1,11 +1,11 @@
 """Pre-quantized checkpoints: transformers' own bitsandbytes 4-bit checkpoints load with their bytes as they are,
 quantize.py writes that format, and training, merging and sampling work from such a base."""
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import DEVICE, TOKENS, common, hf_greedy, reference_model, refused_before_loading, run_inprocess
+from conftest import (DEVICE, TOKENS, common, editable_copy, hf_greedy, reference_model, refused_before_loading,
+                      run_inprocess)
 from safetensors.torch import load_file, save_file
 
 import generate
@@ -218,16 +218,7 @@ def test_train_merge_and_generate_from_a_prequantized_base(prequantized, tmp_pat
 def damaged(prequantized, tmp_path):
     """A fresh copy of transformers' nf4 checkpoint, and edit(name, change): the tensor `name` becomes change(it), or
     leaves its shard when that is None."""
-    dst = tmp_path / "ckpt"
-    shutil.copytree(prequantized("nf4", True, torch.uint8), dst)
-
-    def edit(name, change):
-        shard = next(f for f in sorted(dst.glob("*.safetensors")) if name in load_file(f))
-        tensors = load_file(shard)
-        tensors[name] = change(tensors[name])
-        save_file({k: t for k, t in tensors.items() if t is not None}, shard, metadata={"format": "pt"})
-
-    return dst, edit
+    return editable_copy(prequantized("nf4", True, torch.uint8), tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("entry", ["absmax", "quant_state.bitsandbytes__nf4", "nested_quant_map"])
