@@ -296,6 +296,13 @@ def test_quantize_experts_stores_the_bytes_the_loader_makes(checkpoints, experts
     assert held <= estimate <= held + len(four_bit) * 200, (held, estimate)
 
 
+def test_transformers_refuses_packed_experts(experts_4bit):
+    """from_pretrained does not load a --quantize_experts folder as something else: the packed experts' shapes are
+    not the ones its model declares, and it refuses them (the README's promise that only our tools read it)."""
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(experts_4bit("qwen3_moe"))
+
+
 # The logits of the same weights, dense against 4-bit: exactly on the CPU; on a GPU, bitsandbytes' matmul of its 4-bit
 # linears rounds otherwise than F.linear on their dequantized copies (up to 5e-3 apart on an H200)
 DENSE_AS_4BIT = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-2, atol=1e-2)
