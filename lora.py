@@ -110,7 +110,8 @@ class ExpertsLoRA(nn.Module):
     The factors are laid out as PEFT's ParamWrapper keeps them (peft/tuners/lora/layer.py), so the adapter file needs
     no conversion: A is (r * experts, in), expert e's rows at [e * r, (e + 1) * r); B is (out, r * experts) with the
     expert index LAST, i.e. B viewed as (out, r, experts). Init as LoRALinear: A Kaiming-uniform, B zero. No dropout:
-    it applies to the input, which a weight update cannot factor in (PEFT refuses it too).
+    PEFT's ParamWrapper adds the update to the weight, where dropout of the input has no place, and refuses it; an
+    adapter trained with it would mean something else there.
     """
 
     def __init__(self, shape: tuple[int, int, int], r: int, alpha: float, device: torch.device | str = "cpu"):

@@ -450,7 +450,7 @@ def plan_load(model_dir: Path, quant: str, attn_implementation: str | None = Non
     return LoadPlan(model, entries, by_file, packed, renamed)
 
 
-def _fused_into(plan: LoadPlan) -> dict[str, str]:
+def fused_into(plan: LoadPlan) -> dict[str, str]:
     """Every checkpoint tensor read under another name (LoadPlan.sources) -> the model tensor it goes into."""
     return {source: name for name, sources in plan.sources.items() for source in sources}
 
@@ -460,7 +460,7 @@ def host_bytes(plan: LoadPlan) -> int:
     everything else in bf16. What --cpu_offload keeps in host memory, summed over the ranks of a node."""
     shells = quantized_weights(plan.model)
     shapes, owner = _expected_shapes(plan.model), _owners(plan.packed)
-    fused_into = _fused_into(plan)
+    target_of = fused_into(plan)
     total = 0
     for name in (name for names in plan.by_file.values() for name in names):
         weight, shape = owner.get(name, name), plan.entries[name].shape  # checked: a 16-bit tensor's shape is its own
@@ -468,7 +468,7 @@ def host_bytes(plan: LoadPlan) -> int:
             total += 2 * math.prod(shapes[weight]) if name == weight else 0
         elif weight in plan.packed:
             total += plan.entries[name].nbytes
-        elif fused_into.get(name, name) in shells:  # an expert stored alone counts as its share of the fused tensor
+        elif target_of.get(name, name) in shells:  # an expert stored alone counts as its share of the fused tensor
             total += quantization.quantized_bytes(shape)
         else:
             total += 2 * math.prod(shape)
@@ -513,9 +513,9 @@ def load_model(model_dir: Path, quant: str = quantization.AUTO, device: torch.de
     # one to dequantize (a linear the model keeps in bf16). The rest, pre-quantized weights for a shell included, goes
     # straight where it waits.
     quantized, where = quantized_weights(model), {}
-    fused_into = _fused_into(plan)
+    target_of = fused_into(plan)
     for name in (name for names in plan.by_file.values() for name in names):
-        weight = owner.get(name, fused_into.get(name, name))  # an expert is quantized with the others of its layer
+        weight = owner.get(name, target_of.get(name, name))  # an expert is quantized with the others of its layer
         to_quantize = weight in quantized and weight not in plan.packed
         to_dequantize = weight in plan.packed and weight not in quantized
         where[name] = device if to_quantize or to_dequantize else keep_on
@@ -649,9 +649,12 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, stats: dict[str, tor
     packed = getattr(module, "packed", None)
     experts = packed[attr] if isinstance(packed, nn.ModuleDict) and attr in packed else None  # a Packed4bit
     if stats is not None:  # pre-quantized: the packed bytes and quant_state as stored, read onto keep_on for a shell
-        shell = experts if experts is not None else module if quantization.is_4bit(module) else None
-        shape = (experts.shape if experts is not None else (module.out_features, module.in_features)
-                 if shell is not None else tuple(getattr(module, attr).shape))  # no shell: the bf16 tensor on meta
+        if experts is not None:
+            shell, shape = experts, experts.shape
+        elif quantization.is_4bit(module):
+            shell, shape = module, (module.out_features, module.in_features)
+        else:  # a weight the model keeps in bf16: the shape of its tensor on meta
+            shell, shape = None, tuple(getattr(module, attr).shape)
         weight = unpack_4bit(name, tensor, stats, shape, file, shell)
         if shell is not None:
             shell.weight = weight

@@ -15,8 +15,8 @@ and its bitsandbytes quantization leaves them in 16 bits, most of such a model's
 ~61). --quantize_experts writes them in 4 bits too, each fused tensor under the model's own name
 (`model.layers.0.mlp.experts.gate_up_proj`) beside its quant_state entries, as the loader quantizes them from a 16-bit
 checkpoint: the checkpoint is about 4x smaller, and train.py, merge.py and generate.py load it with the same bytes.
-transformers' from_pretrained cannot: it expects the experts in 16 bits. Without the flag the output is what
-from_pretrained loads.
+transformers' from_pretrained refuses it: its experts have other shapes than the 16-bit ones it expects. Without
+the flag the output is what from_pretrained loads.
 
 It streams: each tensor is read, quantized on --device and added to the current shard, and a full shard is written
 out, so memory stays near one shard (--shard_size_mb). The folder is written under a temporary name and renamed at
@@ -67,8 +67,8 @@ def quantize_checkpoint(model: str, out: str | Path, quant: str = "nf4", device:
     shells = stored_4bit(plan.model, quantize_experts)
     # A checkpoint tensor read under another name (an expert stored alone, Mixtral's block_sparse_moe) goes where the
     # model tensor it fuses into goes
-    fused_into = {source: name for name, sources in plan.sources.items() for source in sources}
-    where = {name: device if fused_into.get(name, name) in shells else torch.device("cpu")
+    target_of = model_loading.fused_into(plan)
+    where = {name: device if target_of.get(name, name) in shells else torch.device("cpu")
              for names in plan.by_file.values() for name in names}
     tensors, total = model_loading.read_ahead(plan.by_file, where), len(where)
     if quantize_experts:  # each layer's experts fused as the model holds them, one layer at a time, under its names

@@ -64,6 +64,8 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma"]
 SUPPORTED = ARCHS + ["gemma2", "gemma3", "phi3", "cohere", "granite", "olmo2", "stablelm"]
 # Mixtures of experts, whose experts transformers keeps fused (3-D) and save_pretrained writes one per expert
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "phimoe"]
+# The mixtures of experts that pass the four checks of the supported architectures (README, Architectures)
+CHECKED_MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 # --lora_targets' default before "all-linear": the linears of a Llama decoder layer, by name
 LLAMA_LINEARS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 # The same tests prove the CUDA path (bnb's GPU kernels, NCCL) when run on a machine with a GPU.
@@ -286,3 +288,22 @@ def editable_copy(src: Path, dst: Path):
         save_file({k: t for k, t in tensors.items() if t is not None}, shard, metadata={"format": "pt"})
 
     return dst, edit
+
+
+def experts_modules(model):
+    """The experts module of each MoE block (Mixtral's, Qwen's and OLMoE's `mlp`, GraniteMoE's `block_sparse_moe`)."""
+    return [m.experts for m in model.modules() if isinstance(getattr(m, "experts", None), torch.nn.Module)]
+
+
+@pytest.fixture(scope="session")
+def fused_checkpoint(tmp_path_factory):
+    """Mixtral's experts as its state_dict holds them, fused (3-D): the layout of writers other than save_pretrained."""
+    from huggingface_hub import save_torch_state_dict
+
+    out = tmp_path_factory.mktemp("mixtral-fused")
+    write_random_checkpoint(tiny_config("mixtral"), out, "1GB", seed=1, tokenizer=make_tokenizer())
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral"), dtype=torch.bfloat16)
+    (out / "model.safetensors").unlink()
+    save_torch_state_dict(model.state_dict(), out, max_shard_size="1GB", metadata={"format": "pt"})
+    return out
