@@ -32,7 +32,9 @@ host memory (RSS) of the process; load time from safetensors to ready. A stack t
 row saying so, with the memory it had reserved, and the benchmark goes on.
 """
 import argparse
+import bisect
 import gc
+import itertools
 import json
 import math
 import os
@@ -252,8 +254,9 @@ KERNEL_KINDS = [
 
 
 def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int], args) -> None:
-    """Where a training step's GPU time goes, by kind of kernel, over the steps after the third (not the load, not
-    the first steps, which compile); then the ops with the most GPU time."""
+    """Where a training step's GPU time goes, by kind of kernel, over the steps after the warmup (not the load, not
+    the first steps, which compile); then the ops with the most GPU time; then the time the GPU had nothing to do,
+    and what the CPU was doing meanwhile (idle_gpu)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -289,7 +292,65 @@ def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int]
         for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
             print(f"| {kind} | {ms:,.1f} | {ms / total:.1%} |")
         print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+        trace = root / f"trace-bs{bs}.json"
+        prof.export_chrome_trace(str(trace))
+        idle_gpu(json.loads(trace.read_text())["traceEvents"], timed)
         prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of what runs on the GPU
+LAUNCHES = ("cuda_runtime", "cuda_driver")  # the CPU calls that queue that work (triton launches through the driver)
+
+
+def idle_gpu(events: list[dict], steps: int) -> None:
+    """When the GPU has nothing queued, what was the CPU thread doing that queued the next kernel? Each idle gap is
+    charged to that thread's innermost op at each moment of the gap ("python" between ops: the interpreter itself),
+    and to the outermost op or annotation around it (FSDP's forward, an autograd node in backward)."""
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    work = sorted((e for e in spans if e.get("cat") in GPU_WORK), key=lambda e: e["ts"])
+    launch_of = {e["args"]["correlation"]: e for e in spans
+                 if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})}
+    gaps, busy_until = [], work[0]["ts"] + work[0]["dur"]
+    for e in work[1:]:
+        if e["ts"] > busy_until:
+            gaps.append((busy_until, e["ts"], launch_of.get(e["args"].get("correlation"))))
+        busy_until = max(busy_until, e["ts"] + e["dur"])
+    segments = {}  # thread -> [(start, end, innermost, outermost)]: what the thread ran, moment by moment
+    for tid in {e["tid"] for e in spans if e.get("cat") in ("cpu_op", "user_annotation")}:
+        ops = sorted((e for e in spans if e["tid"] == tid and e.get("cat") in ("cpu_op", "user_annotation")),
+                     key=lambda e: (e["ts"], -e["dur"]))
+        segs, stack, t = [], [], None
+        for e in ops + [{"ts": math.inf, "dur": 0, "name": ""}]:
+            while stack and stack[-1][0] <= e["ts"]:
+                end, name = stack.pop()
+                segs.append((t, end, name, stack[0][1] if stack else name))
+                t = end
+            if stack:
+                segs.append((t, e["ts"], stack[-1][1], stack[0][1]))
+            elif t is not None:
+                segs.append((t, e["ts"], "python", "python"))
+            t = e["ts"]
+            stack.append((e["ts"] + e["dur"], e["name"]))
+        segments[tid] = segs[:-1]
+    inner, outer, unlaunched, ends = {}, {}, 0.0, {}
+    for start, end, launch in gaps:
+        if launch is None or launch["ts"] < start:  # queued before the GPU went idle: a wait on something else
+            unlaunched += end - start
+            continue
+        segs = segments.get(launch["tid"], [])
+        i = bisect.bisect_right(ends.setdefault(launch["tid"], [seg[1] for seg in segs]), start)
+        for s, e, name, top in itertools.takewhile(lambda seg: seg[0] < end, segs[i:]):
+            overlap = min(e, end) - max(s, start)
+            inner[name] = inner.get(name, 0.0) + overlap
+            outer[top] = outer.get(top, 0.0) + overlap
+    idle = sum(end - start for start, end, _ in gaps)
+    step_ms = (busy_until - work[0]["ts"]) / 1e3 / steps
+    print(f"\nGPU idle {idle / 1e3 / steps:,.1f} ms per step of {step_ms:,.1f} ({len(gaps) / steps:,.0f} gaps); "
+          f"{unlaunched / 1e3 / steps:,.1f} ms of it with the next kernel already queued")
+    for title, table in (("innermost CPU op during the idle time", inner), ("outermost", outer)):
+        print(f"| {title} | ms per step |\n|---|---|")
+        for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"| {name[:100]} | {us / 1e3 / steps:,.2f} |")
 
 
 STACKS = ("ours", "reference", "tuned")
@@ -335,7 +396,8 @@ def main() -> None:
                    help="write the synthetic checkpoint as NF4 (the bitsandbytes format transformers writes; of an "
                         "MoE shape, the experts in NF4 too, which needs --no_reference)")
     p.add_argument("--profile", action="store_true",
-                   help="profile ours instead (the steps after the warmup): GPU time by kind of kernel, then top ops")
+                   help="profile ours instead (the steps after the warmup): GPU time by kind of kernel, top ops, then "
+                        "the idle GPU time by what the CPU was doing (the trace: trace-bs<N>.json in --workdir)")
     p.add_argument("--max_memory_gib", type=float, default=0,
                    help="cap each training process, e.g. 24 for a 24 GB card (not the one writing the checkpoint)")
     p.add_argument("--workdir", default="/tmp/fsdp_qlora_bench")

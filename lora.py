@@ -120,15 +120,6 @@ class ExpertsLoRA(nn.Module):
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.lora_A, self.lora_B = _factors(inp, r * self.experts, out, device)
 
-    def apply(self, x: torch.Tensor, offsets: torch.Tensor, transposed: bool) -> torch.Tensor:
-        """The update's share of each expert's output for its tokens x (sorted by expert; _grouped_forward), through
-        the r-wide factors: x A_e^T B_e^T s, or x B_e A_e s for a tensor stored (experts, in, out)."""
-        a, b = expert_factors(self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype), self.experts)
-        b = b.contiguous()  # B's expert index is its last: the grouped kernel needs each expert's block in one piece
-        if transposed:
-            return _grouped_mm(_grouped_mm(x, b, offsets) * self.scaling, a, offsets)
-        return _grouped_mm(_grouped_mm(x, a.transpose(1, 2), offsets) * self.scaling, b.transpose(1, 2), offsets)
-
     def update(self, dtype: torch.dtype) -> torch.Tensor:
         """scaling * B_e @ A_e for every expert e, (experts, out, in), in `dtype` (fp32 masters; bf16 under FSDP)."""
         a, b = expert_factors(self.lora_A.weight.to(dtype), self.lora_B.weight.to(dtype), self.experts)
@@ -176,38 +167,67 @@ def _groups_by_expert(experts: nn.Module) -> bool:
 
 def _grouped_forward(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                      top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts' forward with LoRA on the routed tokens (routed_experts), from this module's tensors: the dense
+    weights (dequantized here, eagerly: bitsandbytes' kernels and FSDP's views are never traced), the factors in the
+    compute dtype, the biases. `experts.routed` is routed_experts compiled (fused.compile_elementwise), where set."""
+    weights = _dense_weights(experts)
+    names = ("gate_up_proj" if experts.has_gate else "up_proj", "down_proj")
+    dense = {name: weights[name] if name in weights else getattr(experts, name) for name in names}
+    dtype = hidden_states.dtype
+    factors = {}
+    for name, adapter in experts.lora_experts.items():
+        a, b = expert_factors(adapter.lora_A.weight.to(dtype), adapter.lora_B.weight.to(dtype), adapter.experts)
+        # B's expert index is its last: the grouped kernel needs each expert's block in one piece. Made so here, as
+        # an input of the compiled graph, whose own layout choices may not keep it.
+        factors[name] = (a, b.contiguous(), adapter.scaling)
+    if hasattr(experts, "routed"):  # compiled: a known gate, no biases, no post-expert norm (compile_elementwise)
+        return experts.routed(hidden_states, top_k_index, top_k_weights, dense, factors)
+    biases = {name: getattr(experts, f"{name}_bias") for name in names} if experts.has_bias else {}
+    return routed_experts(hidden_states, top_k_index, top_k_weights, dense, factors, experts.is_transposed,
+                          experts._apply_gate if experts.has_gate else experts.act_fn, biases,
+                          experts.post_expert_norm if experts.has_post_expert_norm else None)
+
+
+def routed_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                   dense: dict[str, torch.Tensor], factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                   transposed: bool, gate, biases: dict[str, torch.Tensor] | None = None,
+                   post_norm: nn.Module | None = None) -> torch.Tensor:
     """transformers' grouped_mm experts forward (integrations/moe.py: tokens sorted by expert, one grouped matmul per
     projection, gate, routing weights, tokens restored) with each adapted projection's LoRA applied to its input,
-    x W_e^T + s (x A_e^T) B_e^T, instead of to the weight.
+    x W_e^T + s (x A_e^T) B_e^T, instead of to the weight. dense: the two projections' (experts, out, in) weights
+    ((experts, in, out) if `transposed`), gate_up_proj (or up_proj) first; factors: each adapted projection's
+    A_e (experts, r, in), B_e (experts, out, r) and scaling; gate: gate_up's (or up's) output -> the down
+    projection's input. Compiled, it takes tensors and constants only (fused.compile_elementwise), so that one graph
+    serves every layer.
 
-    Why: with W_e + s B_e A_e as the weight, backward computes the gradient of the whole (experts, out, in) weight,
-    one more matmul as large as the forward's plus a write of the weight's size, only to reduce it to A's and B's.
-    Here the frozen base gets no weight gradient at all, and the low-rank products are r wide.
+    Why on the input: with W_e + s B_e A_e as the weight, backward computes the gradient of the whole (experts, out,
+    in) weight, one more matmul as large as the forward's plus a write of the weight's size, only to reduce it to A's
+    and B's. Here the frozen base gets no weight gradient at all, and the low-rank products are r wide.
     """
-    weights = _dense_weights(experts)
-    top_k = top_k_index.size(-1)
+    (first, first_w), (down, down_w) = dense.items()
+    experts, top_k = first_w.shape[0], top_k_index.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     x = hidden_states[perm // top_k]
     # each expert's rows end where the sorted ids pass its number; unlike bincount, no wait for the GPU (a sync)
-    ends = torch.arange(experts.num_experts, device=expert_ids.device, dtype=expert_ids.dtype)
+    ends = torch.arange(experts, device=expert_ids.device, dtype=expert_ids.dtype)
     offsets = torch.searchsorted(expert_ids, ends, right=True).to(torch.int32)
 
-    def project(x: torch.Tensor, name: str) -> torch.Tensor:
-        weight = weights[name] if name in weights else getattr(experts, name)
-        out = _grouped_mm(x, weight if experts.is_transposed else weight.transpose(1, 2), offsets)
-        if name in experts.lora_experts:
-            out = out + experts.lora_experts[name].apply(x, offsets, experts.is_transposed)
-        if experts.has_bias:
-            out = out + getattr(experts, f"{name}_bias")[expert_ids]
+    def project(x: torch.Tensor, name: str, weight: torch.Tensor) -> torch.Tensor:
+        out = _grouped_mm(x, weight if transposed else weight.transpose(1, 2), offsets)
+        if name in factors:
+            a, b, scaling = factors[name]
+            if transposed:  # x B_e A_e s for a tensor stored (experts, in, out)
+                out = out + _grouped_mm(_grouped_mm(x, b, offsets) * scaling, a, offsets)
+            else:
+                out = out + _grouped_mm(_grouped_mm(x, a.transpose(1, 2), offsets) * scaling, b.transpose(1, 2),
+                                        offsets)
+        if biases:
+            out = out + biases[name][expert_ids]
         return out
 
-    if experts.has_gate:
-        h = experts._apply_gate(project(x, "gate_up_proj"))
-    else:
-        h = experts.act_fn(project(x, "up_proj"))
-    out = project(h, "down_proj")
-    if experts.has_post_expert_norm:
-        out = experts.post_expert_norm(out)
+    out = project(gate(project(x, first, first_w)), down, down_w)
+    if post_norm is not None:
+        out = post_norm(out)
     out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
     restored = torch.empty_like(out).index_copy_(0, perm, out)  # back to (token, k) order, then summed over k
     return restored.view(-1, top_k, out.size(-1)).sum(dim=1).to(hidden_states.dtype)

@@ -9,6 +9,7 @@ from conftest import (CHECKED_MOE, DEVICE, MOE, SHAPE, TOKENS, adapted, common, 
                       make_adapter, randomize_b, reference_model, run_inprocess)
 from safetensors.torch import load_file, save_file
 
+import fused
 import generate
 import lora
 import merge
@@ -107,6 +108,49 @@ def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, mo
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     assert want[0].abs().max() > 0 and all(w.abs().max() > 0 for w in want)
     for ours, theirs in zip(got, want):
+        torch.testing.assert_close(ours.float() / theirs.abs().max(), theirs.float() / theirs.abs().max(), **tol)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_compiled_experts_compute_the_same(checkpoints, monkeypatch, arch):
+    """fused.compile_elementwise compiles the experts' routed computation (lora.routed_experts) of every layer as one
+    graph: the output and the gradients of the input, A and B stay those of the eager forward (on CPU through
+    aot_eager, exactly; on a GPU, inductor's fused kernels round once instead of per op). bf16 at r=8, where the
+    grouped kernel runs; compiled from 48 routed rows on here, as from COMPILED_FROM_ROWS in training."""
+    monkeypatch.setattr(fused, "COMPILED_FROM_ROWS", 48)
+    on_gpu = DEVICE.type == "cuda"
+    backend, tol = ("inductor", dict(rtol=2e-2, atol=2e-2)) if on_gpu else ("aot_eager", dict(rtol=0, atol=0))
+    model, _ = adapted(checkpoints(arch, "single"), r=8, targets=(lora.EXPERTS,))
+    model.to(torch.bfloat16)
+    randomize_b(model)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(24, SHAPE["hidden_size"], generator=g).to(DEVICE, torch.bfloat16)
+    top_k_index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(24)]).to(DEVICE)
+    top_k_weights = torch.rand(24, 2, generator=g).to(DEVICE, torch.bfloat16)
+
+    def run():
+        outs = []
+        for experts in experts_modules(model):
+            factors = [p for adapter in experts.lora_experts.values() for p in adapter.parameters()]
+            x = hidden.clone().requires_grad_()
+            out = experts(x, top_k_index, top_k_weights)
+            out.float().square().sum().backward()
+            outs += [out, x.grad] + [p.grad.clone() for p in factors]
+            for p in factors:
+                p.grad = None
+        return outs
+
+    eager = run()
+    torch._dynamo.reset()
+    fused.compile_elementwise(model, model_loading.decoder_layer_class(model), backend)
+    assert all(hasattr(experts, "routed") for experts in experts_modules(model))
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the second layer reuses the first one's graph
+        compiled = run()
+    assert counters["stats"]["unique_graphs"] == 1  # it ran compiled
+    assert all(t.abs().max() > 0 for t in eager)
+    for ours, theirs in zip(compiled, eager):
         torch.testing.assert_close(ours.float() / theirs.abs().max(), theirs.float() / theirs.abs().max(), **tol)
 
 
