@@ -300,6 +300,7 @@ def profile(model_dir: Path, data_file: Path, root: Path, batch_sizes: list[int]
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of what runs on the GPU
 LAUNCHES = ("cuda_runtime", "cuda_driver")  # the CPU calls that queue that work (triton launches through the driver)
+CPU_OPS = ("cpu_op", "user_annotation")  # what a CPU thread runs: aten ops, autograd nodes, record_function ranges
 
 
 def idle_gpu(events: list[dict], steps: int) -> None:
@@ -315,31 +316,20 @@ def idle_gpu(events: list[dict], steps: int) -> None:
         if e["ts"] > busy_until:
             gaps.append((busy_until, e["ts"], launch_of.get(e["args"].get("correlation"))))
         busy_until = max(busy_until, e["ts"] + e["dur"])
-    segments = {}  # thread -> [(start, end, innermost, outermost)]: what the thread ran, moment by moment
-    for tid in {e["tid"] for e in spans if e.get("cat") in ("cpu_op", "user_annotation")}:
-        ops = sorted((e for e in spans if e["tid"] == tid and e.get("cat") in ("cpu_op", "user_annotation")),
-                     key=lambda e: (e["ts"], -e["dur"]))
-        segs, stack, t = [], [], None
-        for e in ops + [{"ts": math.inf, "dur": 0, "name": ""}]:
-            while stack and stack[-1][0] <= e["ts"]:
-                end, name = stack.pop()
-                segs.append((t, end, name, stack[0][1] if stack else name))
-                t = end
-            if stack:
-                segs.append((t, e["ts"], stack[-1][1], stack[0][1]))
-            elif t is not None:
-                segs.append((t, e["ts"], "python", "python"))
-            t = e["ts"]
-            stack.append((e["ts"] + e["dur"], e["name"]))
-        segments[tid] = segs[:-1]
-    inner, outer, unlaunched, ends = {}, {}, 0.0, {}
+    threads = {}
+    for e in spans:
+        if e.get("cat") in CPU_OPS:
+            threads.setdefault(e["tid"], []).append(e)
+    timelines = {tid: _timeline(ops) for tid, ops in threads.items()}
+    ends = {tid: [end for _, end, _, _ in segments] for tid, segments in timelines.items()}  # for bisect
+    inner, outer, unlaunched = {}, {}, 0.0
     for start, end, launch in gaps:
         if launch is None or launch["ts"] < start:  # queued before the GPU went idle: a wait on something else
             unlaunched += end - start
             continue
-        segs = segments.get(launch["tid"], [])
-        i = bisect.bisect_right(ends.setdefault(launch["tid"], [seg[1] for seg in segs]), start)
-        for s, e, name, top in itertools.takewhile(lambda seg: seg[0] < end, segs[i:]):
+        segments = timelines.get(launch["tid"], [])
+        first = bisect.bisect_right(ends.get(launch["tid"], []), start)
+        for s, e, name, top in itertools.takewhile(lambda seg: seg[0] < end, segments[first:]):
             overlap = min(e, end) - max(s, start)
             inner[name] = inner.get(name, 0.0) + overlap
             outer[top] = outer.get(top, 0.0) + overlap
@@ -351,6 +341,24 @@ def idle_gpu(events: list[dict], steps: int) -> None:
         print(f"| {title} | ms per step |\n|---|---|")
         for name, us in sorted(table.items(), key=lambda kv: -kv[1])[:25]:
             print(f"| {name[:100]} | {us / 1e3 / steps:,.2f} |")
+
+
+def _timeline(ops: list[dict]) -> list[tuple[float, float, str, str]]:
+    """One thread's nested ops as consecutive (start, end, innermost, outermost) segments, in time order, from its
+    first op's start to its last one's end; "python" where no op runs."""
+    segments, stack, t = [], [], None  # stack: (end, name) of the ops open at t, outermost first
+    for e in sorted(ops, key=lambda e: (e["ts"], -e["dur"])) + [{"ts": math.inf, "dur": 0, "name": ""}]:
+        while stack and stack[-1][0] <= e["ts"]:  # ops ending before e starts close, innermost first
+            end, name = stack.pop()
+            segments.append((t, end, name, stack[0][1] if stack else name))
+            t = end
+        if stack:
+            segments.append((t, e["ts"], stack[-1][1], stack[0][1]))
+        elif t is not None:
+            segments.append((t, e["ts"], "python", "python"))
+        t = e["ts"]
+        stack.append((e["ts"] + e["dur"], e["name"]))
+    return segments[:-1]  # the last runs to the sentinel at infinity
 
 
 STACKS = ("ours", "reference", "tuned")

@@ -158,7 +158,7 @@ def _routed_by_size(compiled, hidden_states: torch.Tensor, top_k_index: torch.Te
 def _experts_gate(experts: nn.Module):
     """The fused gate that computes exactly what an experts module's _apply_gate does, when routed_experts can be
     compiled for it: LoRA on it, a gate, no biases, no norm after the experts; else None."""
-    if not (lora._groups_by_expert(experts) and hasattr(experts, "lora_experts") and experts.has_gate
+    if not (lora.groups_by_expert(experts) and hasattr(experts, "lora_experts") and experts.has_gate
             and not experts.has_bias and not experts.has_post_expert_norm):
         return None
     fn = _activation_variant(experts.act_fn)

@@ -141,7 +141,7 @@ def add_experts_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s
 
 
 def _forward_with_lora(experts: nn.Module, *args, **kwargs):
-    if _groups_by_expert(experts):
+    if groups_by_expert(experts):
         return _grouped_forward(experts, *args, **kwargs)
     # Another experts class: each adapted tensor, dense (dequantized from 4 bits, or the 16-bit parameter), plus its
     # update; the class's own forward then runs on the sums (quantization.forward_with).
@@ -158,7 +158,7 @@ def _dense_weights(experts: nn.Module) -> dict[str, torch.Tensor]:
         name: getattr(experts, name) for name in experts.lora_experts if name not in packed}
 
 
-def _groups_by_expert(experts: nn.Module) -> bool:
+def groups_by_expert(experts: nn.Module) -> bool:
     """An experts class that transformers' use_experts_implementation describes (has_gate, is_transposed, ...): its
     computation is known, so _grouped_forward can run it with the updates applied to the activations. Expert
     parallelism is not (it routes tokens to other ranks)."""
@@ -205,11 +205,11 @@ def routed_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k
     and B's. Here the frozen base gets no weight gradient at all, and the low-rank products are r wide.
     """
     (first, first_w), (down, down_w) = dense.items()
-    experts, top_k = first_w.shape[0], top_k_index.size(-1)
+    n_experts, top_k = first_w.shape[0], top_k_index.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     x = hidden_states[perm // top_k]
     # each expert's rows end where the sorted ids pass its number; unlike bincount, no wait for the GPU (a sync)
-    ends = torch.arange(experts, device=expert_ids.device, dtype=expert_ids.dtype)
+    ends = torch.arange(n_experts, device=expert_ids.device, dtype=expert_ids.dtype)
     offsets = torch.searchsorted(expert_ids, ends, right=True).to(torch.int32)
 
     def project(x: torch.Tensor, name: str, weight: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, mo
     output and the same gradients for the input, A and B (fp32: to rounding; bf16: to bf16 tolerance)."""
     model, _ = adapted(checkpoints(arch, "single"), r=r, targets=(lora.EXPERTS,))
     experts = experts_modules(model.to(dtype))[0]
-    assert lora._groups_by_expert(experts)
+    assert lora.groups_by_expert(experts)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for adapter in experts.lora_experts.values():
@@ -101,7 +101,7 @@ def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, mo
         return quantization.forward_with(experts, weights, x, top_k_index, top_k_weights)
 
     got, want = run(lambda x: experts(x, top_k_index, top_k_weights)), run(merged)
-    monkeypatch.setattr(lora, "_groups_by_expert", lambda experts: False)  # an experts class transformers does not
+    monkeypatch.setattr(lora, "groups_by_expert", lambda experts: False)  # an experts class transformers does not
     fallback = run(lambda x: experts(x, top_k_index, top_k_weights))  # describe: the merged weights, in its forward
     for ours, theirs in zip(fallback, want):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
