@@ -11,13 +11,20 @@ Formats (--dataset_format, `auto` picks by column names):
     text               text, every token trained; a document longer than seq_len becomes several rows
 """
 import bisect
+import bz2
+import csv
+import gzip
 import hashlib
+import io
 import json
+import lzma
+import math
 import random
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -28,6 +35,7 @@ FORMATS = ("auto", "alpaca", "chat", "prompt_completion", "text")
 COLUMNS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt_completion": ("prompt", "completion"),
            "text": ("text",)}  # required columns, in the order `auto` tries them
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # which datasets also opens by suffix
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 # --chat_template chatml: for tokenizers that ship no template (base models). The ChatML layout of Qwen and others.
@@ -91,27 +99,34 @@ def builtin_examples(n: int = 2048, seed: int = 0) -> list[dict]:
     return examples
 
 
-def load_raw(dataset: str, config_name: str | None = None, split: str = "train"):
-    """`builtin`, a local file or folder of .jsonl/.json/.parquet/.csv/.txt files, or a Hub dataset id."""
+def load_raw(dataset: str, config_name: str | None = None, split: str = "train", log=print):
+    """`builtin`, a local file or folder of .jsonl/.json/.parquet/.csv/.txt files (any case, or compressed), or a Hub
+    dataset id. A folder's other entries are named as skipped."""
     import datasets
 
     if dataset == BUILTIN_DATASET:
         return datasets.Dataset.from_list(builtin_examples())
     path = Path(dataset).expanduser()
     if path.exists():
-        files = sorted(p for p in path.iterdir() if p.suffix in FILE_BUILDERS) if path.is_dir() else [path]
-        suffixes = {p.suffix for p in files}
-        if not files or len(suffixes) != 1 or not suffixes <= FILE_BUILDERS.keys():
+        files = [path]
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and file_type(p))
+            skipped = sorted(p.name + "/" * p.is_dir() for p in path.iterdir() if p not in files)
+            if skipped:
+                log(f"{path}: skipped {', '.join(skipped)} (not a data file: {' '.join(FILE_BUILDERS)}, or compressed "
+                    f"{' '.join(COMPRESSIONS)})")
+        types = {file_type(p) or p.suffix for p in files}
+        if not files or len({FILE_BUILDERS.get(t) for t in types}) != 1 or not types <= FILE_BUILDERS.keys():
             raise DataError(f"--dataset {path}: need one file type among {sorted(FILE_BUILDERS)}, found "
-                            f"{sorted(suffixes) or 'none'}")
-        builder = FILE_BUILDERS[files[0].suffix]
+                            f"{sorted(types) or 'none'}")
+        builder = FILE_BUILDERS[file_type(files[0])]
         # pyarrow reads bytes that are not UTF-8 into strings that fail only when used, naming no file: check first
         if not any([check_lines(p, as_json=False) for p in files]):  # every file checked, not only up to one with rows
             raise DataError(f"{path} holds no rows: {'every file in it is' if path.is_dir() else 'the file is'} empty")
         try:
-            return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+            return _load_files(builder, files, path, log)
         except Exception as e:  # datasets wraps parse errors in several types, naming neither file nor line
-            for p in (p for p in files if p.suffix == ".jsonl"):
+            for p in (p for p in files if file_type(p) == ".jsonl"):
                 check_lines(p, as_json=True)  # raises at the first line that does not parse, if one does
             raise DataError(f"cannot read {path} as {builder}: {e}") from e
     if dataset.count("/") != 1 or dataset.startswith((".", "/", "~")):
@@ -123,13 +138,57 @@ def load_raw(dataset: str, config_name: str | None = None, split: str = "train")
                         "Offline? Point --dataset at local files instead.") from e
 
 
+def file_type(file: Path) -> str:
+    """A data file's type as FILE_BUILDERS names it, whatever its case and compression ('.jsonl' for b.JSONL and
+    x.jsonl.gz); '' for a file that is none of them."""
+    name = file.name.lower()
+    compression = Path(name).suffix
+    kind = Path(name.removesuffix(compression) if compression in COMPRESSIONS else name).suffix
+    # parquet compresses inside the file, and datasets reads no .parquet.gz
+    return kind if kind in FILE_BUILDERS and not (kind == ".parquet" and compression in COMPRESSIONS) else ""
+
+
+def _open(file: Path):
+    """The file's bytes, decompressed."""
+    return COMPRESSIONS.get(file.suffix.lower(), open)(file, "rb")
+
+
+def _load_files(builder: str, files: list[Path], path: Path, log):
+    import datasets
+
+    options = {}
+    if builder == "csv":  # as text: pandas reads an integer column with an empty cell as floats ('2.0'), 'NA' as empty
+        columns = {}
+        for p in files:
+            with _open(p) as f:  # utf-8-sig: pandas drops the byte-order mark of a spreadsheet's export too
+                columns |= dict.fromkeys(next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), []))
+        options = dict(features=datasets.Features({c: datasets.Value("string") for c in columns}),
+                       keep_default_na=False)
+    ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+    if (column := _records_list(ds, files)) is not None:  # {"data": [{...}, ...]}: each file one object, one list
+        log(f"{path}: read the list {column!r} of each file")
+        ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", field=column)
+    return ds
+
+
+def _records_list(ds, files: list[Path]) -> str | None:
+    """The column that holds a list of records, where each .json file was one object with exactly one such list; a
+    one-row chat dataset (a list of messages) stays as it is."""
+    import datasets
+
+    if len(ds) != len(files) or any(file_type(p) != ".json" for p in files):
+        return None
+    lists = [c for c, f in ds.features.items() if isinstance(f, datasets.List) and isinstance(f.feature, dict)]
+    return lists[0] if len(lists) == 1 and lists != ["messages"] else None
+
+
 def check_lines(file: Path, as_json: bool) -> bool:
     """Whether a data file holds anything but blank lines; a DataError naming file:line for the first line that is
     not UTF-8 or (as_json) not one JSON object. Parquet is binary: only its size tells."""
-    if file.suffix == ".parquet":
+    if file_type(file) == ".parquet":
         return file.stat().st_size > 0
     rows, offset = 0, 0
-    with file.open("rb") as f:
+    with _open(file) as f:
         for n, line in enumerate(f, 1):
             try:
                 text = line.decode("utf-8")
@@ -152,13 +211,21 @@ def check_lines(file: Path, as_json: bool) -> bool:
 
 
 def apply_field_map(ds, field_map: str):
-    """`--field_map instruction=question,output=answer`: our field name = the dataset's column name."""
+    """`--field_map instruction=question,output=answer`: our field name = the dataset's column name. The pairs apply
+    at once, so two columns can swap names."""
+    mapping = {}  # theirs -> ours
     for pair in filter(None, (p.strip() for p in field_map.split(","))):
         ours, _, theirs = pair.partition("=")
         if theirs not in ds.column_names:
             raise DataError(f"--field_map {pair}: no column {theirs!r}; the columns are {ds.column_names}")
-        ds = ds.rename_column(theirs, ours)
-    return ds
+        if theirs in mapping or ours in mapping.values():
+            raise DataError(f"--field_map {pair}: {theirs!r} or {ours!r} is mapped twice; map each column once")
+        mapping[theirs] = ours
+    for theirs, ours in mapping.items():
+        if ours in ds.column_names and ours not in mapping:  # arrow would hold two columns of one name
+            raise DataError(f"--field_map {ours}={theirs}: the dataset already has a column {ours!r}; map it too (a "
+                            f"swap: '{ours}={theirs},{theirs}={ours}')")
+    return ds.rename_columns(mapping)
 
 
 def detect_format(columns: list[str], fmt: str = "auto") -> str:
@@ -173,6 +240,21 @@ def detect_format(columns: list[str], fmt: str = "auto") -> str:
         raise DataError(f"--dataset_format {fmt} needs columns {missing}; the columns are {columns} "
                         "(rename with --field_map ours=theirs)")
     return fmt
+
+
+def check_text_columns(ds, fmt: str, source: str) -> None:
+    """The columns a format renders as text hold text (or numbers): a struct or a list would be trained as its
+    Python repr. Chat's messages are checked row by row (segments)."""
+    import datasets
+
+    for name in (*COLUMNS[fmt], "input") if fmt != "chat" else ():
+        feature = ds.features.get(name)
+        if feature is not None and not isinstance(feature, datasets.Value):
+            kind = "a struct" if isinstance(feature, dict) else "a list" if isinstance(
+                feature, (datasets.List, datasets.LargeList)) else type(feature).__name__
+            first = f" ({ds[0][name]!r:.60})" if len(ds) else ""
+            raise DataError(f"{source}: column {name!r} holds {kind}, not text{first}; make it a string, or map a "
+                            f"text column onto it with --field_map {name}=COLUMN")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -229,7 +311,8 @@ def tokenize(example: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: 
     """input_ids and labels, at most seq_len long, plus `truncated` and `dropped` flags for the report.
 
     Too long: prompt tokens are cut from the left first (the prompt's end, next to the response, matters most),
-    then the response loses its end. An example with an empty response is dropped (EOS alone teaches nothing).
+    then the response loses its end. An example with an empty response is dropped (EOS alone teaches nothing), and so
+    is one with no target left.
     """
     ids, trained = [], []
     if fmt != "chat" and tokenizer.bos_token_id is not None:  # chat templates write their own BOS
@@ -251,14 +334,17 @@ def tokenize(example: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: 
         ids, trained = ids[:seq_len], trained[:seq_len]
     # The first token is never a target: nothing of its own example precedes it (packed, the previous example would).
     labels = [IGNORE] + [i if t else IGNORE for i, t in zip(ids[1:], trained[1:])]
-    return {"input_ids": ids, "labels": labels, "truncated": truncated, "dropped": not has_response}
+    # dropped: no response, or none of it left after the cut (at --seq_len 1, every row is BOS alone)
+    dropped = not has_response or all(label == IGNORE for label in labels)
+    return {"input_ids": ids, "labels": labels, "truncated": truncated, "dropped": dropped}
 
 
 def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt: str,
                    train_on_prompt: bool = False) -> dict:
-    """datasets.map(batched=True, with_indices=True) form of `tokenize`. Plain text longer than seq_len is split into
-    several rows (continued pre-training loses nothing); other formats give one row per example."""
-    out = {"input_ids": [], "labels": [], "truncated": [], "dropped": []}
+    """datasets.map(batched=True, with_indices=True) form of `tokenize`, each row with the index of its `example`.
+    Plain text longer than seq_len is split into several rows (continued pre-training loses nothing); other formats
+    give one row per example."""
+    out = {"input_ids": [], "labels": [], "truncated": [], "dropped": [], "example": []}
     for i, index in enumerate(indices):
         example = {k: batch[k][i] for k in batch}
         try:
@@ -270,6 +356,7 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt
                 out[key].append(row[key][start:start + seq_len])
             out["truncated"].append(row["truncated"])
             out["dropped"].append(row["dropped"])
+            out["example"].append(index)
     return out
 
 
@@ -292,27 +379,54 @@ def prepare(cfg: DataConfig, tokenizer, local_rank: int = 0, log=print):
     if distributed and local_rank != 0:
         dist.barrier()
     try:
-        train = _tokenized(load_raw(cfg.dataset, cfg.dataset_config, cfg.dataset_split), cfg.dataset, cfg, tokenizer,
-                           log)
-        if cfg.eval_split:
-            source, split = (cfg.eval_split, "train") if eval_file else (cfg.dataset, cfg.eval_split)
-            evals = _tokenized(load_raw(source, cfg.dataset_config, split), source, cfg, tokenizer, log)
-        elif cfg.eval_fraction > 0:
-            parts = train.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
-            train, evals = parts["train"], parts["test"]
-        else:
-            evals = None
+        train, evals = _train_and_eval(cfg, tokenizer, eval_file, log)
     finally:
         if distributed and local_rank == 0:
             dist.barrier()
     return train, evals
 
 
-def _tokenized(raw, source: str, cfg: DataConfig, tokenizer, log):
+def _train_and_eval(cfg: DataConfig, tokenizer, eval_file: bool, log):
+    raw, fmt = _examples(load_raw(cfg.dataset, cfg.dataset_config, cfg.dataset_split, log), cfg.dataset, cfg, log)
+    train, evals = _tokenized(raw, fmt, cfg.dataset, cfg, tokenizer, log), None
+    if cfg.eval_split:
+        source, split = (cfg.eval_split, "train") if eval_file else (cfg.dataset, cfg.eval_split)
+        evals = _tokenized(*_examples(load_raw(source, cfg.dataset_config, split, log), source, cfg, log), source, cfg,
+                           tokenizer, log)
+    elif cfg.eval_fraction > 0:
+        train, evals = _carve(train, len(raw), cfg)
+    return _packed(train, cfg, log), None if evals is None else _packed(evals, cfg, log)
+
+
+def _examples(raw, source: str, cfg: DataConfig, log):
+    """The examples with --field_map applied, and their format."""
     raw = apply_field_map(raw, cfg.field_map)
     fmt = detect_format(raw.column_names, cfg.dataset_format)
     if cfg.dataset_format == "auto":
         log(f"dataset format: {fmt} (detected from columns {raw.column_names})")
+    check_text_columns(raw, fmt, source)
+    return raw, fmt
+
+
+def _carve(rows, n_examples: int, cfg: DataConfig):
+    """(train, eval) rows: --eval_fraction of the examples held out with --seed, each with all its rows. Split rows
+    instead, and a document's other rows would be trained on: the eval loss would read too low."""
+    held_out = [False] * n_examples
+    n_eval = math.ceil(cfg.eval_fraction * n_examples)  # as datasets' train_test_split counts, with its permutation
+    for i in numpy.random.default_rng(cfg.seed).permutation(n_examples)[:n_eval]:
+        held_out[i] = True
+    train, evals = [], []  # row numbers; a dropped example has none
+    for row, example in enumerate(rows["example"]):
+        (evals if held_out[example] else train).append(row)
+    if not train or not evals:
+        left = "none to train on; lower it" if not train else "nothing to evaluate; raise it"
+        raise DataError(f"--eval_fraction {cfg.eval_fraction} of the {n_examples} examples of {cfg.dataset} leaves "
+                        f"{left} or add data")
+    return rows.select(train), rows.select(evals)
+
+
+def _tokenized(raw, fmt: str, source: str, cfg: DataConfig, tokenizer, log):
+    """The rows of `raw`'s examples that have something to train on, each with its `example`; the counts logged."""
     try:
         ds = raw.map(tokenize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
                      desc="tokenizing", fn_kwargs=dict(tokenizer=tokenizer, seq_len=cfg.seq_len, fmt=fmt,
@@ -321,13 +435,19 @@ def _tokenized(raw, source: str, cfg: DataConfig, tokenizer, log):
         raise DataError(f"{source}, {e}") from None
     n_truncated, n_dropped = sum(ds["truncated"]), sum(ds["dropped"])
     ds = ds.filter(lambda dropped: not dropped, input_columns="dropped").remove_columns(["truncated", "dropped"])
-    log(f"{len(raw)} examples: {n_truncated} truncated to {cfg.seq_len} tokens, {n_dropped} dropped (no response "
-        f"left), {len(ds)} kept")
+    log(f"{len(raw)} examples: {n_truncated} truncated to {cfg.seq_len} tokens, {n_dropped} dropped (nothing "
+        f"left to train on), {len(ds)} kept")
     if len(ds) == 0:
         raise DataError(f"no example of {source} is left after filtering: check the format and --seq_len")
-    if cfg.packing:
-        ds = pack(ds, cfg.seq_len)
-        log(f"packed into {len(ds)} rows of {cfg.seq_len}: {packing_efficiency(ds, cfg.seq_len):.1%} of slots are real")
+    return ds
+
+
+def _packed(rows, cfg: DataConfig, log):
+    """The rows as training takes them: packed with --packing, without their `example`."""
+    if not cfg.packing:
+        return rows.remove_columns("example")
+    ds = pack(rows, cfg.seq_len)
+    log(f"packed into {len(ds)} rows of {cfg.seq_len}: {packing_efficiency(ds, cfg.seq_len):.1%} of slots are real")
     return ds
 
 

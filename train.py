@@ -135,8 +135,14 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.max_steps == 0 and cfg.epochs == 0:
         raise ValueError("nothing to train: set --max_steps or --epochs")
-    if cfg.eval_every < 0 or not 0 <= cfg.eval_fraction < 1:
-        raise ValueError("--eval_every must be >= 0 and --eval_fraction in [0, 1)")
+    if cfg.eval_every < 0:
+        raise ValueError(f"--eval_every must be >= 0, got {cfg.eval_every}")
+    if not 0 <= cfg.eval_fraction <= 0.5:  # held out of the training data: more than half is a slip (0.9999)
+        raise ValueError(f"--eval_fraction must be in [0, 0.5], got {cfg.eval_fraction}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's range, which the eval carve-out's shuffle takes it to
+        raise ValueError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.seq_len < 2:
+        raise ValueError(f"--seq_len must be at least 2: a row's first token is never a target, got {cfg.seq_len}")
     if cfg.eval_split and cfg.eval_fraction:
         raise ValueError("give --eval_split or --eval_fraction, not both")
     if cfg.packing and cfg.group_by_length:
@@ -359,7 +365,7 @@ def prepare_batches(cfg: Config, tokenizer, vocab: int, device: torch.device) ->
                                cfg.group_by_length, block_mask)
     evals = None if eval_ds is None else data.eval_batches(eval_ds, cfg.batch_size, tokenizer.pad_token_id, rank,
                                                            world, block_mask)
-    if len(loader) < cfg.grad_accum:
+    if len(loader) < cfg.grad_accum and not cfg.show:  # --show inspects the rows and takes no step
         raise ValueError(f"{len(train_ds)} rows cannot fill one step of {cfg.batch_size * cfg.grad_accum * world} "
                          f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} ranks): lower them or "
                          "add data")

@@ -9,6 +9,7 @@ from conftest import ROOT
 
 import builtin
 import data
+import train
 
 ALPACA = [{"instruction": "Name the capital.", "input": "Peru", "output": "Lima"},
           {"instruction": "Give the opposite of this long word.", "input": "", "output": "a much longer answer here"}]
@@ -313,3 +314,112 @@ def test_show_marks_trained_tokens(tmp_path):
     assert not (tmp_path / "out").exists()
     assert out.stdout.count("### Response:\n[[Lima</s>]]") == 2
     assert "3 rows" in out.stdout and "median" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Nothing read as something else, nothing left out in silence
+
+
+def test_csv_cells_are_read_as_text(tmp_path, tokenizer):
+    """Issue 24, defect 3: a CSV column of integers with an empty cell trains on '2', not '2.0'; 'NA' is an answer."""
+    path = tmp_path / "n.csv"
+    path.write_text("instruction,output\nadd,2\nmul,\nsub,3\nnone,NA\n")
+    train, _ = data.prepare(cfg(path), tokenizer, log=lambda *_: None)
+    assert sorted(trained_text(tokenizer, r) for r in train) == ["2</s>", "3</s>", "NA</s>"]
+
+
+def test_rows_with_nothing_left_to_train_are_dropped(tmp_path, tokenizer):
+    """Issue 24, defect 4: a row cut down to BOS trains nothing: it counts as dropped, and none left is refused."""
+    logs = []
+    with pytest.raises(data.DataError, match=r"no example of .*a\.jsonl is left after filtering: check the format "
+                                             r"and --seq_len"):
+        data.prepare(cfg(write(tmp_path / "a.jsonl", ALPACA), seq_len=1), tokenizer, log=logs.append)
+    assert "2 examples: 2 truncated to 1 tokens, 2 dropped" in logs[-1]
+    with pytest.raises(ValueError, match=r"--seq_len must be at least 2: a row's first token is never a target"):
+        train.parse_config(["--seq_len", "1"])
+
+
+def test_a_folder_reads_every_data_file_and_names_those_it_skips(tmp_path, tokenizer):
+    """Issue 24, defect 6: a.jsonl, b.JSONL and c.jsonl.gz are all read (4 rows); notes.md is named as skipped."""
+    import gzip
+
+    write(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    write(tmp_path / "b.JSONL", [{"text": "three"}])
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "four"}) + "\n")
+    (tmp_path / "notes.md").write_text("# not data\n")
+    logs = []
+    train, _ = data.prepare(cfg(tmp_path, seq_len=16), tokenizer, log=logs.append)
+    assert sorted(tokenizer.decode(r[1:-1]) for r in train["input_ids"]) == ["four", "one", "three", "two"]
+    assert f"{tmp_path}: skipped notes.md (not a data file: .jsonl .json .parquet .csv .txt, or compressed .gz .bz2 " \
+           ".xz)" in logs
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"instruction": {"text": "greet"}, "output": "hello"},
+     r"column 'instruction' holds a struct, not text \(\{'text': 'greet'\}\); make it a string, or map a text column "
+     r"onto it with --field_map instruction=COLUMN"),
+    ({"text": ["hello"]}, r"column 'text' holds a list, not text \(\['hello'\]\); make it a string, or map"),
+])
+def test_a_column_that_is_not_text_is_refused(tmp_path, tokenizer, row, message):
+    """Issue 24, defect 7: a struct or list column is refused by name, never trained as its Python repr."""
+    with pytest.raises(data.DataError, match=rf"d\.jsonl: {message}"):
+        data.prepare(cfg(write(tmp_path / "d.jsonl", [row] * 2)), tokenizer, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_eval_fraction_holds_out_whole_documents(tmp_path, tokenizer, packing):
+    """Issue 24, defect 8: text documents cut into several rows each: no eval row's document has rows in training."""
+    import re
+
+    docs = [{"text": " ".join(f"d{i}w{j}" for j in range(30))} for i in range(8)]
+    train, evals = data.prepare(cfg(write(tmp_path / "t.jsonl", docs), seq_len=16, eval_fraction=0.25, seed=1,
+                                    packing=packing), tokenizer, log=lambda *_: None)
+    doc_of = [{d for r in ds["input_ids"] for d in re.findall(r"d(\d)w", tokenizer.decode(r))} for ds in (train, evals)]
+    assert len(train) > 8 and len(evals) > 2  # several rows a document
+    assert len(doc_of[1]) == 2 and len(doc_of[0]) == 6 and not doc_of[0] & doc_of[1]
+
+
+def test_eval_fraction_must_leave_rows_to_train(tmp_path, tokenizer):
+    """Issue 24, defect 18: a fraction that leaves no training example is refused naming the flag."""
+    with pytest.raises(ValueError, match=r"--eval_fraction must be in \[0, 0\.5\], got 0\.9999"):
+        train.parse_config(["--eval_fraction", "0.9999"])
+    path = write(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}])
+    with pytest.raises(data.DataError, match=r"--eval_fraction 0\.5 of the 1 examples of .*d\.jsonl leaves none "
+                                             r"to train on; lower it or add data"):
+        data.prepare(cfg(path, eval_fraction=0.5), tokenizer, log=lambda *_: None)
+
+
+def test_negative_seed_is_refused():
+    """Issue 24, defect 19: --seed -1 is refused naming the flag, before numpy meets it in the eval carve-out."""
+    with pytest.raises(ValueError, match=r"--seed must be in \[0, 2\*\*32\), got -1"):
+        train.parse_config(["--seed", "-1", "--eval_fraction", "0.1"])
+
+
+def test_field_map_onto_a_column_that_exists(tmp_path, tokenizer):
+    """Issue 24, defect 20: mapping onto a name the dataset already has is refused naming the pair; a swap works."""
+    path = write(tmp_path / "d.jsonl", [{"instruction": "the question", "output": "the answer"}] * 2)
+    with pytest.raises(data.DataError, match=r"--field_map output=instruction: the dataset already has a column "
+                                             r"'output'; map it too \(a swap: 'output=instruction,instruction=output'\)"):
+        data.prepare(cfg(path, field_map="output=instruction"), tokenizer, log=lambda *_: None)
+    train, _ = data.prepare(cfg(path, field_map="output=instruction,instruction=output"), tokenizer,
+                            log=lambda *_: None)
+    assert trained_text(tokenizer, train[0]) == "the question</s>"
+
+
+def test_json_object_holding_one_list_is_read_as_that_list(tmp_path, tokenizer):
+    """Issue 24, defect 25: a .json holding {"data": [...]} trains on the 3 records of its list."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"data": [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]}, indent=2))
+    logs = []
+    train, _ = data.prepare(cfg(path), tokenizer, log=logs.append)
+    assert sorted(trained_text(tokenizer, r) for r in train) == ["c0</s>", "c1</s>", "c2</s>"]
+    assert f"{path}: read the list 'data' of each file" in logs
+
+
+def test_show_needs_no_full_step(tmp_path, tokenizer, process_group):
+    """Issue 24, defect 29: --show 1 on a one-row file with --batch_size 4 shows that row; no step is needed."""
+    config = train.Config(dataset=str(write(tmp_path / "d.jsonl", [ALPACA[0]])), show=1, batch_size=4)
+    batches = train.prepare_batches(config, tokenizer, len(tokenizer), torch.device("cpu"))
+    shown = data.describe(batches.loader.dataset, tokenizer, config.seq_len, config.show, color=False)
+    assert batches.rows == 1 and "### Response:\n[[Lima</s>]]" in shown and "--- 1 rows" in shown
