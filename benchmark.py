@@ -7,6 +7,8 @@
     python benchmark.py --seq_lens 16384,32768 --batch_sizes 1 --max_memory_gib 24 --steps 5 --warmup 2 \
         --extra="--offload_activations --tiled_mlp 8192" --extra=   # long context: two variants of ours
     python benchmark.py --shape qwen3-30b-a3b --layers 8 --batch_sizes 1,4     # a mixture of experts
+    python benchmark.py --shape llama3-70b --prequantized --no_reference --fake_world 2 --max_memory_gib 24
+                                                             # one card of a two-card 70B run, on one GPU
 
 Runs on a synthetic checkpoint with random weights in a real model's shape, written once and streamed through the
 same loader as a real checkpoint. For each batch size it times
@@ -30,6 +32,9 @@ attention's 12 x layers x heads x head_dim x seq FLOPs per token, as torchtitan 
 seq x seq score matrix, although causal attention computes half of it); peak GPU memory allocated and reserved; peak
 host memory (RSS) of the process; load time from safetensors to ready. A stack that runs out of GPU memory becomes a
 row saying so, with the memory it had reserved, and the benchmark goes on.
+With --fake_world N, ours runs as rank 0 of N ranks on one GPU, its collectives moving no data (OneCardOfMany):
+each tensor has its per-rank shape, so the peak memory and host RSS are one card's of an N-GPU run, and tokens/s is
+that card's compute without communication.
 """
 import argparse
 import bisect
@@ -49,6 +54,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _create_work_from_future
 
 ORIGINAL_ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # before train.py sets its default
 
@@ -187,10 +194,63 @@ def host_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+class OneCardOfMany(dist.ProcessGroup):
+    """Rank 0 of a world of N in one process: every tensor has its per-rank shape, so memory is one card's of an
+    N-GPU run, but no collective moves data. Gathers fill the other ranks' slots with zeros, not garbage: packed
+    4-bit bytes read as a bf16 norm can be NaN, and a NaN loss fails the startup check and skips every step (no
+    optimizer state would ever be allocated). Reductions leave this rank's own values."""
+
+    def allgather(self, outputs, inputs, opts=None):  # FSDP1 on CPU tensors, and any other list gather
+        for out, x in zip(outputs, inputs):
+            for i, slot in enumerate(out):
+                slot.copy_(x) if i == self.rank() else slot.zero_()
+        return done()
+
+    def all_gather_single(self, out, x, opts=None):  # FSDP1 on CUDA tensors (torch 2.13)
+        out.zero_()
+        out.view(-1)[:x.numel()].copy_(x.view(-1))  # rank 0's slot comes first
+        return done()
+
+    _allgather_base = all_gather_single  # the same, under the name of torch 2.11's all_gather_into_tensor
+
+    def reduce_scatter_single(self, out, x, opts=None):
+        out.view(-1).copy_(x.view(-1)[:out.numel()])
+        return done()
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def allreduce(self, tensors, opts=None):
+        return done()
+
+    def broadcast(self, tensors, opts=None):
+        return done()
+
+    def barrier(self, opts=None):
+        return done()
+
+
+def done() -> dist.Work:
+    future = torch.futures.Future()
+    future.set_result(None)
+    return _create_work_from_future(future)
+
+
+dist.Backend.register_backend("one_card", lambda store, rank, world, timeout: OneCardOfMany(rank, world),
+                              devices=["cpu", "cuda"])
+
+
+def join_fake_world(n: int) -> None:
+    """Make this process rank 0 of N (OneCardOfMany), as torchrun's environment says to train.py."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(n), LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("one_card", store=dist.HashStore(), rank=0, world_size=n)
+
+
 def run_ours(model_dir: Path, data_file: Path, out: Path, seq: int, bs: int, extra: str, args) -> dict:
     from transformers import AutoConfig
 
     fresh_memory()
+    if args.fake_world:  # train() keeps this group, and destroys it at its end
+        join_fake_world(args.fake_world)
     flags = ["--model", str(model_dir), "--dataset", str(data_file), "--output_dir", str(out), "--seq_len",
              str(seq), "--batch_size", str(bs), "--max_steps", str(args.steps), "--lora_rank", str(args.r),
              "--lora_alpha", str(args.alpha), "--lr", "1e-4", "--overwrite",
@@ -408,6 +468,9 @@ def main() -> None:
                         "the idle GPU time by what the CPU was doing (the trace: trace-bs<N>.json in --workdir)")
     p.add_argument("--max_memory_gib", type=float, default=0,
                    help="cap each training process, e.g. 24 for a 24 GB card (not the one writing the checkpoint)")
+    p.add_argument("--fake_world", type=int, default=0,
+                   help="time ours as rank 0 of N ranks on this one GPU (OneCardOfMany): the memory of one card of an "
+                        "N-GPU run; tokens/s without communication (needs --no_reference)")
     p.add_argument("--workdir", default="/tmp/fsdp_qlora_bench")
     p.add_argument("--extra", action="append",
                    help="more train.py flags for ours, e.g. '--grad_checkpointing none'; given several times, each "
@@ -424,6 +487,10 @@ def main() -> None:
         raise SystemExit(f"--prequantized on the mixture of experts {args.shape} writes its experts in NF4, which "
                          "transformers' from_pretrained (the reference) cannot load: add --no_reference to time ours "
                          "alone, or drop --prequantized to compare both on a bf16 checkpoint")
+
+    if args.fake_world and not args.no_reference:
+        raise SystemExit(f"--fake_world {args.fake_world} times one rank of a sharded run, which the reference (one "
+                         "process, unsharded) has no counterpart of: add --no_reference")
 
     root = Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -462,7 +529,8 @@ def main() -> None:
     peak = matmul_peak_tflops()
     torch.cuda.empty_cache()
     ours = [f"ours{i or ''}" for i in range(len(args.extra))]
-    label = {name: f"ours {args.extra[i]}".strip() for i, name in enumerate(ours)}
+    card = f" [1 card of {args.fake_world}, no communication]" if args.fake_world else ""
+    label = {name: f"ours {args.extra[i]}".strip() + card for i, name in enumerate(ours)}
     rows = []
     for seq in args.seq_lens:
         attention = attention_flops_per_token(model_dir, seq)
@@ -493,6 +561,10 @@ def main() -> None:
           f"{args.steps} steps (median after {args.warmup}), {torch.cuda.get_device_name()}, {date.today()}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__},"
           f" bf16 matmul peak {peak:.0f} TFLOP/s, cap {args.max_memory_gib or 'none'} GiB")
+    if args.fake_world:
+        print(f"Rank 0 of a fake world of {args.fake_world} on this one GPU: memory and host RSS are one card's (one "
+              f"rank's) of a {args.fake_world}-GPU run; tokens/s leaves out the all-gathers and reduce-scatters, which "
+              "moved no data here, and NCCL's own buffers are not in the memory; the losses are meaningless")
     print("| seq | batch | stack | tokens/s | MFU (6N) | MFU (6N + attention) | peak alloc GiB | peak reserved GiB | "
           "host RSS GiB | load s | vs reference | step-1 loss |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

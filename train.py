@@ -154,6 +154,9 @@ def validate(cfg: Config) -> None:
                          f"--grad_checkpointing non_reentrant (got {cfg.grad_checkpointing})")
     if cfg.cpu_offload and not torch.cuda.is_available():
         raise ValueError("--cpu_offload moves GPU shards to CPU memory; there is no GPU here")
+    if cfg.sharding == "hybrid_shard" and os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1"):
+        raise ValueError("--sharding hybrid_shard shards inside a node and replicates across nodes, but all ranks are "
+                         "on one node: use --sharding full_shard")
     if cfg.cpu_offload and cfg.grad_checkpointing == "none" and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise ValueError(offload.NEEDS_RECOMPUTE)
     if not lora.parse_targets(cfg.lora_targets):  # which also refuses a pattern that does not compile
@@ -167,9 +170,16 @@ def validate(cfg: Config) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Distributed setup
 
+SHARE_GPU = "RANKS_SHARE_GPU"  # the environment variable of init_distributed's ranks sharing GPU 0
+
 
 def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
-    """rank, local rank, world size and device, from torchrun's environment; one process without torchrun."""
+    """rank, local rank, world size and device, from torchrun's environment; one process without torchrun. A process
+    group the caller made is kept (benchmark.py's rank 0 of a fake world).
+
+    RANKS_SHARE_GPU=1 puts every rank of a node on GPU 0, talking through gloo, which stages CUDA tensors through
+    host memory (NCCL refuses two ranks on one device): the sharded CUDA path with real numerics on one GPU. Slow:
+    for tests, not for training."""
     rendezvous = {}  # torchrun's: from the environment
     if "RANK" not in os.environ:
         # Plain `python train.py`: a process group of one, whose rendezvous store lives in this process. No port: a
@@ -177,14 +187,19 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1)
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    share = os.environ.get(SHARE_GPU) == "1"
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), torch.cuda.device_count()
+        if local_world > gpus and not share:  # else rank `gpus` dies in set_device with "invalid device ordinal"
+            raise ValueError(f"{local_world} ranks on this node but {gpus} GPU(s): lower --nproc_per_node to {gpus}, "
+                             f"or set {SHARE_GPU}=1 to run them all on GPU 0 through gloo (slow; for tests)")
+        device = torch.device("cuda", 0 if share else local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    # Always a timeout: a rank that dies or diverges must turn into an error on the others, not an endless hang.
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **rendezvous)
+    if not dist.is_initialized():
+        # Always a timeout: a rank that dies or diverges must turn into an error on the others, not an endless hang.
+        backend = "nccl" if device.type == "cuda" and not share else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **rendezvous)
     return rank, local_rank, world, device
 
 

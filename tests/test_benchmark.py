@@ -1,5 +1,14 @@
-"""benchmark.py --profile's account of the idle GPU, on a hand-made trace: the timed runs themselves need a GPU."""
+"""benchmark.py --profile's account of the idle GPU, on a hand-made trace, and the fake world of --fake_world: the timed
+runs themselves need a GPU."""
+import math
+
+import torch
+import torch.distributed as dist
+from conftest import DEVICE, adapted_4bit
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
 import benchmark
+import fsdp_wrap
 
 
 def span(cat, name, ms, dur, tid, correlation=None):
@@ -35,3 +44,25 @@ def test_idle_gpu_is_charged_to_what_the_launching_thread_was_doing(capsys):
 def rows(table: str) -> dict[str, float]:
     cells = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")]
     return {name.strip(): float(ms) for name, ms in cells if "ms per step" not in ms and "CPU op" not in name}
+
+
+def test_rank_0_of_a_fake_world_of_2_holds_half_of_every_unit_with_finite_numbers(checkpoints, monkeypatch):
+    """As rank 0 of a fake world of 2, every FSDP unit holds half of its flat parameter (rounded up), and the gathered
+    weights are finite: the loss and every LoRA gradient of a step are finite numbers."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(name, "0")  # join_fake_world sets them as torchrun would; restored after the test
+    benchmark.join_fake_world(2)
+    try:
+        model, layer_cls = adapted_4bit(checkpoints("llama"), keep_on=torch.device("cpu"))
+        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE)
+        flat = [unit._handle.flat_param for unit in FSDP.fsdp_modules(model) if unit._handle is not None]
+        assert len(flat) == 5  # the root, and per decoder layer its frozen weights and its LoRA weights
+        assert [p.numel() for p in flat] == [math.ceil(p._unpadded_unsharded_size.numel() / 2) for p in flat]
+        ids = torch.randint(4, 400, (2, 40), device=DEVICE)
+        loss = model(input_ids=ids, labels=ids)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        assert math.isfinite(loss.item()) and grads.numel() == sum(p.numel() for p in flat[1:] if p.requires_grad)
+        assert torch.isfinite(grads).all()
+    finally:
+        dist.destroy_process_group()

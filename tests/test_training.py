@@ -299,3 +299,57 @@ def test_compiling_one_model_leaves_transformers_and_other_models_as_they_were(c
     assert len(attention) == 2 and all("forward" in vars(m) for m in attention)  # ours got the compiled one
     with torch.no_grad():
         torch.testing.assert_close(other(TOKENS).logits, before, rtol=0, atol=0)
+
+
+def gpus_seen(monkeypatch, count: int, local_rank: int, local_world: int) -> dict:
+    """torchrun's environment of rank `local_rank` of `local_world` on one node of `count` GPUs, with the CUDA calls
+    of init_distributed recorded instead of made (this machine may have no GPU); returns the record."""
+    seen = {}
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.update(device=device))
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend))
+    return seen
+
+
+def test_more_ranks_than_gpus_is_refused_naming_both_numbers_and_the_opt_in(monkeypatch):
+    """3 ranks on a node of 2 GPUs: every rank refuses before touching a GPU, naming 3, 2 and RANKS_SHARE_GPU."""
+    for local_rank in range(3):
+        seen = gpus_seen(monkeypatch, count=2, local_rank=local_rank, local_world=3)
+        with pytest.raises(ValueError) as refusal:
+            train.init_distributed(10)
+        assert str(refusal.value) == ("3 ranks on this node but 2 GPU(s): lower --nproc_per_node to 2, or set "
+                                      "RANKS_SHARE_GPU=1 to run them all on GPU 0 through gloo (slow; for tests)")
+        assert seen == {}
+
+
+def test_ranks_sharing_a_gpu_all_use_gpu_0_through_gloo(monkeypatch):
+    """RANKS_SHARE_GPU=1: rank 1 of 2 on one GPU takes cuda:0 and gloo; without it, rank 1 of 2 GPUs takes cuda:1
+    and NCCL."""
+    monkeypatch.setenv("RANKS_SHARE_GPU", "1")
+    seen = gpus_seen(monkeypatch, count=1, local_rank=1, local_world=2)
+    assert train.init_distributed(10) == (1, 1, 2, torch.device("cuda", 0))
+    assert seen == {"device": torch.device("cuda", 0), "backend": "gloo"}
+    monkeypatch.delenv("RANKS_SHARE_GPU")
+    seen = gpus_seen(monkeypatch, count=2, local_rank=1, local_world=2)
+    assert train.init_distributed(10) == (1, 1, 2, torch.device("cuda", 1))
+    assert seen == {"device": torch.device("cuda", 1), "backend": "nccl"}
+
+
+def test_hybrid_shard_on_one_node_is_refused(monkeypatch):
+    """--sharding hybrid_shard with all ranks on one node (torchrun's 2 of 2, or no torchrun) is refused; on 2 nodes
+    of 2 it is accepted."""
+    message = ("--sharding hybrid_shard shards inside a node and replicates across nodes, but all ranks are on one "
+               "node: use --sharding full_shard")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError) as refusal:
+        train.parse_config(["--sharding", "hybrid_shard"])
+    assert str(refusal.value) == message
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train.parse_config(["--sharding", "hybrid_shard"]).sharding == "hybrid_shard"
