@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 import fsdp_wrap  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
+import quantization  # noqa: E402
 import train  # noqa: E402
 from builtin import make_tokenizer, write_random_checkpoint  # noqa: E402
 from model_loading import decoder_layer_class, load_model  # noqa: E402
@@ -152,8 +153,15 @@ TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 250, 64, 11], [2, 9, 9, 120, 33,
 
 
 def reference_model(path):
-    """transformers' own model from the folder: the reference our loader is compared with."""
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+    """transformers' own model from the folder: the reference our loader is compared with. Its 4-bit linears take our
+    kernel path (quantization.linear4bit_shell). On a CPU with AVX512-BF16, bitsandbytes would otherwise repack them
+    at their first eval-mode no-grad forward for another kernel, which rounds otherwise (other logits) and fails on
+    an output size not a multiple of 32 (Qwen2-MoE's gates): the suite would pass or fail by the CPU it ran on."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+    for module in model.modules():
+        if quantization.is_4bit(module):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def run_inprocess(args: list[str]) -> list[dict]:

@@ -55,6 +55,23 @@ def test_logits_equal_transformers_on_its_own_checkpoint(prequantized, quant, do
         torch.testing.assert_close(ours(TOKENS).logits, reference_model(path)(TOKENS).logits, rtol=0, atol=0)
 
 
+def test_reference_keeps_its_stored_bytes_on_any_cpu(prequantized, monkeypatch):
+    """(34) transformers' reference takes our kernel path on every CPU: after eval() and a no-grad forward, on a CPU
+    that bitsandbytes finds AVX512-BF16 on, each of its 4-bit weights still holds the checkpoint's bytes."""
+    import bitsandbytes
+
+    # What bitsandbytes asks the CPU when it builds each Linear4bit: as an AVX512-BF16 CPU (Intel or AMD) answers
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    path = prequantized("nf4", True, torch.bfloat16)
+    reference, stored = reference_model(path), stored_tensors(path)
+    with torch.no_grad():
+        reference(TOKENS)
+    layers = linears_4bit(reference)
+    assert len(layers) == 14
+    for name, layer in layers.items():
+        assert torch.equal(as_bytes(layer.weight.data), as_bytes(stored[f"{name}.weight"])), name
+
+
 def test_the_checkpoints_own_choice_of_4bit_linears_is_kept(prequantized):
     """transformers quantizes lm_head too when llm_int8_skip_modules is given, and keeps the listed linears 16-bit:
     ours keeps those down_proj in bf16 as stored, dequantizes the 4-bit lm_head (our lm_head is bf16), and gives
