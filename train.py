@@ -128,7 +128,8 @@ def validate(cfg: Config) -> None:
     for name in ["lr", "lora_alpha", "max_grad_norm", "weight_decay", "eval_fraction", "lora_dropout"]:
         if not math.isfinite(getattr(cfg, name)):  # NaN fails every comparison below, and would pass them all
             raise ValueError(f"--{name} must be a finite number, got {getattr(cfg, name)}")
-    positive = ["seq_len", "batch_size", "grad_accum", "lr", "lora_rank", "lora_alpha", "log_every", "dist_timeout"]
+    positive = ["seq_len", "batch_size", "grad_accum", "lr", "lora_rank", "lora_alpha", "log_every", "dist_timeout",
+                "sample_tokens"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
@@ -159,6 +160,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--lora_targets {lora.EXPERTS!r} needs --lora_dropout 0: dropout applies to a layer's input, "
                          "which an update of the experts' weights cannot (PEFT refuses such adapters too)")
     reporting.parse(cfg.report_to)  # an unknown backend, or one not installed, with the pip command
+    generate.load_prompts(cfg.sample_prompts, cfg.dataset)  # a missing file, not after minutes of loading a 70B
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -242,6 +244,14 @@ def lr_lambda(cfg: Config, total_steps: int):
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[cfg.lr_schedule]
     return fn
+
+
+def warmup_warning(cfg: Config, total_steps: int) -> str | None:
+    """Why the LR never reaches --lr when the warmup outlasts the run (step N + 1 is the first at --lr), else None."""
+    if cfg.warmup_steps < total_steps:
+        return None
+    return (f"--warmup_steps {cfg.warmup_steps} outlasts the run's {total_steps} steps: the LR never reaches --lr "
+            f"{cfg.lr:g}, only {total_steps / (cfg.warmup_steps + 1):.1%} of it; lower --warmup_steps below the steps")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -505,6 +515,8 @@ def train(cfg: Config) -> list[dict]:
             print0(data.describe(batches.loader.dataset, tokenizer, cfg.seq_len, cfg.show, color))
             return []
         total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+        if (warning := warmup_warning(cfg, total_steps)) is not None:
+            print0(f"warning: {warning}")
         run = dict(world_size=world, steps_per_epoch=batches.steps_per_epoch, base_model=cfg.model,
                    base_fingerprint=checkpointing.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
                    config=dataclasses.asdict(cfg))
