@@ -36,10 +36,11 @@ class _Loader(yaml.SafeLoader):
         for key, _ in node.value:
             if not isinstance(key, yaml.ScalarNode):
                 continue  # a list or mapping as a key: SafeLoader refuses it
+            line = key.start_mark.line + 1
             if key.value in lines:
-                raise _GivenTwice(f"{key.value} is given twice (lines {lines[key.value]} and "
-                                  f"{key.start_mark.line + 1}); keep one")
-            lines[key.value] = key.start_mark.line + 1
+                at = f"lines {lines[key.value]} and {line}" if lines[key.value] != line else f"line {line}"
+                raise _GivenTwice(f"{key.value} is given twice ({at}); keep one")
+            lines[key.value] = line
         return super().construct_mapping(node, deep)
 
 
