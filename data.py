@@ -49,7 +49,7 @@ class DataConfig:
 
     "rows": the setting shapes the tokenized training rows, so a resumed run names it when their fingerprint differs.
     """
-    dataset: str = field(default=BUILTIN_DATASET, metadata={"rows": True, "help": "Hub dataset id, local file or folder (.jsonl .json .parquet .csv .txt), or 'builtin'"})
+    dataset: str = field(default=BUILTIN_DATASET, metadata={"rows": True, "path": True, "help": "Hub dataset id, local file or folder (.jsonl .json .parquet .csv .txt), or 'builtin'"})
     dataset_config: str = field(default="", metadata={"rows": True, "help": "Hub dataset configuration name"})
     dataset_split: str = field(default="train", metadata={"rows": True, "help": "Hub dataset split to train on"})
     dataset_format: str = field(default="auto", metadata={"rows": True, "choices": FORMATS, "help": "how examples are rendered; auto: from the columns"})
@@ -59,7 +59,7 @@ class DataConfig:
     train_on_prompt: bool = field(default=False, metadata={"rows": True, "help": "also train on prompt tokens"})
     packing: bool = field(default=False, metadata={"rows": True, "help": "fill rows with whole examples, none attending to another"})
     group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (without --packing)"})
-    eval_split: str = field(default="", metadata={"may_change": "what is evaluated, not what is trained", "help": "eval data: a split of --dataset, or a file"})
+    eval_split: str = field(default="", metadata={"path": True, "may_change": "what is evaluated, not what is trained", "help": "eval data: a split of --dataset, or a file"})
     eval_fraction: float = field(default=0.0, metadata={"rows": True, "help": "or carve this fraction out of the training data"})
     seed: int = field(default=0, metadata={"help": "data order, the eval carve-out and LoRA init"})
 

@@ -12,6 +12,7 @@ one batch and decoded with a KV cache.
 import argparse
 import inspect
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -57,6 +58,27 @@ def load_prompts(path: str, dataset: str) -> list[str]:
     return prompts
 
 
+def context_length(model: torch.nn.Module) -> int | None:
+    """max_position_embeddings of the transformers model in `model`, which FSDP and the loss module may wrap."""
+    configs = (getattr(m, "config", None) for m in model.modules())
+    return next((c.max_position_embeddings for c in configs if hasattr(c, "max_position_embeddings")), None)
+
+
+def new_tokens_that_fit(model: torch.nn.Module, width: int, max_new_tokens: int) -> int:
+    """max_new_tokens, or fewer where prompts of `width` tokens and they would pass the model's context (said on rank
+    0); a prompt that fills the context alone is refused."""
+    limit = context_length(model)
+    if limit is None or width + max_new_tokens <= limit:
+        return max_new_tokens
+    context = f"the model's context of {limit} tokens (max_position_embeddings)"
+    if width >= limit:
+        raise ValueError(f"a prompt of {width} tokens leaves no room for a new one in {context}: shorten it")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(f"sampling stops after {limit - width} new tokens, not {max_new_tokens}: the longest prompt's {width} "
+              f"tokens and the new ones fill {context}")
+    return limit - width
+
+
 def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     """The tokenizer's EOS and the model's own (Llama 3 lists several in generation_config)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # FSDP forwards the attribute
@@ -75,12 +97,13 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
     if not prompts:
         return []
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()  # no dropout
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = [bos + tokenizer.encode(render_prompt(p), add_special_tokens=False) for p in prompts]  # as data.tokenize
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(x) for x in ids)
+    max_new_tokens = new_tokens_that_fit(model, width, max_new_tokens)
+    was_training = model.training
+    model.eval()  # no dropout
     # Left padding: every prompt ends in the last column, so one forward predicts the next token of all of them.
     # Padding is masked out, and positions count real tokens only: each row computes what it would alone.
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
@@ -162,6 +185,10 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="base quantization (default: the adapter's, as trained; without an adapter, a "
                              "pre-quantized checkpoint's own, else none)")
     args = parser.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        parser.error(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    if not 0 <= args.temperature < math.inf:  # NaN fails this too
+        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load(args.model, args.adapter, args.quant, device)
     completions = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, device)

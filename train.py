@@ -54,11 +54,11 @@ class Config(data.DataConfig):
     """Every flag of train.py (the data flags come from data.DataConfig), each written once with its default and help.
 
     On resume, a setting must be as it was in the checkpoint's run unless its metadata says "may_change", with why
-    that is safe (checkpointing.check_resumable).
+    that is safe (checkpointing.check_resumable). "path": the value may name a file or folder, where ~ is the home.
     """
     # what to train
-    model: str = field(default=builtin.MODEL, metadata={"help": "local folder, Hub repo id, or 'tiny'", "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, is fine"})
-    output_dir: str = field(default="out", metadata={"help": "adapters, metrics.jsonl and checkpoints go here", "may_change": "the run folder may have moved"})
+    model: str = field(default=builtin.MODEL, metadata={"path": True, "help": "local folder, Hub repo id, or 'tiny'", "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, is fine"})
+    output_dir: str = field(default="out", metadata={"path": True, "help": "adapters, metrics.jsonl and checkpoints go here", "may_change": "the run folder may have moved"})
     eval_every: int = field(default=0, metadata={"help": "steps between eval losses; 0: only at the end, if there is eval data", "may_change": "what is evaluated, not what is trained"})
     show: int = field(default=0, metadata={"help": "print this many tokenized rows, trained spans marked, and the data's statistics; then exit without training", "may_change": "it trains nothing"})
     # batch and length of training
@@ -89,21 +89,23 @@ class Config(data.DataConfig):
     log_every: int = field(default=1, metadata={"help": "steps between progress-line updates", "may_change": BOOKKEEPING})
     save_every: int = field(default=0, metadata={"help": "save a checkpoint to output_dir/checkpoint-N every N steps; 0: only the final adapter", "may_change": BOOKKEEPING})
     keep_last: int = field(default=0, metadata={"help": "keep only the newest K checkpoints; 0 keeps all", "may_change": BOOKKEEPING})
-    resume: str = field(default="", metadata={"help": "'auto': continue from the newest checkpoint in output_dir (if any); or a checkpoint folder", "may_change": BOOKKEEPING})
+    resume: str = field(default="", metadata={"path": True, "help": "'auto': continue from the newest checkpoint in output_dir (if any); or a checkpoint folder", "may_change": BOOKKEEPING})
     overwrite: bool = field(default=False, metadata={"help": "replace the run in output_dir (its checkpoints, adapter and metrics) instead of refusing to start", "may_change": BOOKKEEPING})
     max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive skipped steps (non-finite loss or grad norm); 0: never", "may_change": BOOKKEEPING})
     dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing", "may_change": BOOKKEEPING})
-    sample_prompts: str = field(default="", metadata={"help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = built-in prompts with --dataset builtin", "may_change": "samples only read the model"})
+    sample_prompts: str = field(default="", metadata={"path": True, "help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = built-in prompts with --dataset builtin", "may_change": "samples only read the model"})
     sample_tokens: int = field(default=64, metadata={"help": "longest sample, in new tokens", "may_change": "samples only read the model"})
     report_to: str = field(default="none", metadata={"help": "where the per-step metrics and samples also go: tensorboard (into output_dir/tensorboard), wandb, both comma-separated, or none", "may_change": BOOKKEEPING})
     wandb_project: str = field(default="", metadata={"help": "W&B project; '': $WANDB_PROJECT, else W&B's default", "may_change": BOOKKEEPING})
     wandb_name: str = field(default="", metadata={"help": "W&B run name; '': $WANDB_NAME, else one W&B makes up", "may_change": BOOKKEEPING})
-    config: str = field(default="", metadata={"help": "YAML file whose keys are flag names (configs/ has examples); flags given as well override it", "may_change": "the settings it resolves to are compared, not the file"})
+    config: str = field(default="", metadata={"path": True, "help": "YAML file whose keys are flag names (configs/ has examples); flags given as well override it", "may_change": "the settings it resolves to are compared, not the file"})
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
     """argparse generated from Config, so each flag, default and help is written once. Underscores or dashes.
-    --config's values become the defaults (config_file.read), so the flags on the command line override them."""
+    --config's values become the defaults (config_file.read), so the flags on the command line override them.
+    A path setting's ~ is expanded here, for the file's values and the flags alike: argparse passes a string
+    default through the flag's `type` as it does a value from the command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
@@ -111,7 +113,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
         if f.type is bool:  # not type=bool: bool("False") is True
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            parser.add_argument(*flags, type=f.type, choices=f.metadata.get("choices"), **kwargs)
+            kind = os.path.expanduser if f.metadata.get("path") else f.type
+            parser.add_argument(*flags, type=kind, choices=f.metadata.get("choices"), **kwargs)
     file = parser.parse_known_args(argv)[0].config
     if file:
         parser.set_defaults(**config_file.read(Path(file), dataclasses.fields(Config)))
@@ -125,7 +128,8 @@ def validate(cfg: Config) -> None:
     for name in ["lr", "lora_alpha", "max_grad_norm", "weight_decay", "eval_fraction", "lora_dropout"]:
         if not math.isfinite(getattr(cfg, name)):  # NaN fails every comparison below, and would pass them all
             raise ValueError(f"--{name} must be a finite number, got {getattr(cfg, name)}")
-    positive = ["seq_len", "batch_size", "grad_accum", "lr", "lora_rank", "lora_alpha", "log_every", "dist_timeout"]
+    positive = ["seq_len", "batch_size", "grad_accum", "lr", "lora_rank", "lora_alpha", "log_every", "dist_timeout",
+                "sample_tokens"]
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(cfg, name)}")
@@ -165,6 +169,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--lora_targets {lora.EXPERTS!r} needs --lora_dropout 0: dropout applies to a layer's input, "
                          "which an update of the experts' weights cannot (PEFT refuses such adapters too)")
     reporting.parse(cfg.report_to)  # an unknown backend, or one not installed, with the pip command
+    generate.load_prompts(cfg.sample_prompts, cfg.dataset)  # a missing file, not after minutes of loading a 70B
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -260,6 +265,14 @@ def lr_lambda(cfg: Config, total_steps: int):
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[cfg.lr_schedule]
     return fn
+
+
+def warmup_warning(cfg: Config, total_steps: int) -> str | None:
+    """Why the LR never reaches --lr when the warmup outlasts the run (step N + 1 is the first at --lr), else None."""
+    if cfg.warmup_steps < total_steps:
+        return None
+    return (f"--warmup_steps {cfg.warmup_steps} outlasts the run's {total_steps} steps: the LR never reaches --lr "
+            f"{cfg.lr:g}, only {total_steps / (cfg.warmup_steps + 1):.1%} of it; lower --warmup_steps below the steps")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -523,6 +536,8 @@ def train(cfg: Config) -> list[dict]:
             print0(data.describe(batches.loader.dataset, tokenizer, cfg.seq_len, cfg.show, color))
             return []
         total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
+        if (warning := warmup_warning(cfg, total_steps)) is not None:
+            print0(f"warning: {warning}")
         run = dict(world_size=world, steps_per_epoch=batches.steps_per_epoch, base_model=cfg.model,
                    base_fingerprint=checkpointing.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
                    config=dataclasses.asdict(cfg))

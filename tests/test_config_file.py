@@ -49,7 +49,6 @@ def test_builtin_config_is_what_train_py_runs_without_flags():
     ("dataset:\n", r"dataset must be a string, got None \(null\)"),
     ("quant: nf5\n", r"quant must be one of auto, nf4, fp4, none; got 'nf5'"),
     ("lora_rank: 8\nlora-rank: 16\n", r"lora_rank is given twice"),
-    ("config: other.yaml\n", r"'config' is not a flag"),
     ("lr: [1\n", r"(?s)is not valid YAML: .*run.yaml\", line 1, column 5"),
 ])
 def test_bad_config_file_is_refused_naming_the_key(tmp_path, text, message):
@@ -62,3 +61,78 @@ def test_bad_config_file_is_refused_naming_the_key(tmp_path, text, message):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ValueError, match=f"--config {tmp_path / 'nope.yaml'}: No such file"):
         train.parse_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    """A key given twice in one file is refused with both its lines, never the last value silently winning (#5)."""
+    file = tmp_path / "run.yaml"
+    file.write_text("seq_len: 64\nlr: 1.0e-4\nseq_len: 128\n")
+    with pytest.raises(ValueError) as e:
+        train.parse_config(["--config", str(file)])
+    assert str(e.value) == f"--config {file}: seq_len is given twice (lines 1 and 3); keep one"
+
+
+def test_config_inside_a_config_says_files_do_not_nest(tmp_path):
+    """`config:` in a config file is refused saying configs do not nest, not with a flag it resembles (#24)."""
+    file = tmp_path / "run.yaml"
+    file.write_text("config: other.yaml\nlr: 1.0e-4\n")
+    with pytest.raises(ValueError) as e:
+        train.parse_config(["--config", str(file)])
+    assert str(e.value) == (f"--config {file}: 'config: other.yaml' names another config file, and config files do "
+                            "not nest: copy its keys into this one")
+
+
+PATHS = ["model", "dataset", "eval_split", "output_dir", "resume", "sample_prompts"]
+
+
+def test_tilde_is_expanded_in_every_path_from_the_file_or_a_flag(tmp_path, monkeypatch):
+    """`~` means the home folder in every path setting, whether the file or a flag (`--x=~/y`) gives it, and in
+    --config's own path; names that are not paths (a Hub id, 'auto') are left alone (#9)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "prompts.txt").write_text("hello\n")  # --sample_prompts must name a file that exists
+    (tmp_path / "run.yaml").write_text("".join(f"{name}: ~/{name}\n" for name in PATHS if name != "sample_prompts")
+                                       + "sample_prompts: ~/prompts.txt\n")
+    cfg = train.parse_config(["--config=~/run.yaml", "--output_dir=~/elsewhere"])
+    assert {name: getattr(cfg, name) for name in PATHS + ["config"]} == {
+        "model": str(tmp_path / "model"), "dataset": str(tmp_path / "dataset"),
+        "eval_split": str(tmp_path / "eval_split"), "output_dir": str(tmp_path / "elsewhere"),
+        "resume": str(tmp_path / "resume"), "sample_prompts": str(tmp_path / "prompts.txt"),
+        "config": str(tmp_path / "run.yaml")}
+    cfg = train.parse_config(["--output_dir", "~user-that-is-not/x", "--model", "org/name", "--resume", "auto"])
+    assert (cfg.output_dir, cfg.model, cfg.resume) == ("~user-that-is-not/x", "org/name", "auto")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("seq_len: 0100\n", 100),  # YAML 1.1: octal, 64
+    ("lr: 2e-4\n", 2e-4),  # YAML 1.1: a string
+    ("lr: 2.0E-4\n", 2e-4),
+    ("lr: .5\n", 0.5),
+    ("lr: 1\n", 1.0),
+])
+def test_numbers_read_as_yaml_1_2(tmp_path, text, value):
+    """Numbers read as YAML 1.2 writes them: 0100 is a hundred, 2e-4 a number (#28)."""
+    file = tmp_path / "run.yaml"
+    file.write_text(text)
+    name = text.split(":")[0]
+    assert getattr(train.parse_config(["--config", str(file)]), name) == value
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: 1:30\n", "lr must be a number, got '1:30' (a string)"),  # YAML 1.1: sexagesimal, 90.0
+    ("lr: '0.0002'\n", "lr must be a number, got '0.0002' (a string)"),
+    ("lr: '2e-4'\n", "lr must be a number, got '2e-4' (a string)"),  # was taken, while '0.0002' was refused
+    ("seq_len: 1_024\n", "seq_len must be an integer, got '1_024' (a string)"),  # YAML 1.1: 1024
+    ("packing: yes\n", "packing must be true or false, got 'yes' (a string)"),  # YAML 1.1: true
+    ("wandb_name: 2026-12-01\n", None),  # YAML 1.1: a date, refused as no string
+])
+def test_yaml_1_1_readings_are_strings(tmp_path, text, message):
+    """What only YAML 1.1 reads as a number, a boolean or a date is a string: refused where a flag takes a number or a
+    boolean, quoted or not (#28)."""
+    file = tmp_path / "run.yaml"
+    file.write_text(text)
+    if message is None:
+        assert train.parse_config(["--config", str(file)]).wandb_name == "2026-12-01"
+        return
+    with pytest.raises(ValueError) as e:
+        train.parse_config(["--config", str(file)])
+    assert str(e.value) == f"--config {file}: {message}"

@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import (ARCHS, DEVICE, common, hf_greedy, losses, make_adapter, reference_model, run_inprocess,
-                      run_torchrun)
+from conftest import (ARCHS, DEVICE, common, hf_greedy, losses, make_adapter, reference_model,
+                      refused_before_loading, run_inprocess, run_torchrun)
 from transformers import AutoTokenizer
 
 import generate
 import lora
 import merge
+import train
 from model_loading import load_model
 
 # an instruction record (rendered with the training template), plain text, and a record without input
@@ -117,3 +118,55 @@ def test_sample_prompts_flag(tmp_path):
     assert generate.load_prompts(str(tmp_path / "p.txt"), "builtin") == ["first", "second"]
     with pytest.raises(ValueError, match="no such file"):
         generate.load_prompts(str(tmp_path / "missing.txt"), "builtin")
+
+
+def test_missing_sample_prompts_file_is_refused_before_anything_loads(checkpoints, tmp_path, monkeypatch):
+    """--sample_prompts naming a missing file is refused before the data is tokenized or the model loaded (#27)."""
+    with pytest.raises(ValueError) as e:
+        refused_before_loading(monkeypatch, tmp_path, checkpoints("llama"), tokenizes=False,
+                               args=("--sample_prompts", str(tmp_path / "missing.txt")))
+    assert str(e.value) == (f"--sample_prompts {str(tmp_path / 'missing.txt')!r}: no such file (give a text file with "
+                            "one prompt per line)")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_new_tokens", "-3"], "--max_new_tokens must be positive, got -3"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be positive, got 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0: greedy), got nan"),
+])
+def test_generate_refuses_a_negative_length_or_temperature_before_loading(monkeypatch, capsys, flags, message):
+    """generate.py refuses a length below 1 or a temperature below 0, naming the flag, before the model loads (#31)."""
+    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--model", "tiny", "--prompt", "hello", *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_train_refuses_a_sample_length_below_one():
+    """train.py refuses --sample_tokens below 1, naming it (#31)."""
+    with pytest.raises(ValueError) as e:
+        train.parse_config(["--sample_tokens=-5"])
+    assert str(e.value) == "--sample_tokens must be positive, got -5"
+
+
+def test_sampling_stops_at_the_models_context(checkpoints, capsys):
+    """New tokens stop where they and the longest prompt fill max_position_embeddings, and it says so; a prompt
+    that fills the context alone is refused (#31)."""
+    path = checkpoints("llama")
+    model, tokenizer = reference_model(path), AutoTokenizer.from_pretrained(path)
+    model.config.max_position_embeddings = 32  # of 128: fewer tokens to decode
+    width = 1 + len(tokenizer.encode(PROMPTS[1], add_special_tokens=False))  # BOS + the prompt
+    room = 32 - width
+    capped = generate.sample(model, tokenizer, [PROMPTS[1]], max_new_tokens=300)
+    assert capsys.readouterr().out == (f"sampling stops after {room} new tokens, not 300: the longest prompt's {width} "
+                                       "tokens and the new ones fill the model's context of 32 tokens "
+                                       "(max_position_embeddings)\n")
+    assert capped == generate.sample(model, tokenizer, [PROMPTS[1]], max_new_tokens=room)
+    assert capped != generate.sample(model, tokenizer, [PROMPTS[1]], max_new_tokens=room - 1)  # no EOS before
+    assert capsys.readouterr().out == ""  # within the context: nothing to say
+    with pytest.raises(ValueError) as e:
+        generate.sample(model, tokenizer, ["hello " * 40])
+    assert str(e.value).endswith(" tokens leaves no room for a new one in the model's context of 32 tokens "
+                                 "(max_position_embeddings): shorten it")

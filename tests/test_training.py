@@ -153,6 +153,20 @@ def test_warmup_is_the_schedule_its_help_states():
     assert [fn(k - 1) for k in range(1, 7)] == [1 / 5, 2 / 5, 3 / 5, 4 / 5, 1.0, 1.0]  # fn takes the steps done
 
 
+def test_warmup_longer_than_the_run_is_warned_once(checkpoints, tmp_path, capsys):
+    """--warmup_steps 50 over 3 steps: the LR peaks at 3/51 of --lr, and the run says so, once (#30)."""
+    data_file = tmp_path / "d.jsonl"
+    data_file.write_text("".join(json.dumps({"text": f"example {i}"}) + "\n" for i in range(12)))
+    history = run_inprocess(common(checkpoints("llama"), tmp_path / "out", steps=3) + [
+        "--warmup_steps", "50", "--dataset", str(data_file), "--batch_size", "4"])
+    assert [h["lr"] for h in history] == pytest.approx([1e-2 * k / 51 for k in (1, 2, 3)])
+    warning = ("warning: --warmup_steps 50 outlasts the run's 3 steps: the LR never reaches --lr 0.01, only 5.9% of "
+               "it; lower --warmup_steps below the steps\n")
+    assert capsys.readouterr().out.count(warning) == 1
+    cfg = train.parse_config(["--warmup_steps", "10"])
+    assert train.warmup_warning(cfg, 11) is None and train.warmup_warning(cfg, 10) is not None  # step 11 is at --lr
+
+
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
 def test_rows_of_one_token_train_on_two_ranks(checkpoints, tmp_path):
     """A micro-batch with no target token (a document one token longer than a multiple of --seq_len leaves a row of
