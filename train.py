@@ -487,6 +487,7 @@ def train(cfg: Config) -> list[dict]:
             print0(f"warning: {warning}")
         out_dir = Path(cfg.output_dir)
         if not cfg.show:  # --show only reads
+            checkpointing.check_output_dir(out_dir, cfg.resume, cfg.overwrite, cfg.dataset)  # before it is made
             lock = run_folder.lock_output_dir(out_dir)  # before anything in the folder is read or removed
             checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
         model_dir = builtin.model_dir(cfg.model)

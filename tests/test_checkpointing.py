@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, LLAMA_LINEARS, ROOT, losses, run_inprocess, run_torchrun, tiny_config
+from conftest import (DEVICE, LLAMA_LINEARS, ROOT, losses, refused_before_loading, run_inprocess, run_torchrun,
+                      tiny_config)
 from safetensors.torch import load_file
 
 import checkpointing
@@ -430,3 +431,46 @@ def test_resume_on_another_world_size_is_refused(saved_run):
 def test_resume_from_a_folder_that_is_no_checkpoint(small_run, tmp_path):
     with pytest.raises(ResumeError, match="not a checkpoint folder"):
         run_inprocess(small_run(tmp_path / "run", 2, "--resume", str(tmp_path)))
+
+
+def test_resume_path_of_another_run_never_writes_over_a_run(small_run, tmp_path, monkeypatch):
+    """(1) --resume PATH from another run folder into an --output_dir holding a run is refused, before the model
+    loads, and that run is left as it was; with --overwrite the run is replaced by the one resumed, exactly."""
+    run_b, run_a = tmp_path / "o_B", tmp_path / "o_A"
+    run_inprocess(small_run(run_b, 2, "--save_every", "2"))
+    before = {p.relative_to(run_b): p.read_bytes() for p in run_b.rglob("*") if p.is_file()}
+    first = run_inprocess(small_run(run_a, 2, "--save_every", "1", "--lr", "5e-3"))
+    args = small_run(run_b, 2, "--lr", "5e-3", "--resume", str(run_a / "checkpoint-1"))
+    with monkeypatch.context() as m:
+        m.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+        with pytest.raises(ResumeError, match=rf"--resume {run_a}/checkpoint-1 is a checkpoint of another run "
+                                              rf"folder, and --output_dir {run_b} holds a run of its own "
+                                              r"\(checkpoint-2\): pass --overwrite to replace that run"):
+            run_inprocess(args)
+    assert {p.relative_to(run_b): p.read_bytes() for p in run_b.rglob("*") if p.is_file()} == before
+    resumed = run_inprocess([*args, "--overwrite"])
+    assert [m["step"] for m in metrics(run_b)] == [2] and losses(resumed) == losses(first)[1:]
+    assert list_checkpoints(run_b) == []  # B's checkpoint-2 went with the rest of B's run
+
+
+def test_resume_auto_with_overwrite_is_refused(checkpoints, tmp_path, monkeypatch):
+    """(10) --resume auto continues the run in --output_dir and --overwrite deletes it: the two are refused together,
+    before the data is tokenized."""
+    with pytest.raises(ResumeError, match="--resume auto continues the run in .*out and --overwrite deletes it: "
+                                          "pass one of them"):
+        refused_before_loading(monkeypatch, tmp_path, checkpoints("llama"), tokenizes=False,
+                               args=("--resume", "auto", "--overwrite"))
+
+
+def test_output_dir_inside_the_dataset_folder_is_refused(checkpoints, small_run, tmp_path, monkeypatch):
+    """(12) An --output_dir that is the --dataset folder, or inside it, is refused before the data is tokenized: the
+    run's own metrics.jsonl would be read as data on resume. Nothing is created in the dataset folder."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(small_run.data_file, folder)
+    for out in (folder, folder / "runs" / "first"):
+        with pytest.raises(ResumeError, match=rf"--output_dir {out} is inside the --dataset folder {folder}: "
+                                              r"choose an --output_dir outside it"):
+            refused_before_loading(monkeypatch, tmp_path, checkpoints("llama"), tokenizes=False,
+                                   args=("--dataset", str(folder), "--output_dir", str(out)))
+    assert sorted(p.name for p in folder.iterdir()) == ["d.jsonl"]
