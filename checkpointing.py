@@ -30,7 +30,6 @@ Preemption (StopOnSignal, at the end): SIGTERM or SIGINT lets the current step f
 exits cleanly; a second signal exits at once.
 """
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -309,21 +308,10 @@ def _on_rank0(write: Callable[[], None], path: Path, intact: str) -> None:
         try:
             write()
         except Exception as e:  # OSError, or torch.save's RuntimeError on a full disk: every rank must hear of it
-            error[0] = f"saving {path} failed ({_disk_full(e, path) or e}); {intact}"
+            error[0] = f"saving {path} failed ({model_loading.disk_full(e, path) or e}); {intact}"
     dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise OSError(error[0])
-
-
-def _disk_full(error: Exception, path: Path) -> str | None:
-    """'no space left on device ...' when that is why a write failed. torch.save says only "unexpected pos N vs M"
-    when its writes come up short, which a full disk does; the free space tells."""
-    free = shutil.disk_usage(path if path.exists() else path.parent).free
-    errors = [error, error.__cause__, error.__context__]
-    if any(getattr(e, "errno", None) == errno.ENOSPC for e in errors) or (
-            "unexpected pos" in str(error) and free < 2**28):
-        return f"no space left on device: {free / 2**20:.1f} MiB free in {path.parent}; free some space"
-    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:
@@ -380,11 +368,13 @@ class StopOnSignal:
             os.kill(os.getpid(), signum)
         self.signal = signal.Signals(signum).name  # no printing here: the signal may interrupt a print
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was signalled."""
-        flag = torch.tensor(float(self.signal is not None), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, device: torch.device, failed: bool = False) -> tuple[bool, bool]:
+        """Whether any rank was signalled, and whether any rank passed `failed` (a write it could not make): the
+        same on every rank, from one all-reduce."""
+        flags = torch.tensor([float(self.signal is not None), float(failed)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, any_failed = flags.tolist()
+        return bool(signalled), bool(any_failed)
 
     def restore(self) -> None:
         for s, handler in self.previous.items():

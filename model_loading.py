@@ -19,6 +19,7 @@ The path, top to bottom:
 Every rank runs this and builds the identical model: FSDP is later told not to broadcast (sync_module_states=False),
 and quantization is deterministic, so the same files give the same packed bytes on every rank.
 """
+import errno
 import json
 import math
 import os
@@ -209,6 +210,18 @@ def written_whole(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def disk_full(error: BaseException, path: Path) -> str | None:
+    """'no space left on device ...', with the free space beside `path`, when that is why writing `path` failed: the
+    errno says so, or the message (safetensors' errors have no errno), or torch.save's "unexpected pos N vs M", all it
+    says when its writes come up short, while little space is left."""
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    errors = [error, error.__cause__, error.__context__]
+    if any(getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e) for e in errors) or (
+            "unexpected pos" in str(error) and free < 2**28):
+        return f"no space left on device: {free / 2**20:.1f} MiB free in {path.parent}; free some space"
+    return None
 
 
 def copy_beside(src: Path, dst: Path) -> list[str]:

@@ -154,6 +154,54 @@ def test_full_disk_says_so_with_the_path(small_run, tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_full_disk_while_logging_a_step_saves_and_stops(small_run, tmp_path, monkeypatch):
+    """(17) metrics.jsonl's write fails at step 3 (no space left on device, half the line written): the run saves
+    checkpoint-3 and stops with one error naming the folder; the file holds steps 1-3 whole, and --resume auto
+    continues with each step once."""
+    out, real_open = tmp_path / "run", run_folder.open_metrics
+
+    def open_metrics(path, step):
+        file = real_open(path, step)
+        write = file.write
+
+        def fill_up(line):
+            if json.loads(line)["step"] == 3:
+                write(line[:20])
+                file.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(line)
+
+        file.write = fill_up
+        return file
+
+    with monkeypatch.context() as m:
+        m.setattr(run_folder, "open_metrics", open_metrics)
+        with pytest.raises(OSError, match=rf"^writing {out}/metrics.jsonl failed at step 3 \(no space left on device: "
+                                          rf"[\d.]+ MiB free in {out}; free some space\); saved {out}/checkpoint-3: "
+                                          "continue with --resume auto$") as failed:
+            run_inprocess(small_run(out, 4, "--save_every", "4"))
+    assert failed.value.__context__ is None or failed.value.__suppress_context__  # one traceback, not three
+    assert list_checkpoints(out) == [out / "checkpoint-3"] and [m["step"] for m in metrics(out)] == [1, 2, 3]
+    assert [h["step"] for h in run_inprocess(small_run(out, 4, "--save_every", "4", "--resume", "auto"))] == [4]
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_resumed_run_has_each_sample_once(small_run, tmp_path):
+    """(32) Killed after checkpoint-4 and resumed with --resume auto: samples.jsonl is cut back to the checkpoint's
+    step, as metrics.jsonl is, and reads as the uninterrupted run's, each step's samples once."""
+    out, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    prompts.write_text("red\nblue\n")
+    flags = ("--save_every", "2", "--sample_prompts", str(prompts), "--sample_tokens", "2")
+    run_inprocess(small_run(out, 6, *flags))
+    uninterrupted = (out / "samples.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in uninterrupted.splitlines()] == [2, 2, 4, 4, 6, 6]
+    shutil.rmtree(out / "checkpoint-6")  # as if killed after step 6's samples, before the run ended
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_config.json"):
+        (out / name).unlink()
+    run_inprocess(small_run(out, 6, *flags, "--resume", "auto"))
+    assert (out / "samples.jsonl").read_text() == uninterrupted
+
+
 def test_keep_last(small_run, tmp_path):
     out = tmp_path / "run"
     run_inprocess(small_run(out, 4, "--save_every", "1", "--keep_last", "2"))
