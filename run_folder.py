@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import lora
+import model_loading
 import quantization
 
 COMPLETE = "COMPLETE"
@@ -97,6 +98,7 @@ def write_checkpoint(final: Path, step: int, adapter: dict, config: dict,
         files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)} for name in names}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
         _fsync(tmp / COMPLETE)
+        model_loading.readable(tmp)
         _fsync(tmp)
         if final.exists():  # saved before by a run that fell back past it: set it aside, then replace it
             aside = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))

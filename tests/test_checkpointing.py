@@ -202,6 +202,25 @@ def test_resumed_run_has_each_sample_once(small_run, tmp_path):
     assert (out / "samples.jsonl").read_text() == uninterrupted
 
 
+def test_run_folder_files_are_readable_by_other_users(tmp_path):
+    """(33) The final adapter's files, and a checkpoint folder with all it holds, get the mode of any new file (0644,
+    and 0755 for the folder, under umask 022), not the private 0600 and 0700 of safetensors' and mkdtemp's temporary
+    files: a server running as another user (a vLLM container) can read them."""
+    adapter = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+               "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)}
+    config = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "model": "tiny"}
+    umask = os.umask(0o022)
+    try:
+        run_folder.write_final(tmp_path, adapter, config)
+        run_folder.write_checkpoint(tmp_path / "checkpoint-1", 1, adapter, config, {})
+    finally:
+        os.umask(umask)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    names = ["adapter_config.json", "adapter_model.safetensors", "train_config.json"]
+    assert modes == {**dict.fromkeys(names + [f"checkpoint-1/{n}" for n in names + ["COMPLETE"]], 0o644),
+                     "checkpoint-1": 0o755}
+
+
 def test_keep_last(small_run, tmp_path):
     out = tmp_path / "run"
     run_inprocess(small_run(out, 4, "--save_every", "1", "--keep_last", "2"))
