@@ -30,7 +30,6 @@ Preemption (StopOnSignal, at the end): SIGTERM or SIGINT lets the current step f
 exits cleanly; a second signal exits at once.
 """
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -211,14 +210,36 @@ def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[s
         raise ResumeError(f"cannot resume from {path}: " + "; ".join(problems))
 
 
+def check_output_dir(out_dir: Path, resume: str, overwrite: bool, dataset: str) -> None:
+    """Refuse an output_dir the other flags contradict; on every rank, before the folder is made or read."""
+    if overwrite and resume and not _foreign(resume, out_dir):
+        raise ResumeError(f"--resume {resume} continues the run in {out_dir} and --overwrite deletes it: pass one of "
+                          "them")
+    data_dir = Path(dataset).expanduser()
+    if data_dir.is_dir() and Path(out_dir).resolve().is_relative_to(data_dir.resolve()):
+        raise ResumeError(f"--output_dir {out_dir} is inside the --dataset folder {data_dir}: choose an --output_dir "
+                          "outside it, where the run's own files (metrics.jsonl, samples.jsonl) are not read as data")
+
+
+def _foreign(resume: str, out_dir: Path) -> bool:
+    """Whether --resume names a checkpoint of another run folder than output_dir."""
+    return resume not in ("", "auto") and Path(resume).expanduser().resolve().parent != Path(out_dir).resolve()
+
+
 def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
-    """Make sure output_dir holds no other run's work; clear leftovers of interrupted saves. Call it under the lock.
+    """Make sure output_dir holds no other run's work; clear leftovers of interrupted saves. Call it under the lock,
+    after check_output_dir.
 
     A run with checkpoints is continued (--resume) or replaced (--overwrite). A finished run without checkpoints
-    (an adapter and metrics.jsonl) cannot be continued, so only --overwrite replaces it.
+    (an adapter and metrics.jsonl) cannot be continued, so only --overwrite replaces it. A checkpoint of another
+    run folder is resumed into an empty output_dir, or replaces the run in it with --overwrite.
     """
     existing = list_checkpoints(out_dir)
     finished = [f for f in ("adapter_model.safetensors", "metrics.jsonl") if (out_dir / f).is_file()]
+    if _foreign(resume, out_dir) and (existing or finished) and not overwrite:
+        raise ResumeError(f"--resume {resume} is a checkpoint of another run folder, and --output_dir {out_dir} "
+                          f"holds a run of its own ({existing[-1].name if existing else finished[0]}): pass "
+                          "--overwrite to replace that run with the one resumed, or an empty --output_dir")
     if existing and not resume and not overwrite:
         raise ResumeError(f"{out_dir} holds another run's checkpoints (newest {existing[-1].name}): pass --resume auto "
                           "to continue that run, --overwrite to delete them, or another --output_dir")
@@ -232,7 +253,8 @@ def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
         leftovers = [p for p in out_dir.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
         # TensorBoard reads every event file in its folder, so an earlier run's would mix into the new curves. W&B's
         # folders are runs of their own, told apart by id: left as they are, with what they may not have synced.
-        replaced = existing + [out_dir / f for f in (*FINAL_FILES, "tensorboard")] if overwrite and not resume else []
+        # (check_output_dir refused --overwrite with a resume of this folder's own run)
+        replaced = existing + [out_dir / f for f in (*FINAL_FILES, "tensorboard")] if overwrite else []
         for path in leftovers + replaced:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     dist.barrier()  # nobody looks at the folder before it is clean
@@ -286,21 +308,10 @@ def _on_rank0(write: Callable[[], None], path: Path, intact: str) -> None:
         try:
             write()
         except Exception as e:  # OSError, or torch.save's RuntimeError on a full disk: every rank must hear of it
-            error[0] = f"saving {path} failed ({_disk_full(e, path) or e}); {intact}"
+            error[0] = f"saving {path} failed ({model_loading.disk_full(e, path) or e}); {intact}"
     dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise OSError(error[0])
-
-
-def _disk_full(error: Exception, path: Path) -> str | None:
-    """'no space left on device ...' when that is why a write failed. torch.save says only "unexpected pos N vs M"
-    when its writes come up short, which a full disk does; the free space tells."""
-    free = shutil.disk_usage(path if path.exists() else path.parent).free
-    errors = [error, error.__cause__, error.__context__]
-    if any(getattr(e, "errno", None) == errno.ENOSPC for e in errors) or (
-            "unexpected pos" in str(error) and free < 2**28):
-        return f"no space left on device: {free / 2**20:.1f} MiB free in {path.parent}; free some space"
-    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:
@@ -357,11 +368,13 @@ class StopOnSignal:
             os.kill(os.getpid(), signum)
         self.signal = signal.Signals(signum).name  # no printing here: the signal may interrupt a print
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was signalled."""
-        flag = torch.tensor(float(self.signal is not None), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def agreed(self, device: torch.device, failed: bool = False) -> tuple[bool, bool]:
+        """Whether any rank was signalled, and whether any rank passed `failed` (a write it could not make): the
+        same on every rank, from one all-reduce."""
+        flags = torch.tensor([float(self.signal is not None), float(failed)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, any_failed = flags.tolist()
+        return bool(signalled), bool(any_failed)
 
     def restore(self) -> None:
         for s, handler in self.previous.items():

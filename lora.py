@@ -494,6 +494,7 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
     names = peft_keys(state)
     tensors = {names[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    model_loading.readable(out_dir / "adapter_model.safetensors")
     linears = [k for k in state if ".lora_experts." not in k]
     targets = kinds(k.split(".lora_")[0] for k in linears)  # the layers adapted, never "all-linear": PEFT, vLLM read it
     config = {

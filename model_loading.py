@@ -19,6 +19,9 @@ The path, top to bottom:
 Every rank runs this and builds the identical model: FSDP is later told not to broadcast (sync_module_states=False),
 and quantization is deterministic, so the same files give the same packed bytes on every rank.
 """
+import errno
+import fcntl
+import glob
 import json
 import math
 import os
@@ -28,7 +31,7 @@ import shutil
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,18 +200,65 @@ def check_out_folder(out: Path, overwrite: bool, error: type[Exception] = Checkp
 @contextmanager
 def written_whole(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out` to write a model folder into, renamed to `out` (replacing it) once the block
-    ends: an interrupted write never looks finished, and the folder it replaces is kept until then."""
+    ends: an interrupted write never looks finished, and the folder it replaces is kept until then.
+
+    The writer holds a lock on its temporary folder; the kernel drops it when the process dies. So the temporary
+    folders of killed writers (SIGKILL runs no cleanup: up to a whole model's size) are the unlocked ones, removed
+    here, while a writer still running keeps its own. A full disk is said as such, with the folder."""
+    for old in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        with suppress(FileNotFoundError), _locked(old, wait=False) as free:  # (or removed by another writer meanwhile)
+            if free:
+                shutil.rmtree(old, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)  # --overwrite, checked by check_out_folder
-        tmp.rename(out)
-    except BaseException:
+        with _locked(tmp, wait=True):
+            yield tmp
+            if out.exists():
+                shutil.rmtree(out)  # --overwrite, checked by check_out_folder
+            tmp.rename(out)
+    except BaseException as e:
+        full = disk_full(e, tmp)  # before the removal frees the space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OSError(f"writing {out} failed ({full})") from None
         raise
+
+
+@contextmanager
+def _locked(folder: Path, wait: bool) -> Iterator[bool]:
+    """An exclusive lock on a folder for the block; whether it was taken (without `wait`, not if another holds it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
+    finally:
+        os.close(fd)
+
+
+def readable(path: Path) -> None:
+    """Give a file or folder the mode a new one gets (0644 / 0755 under the usual umask of 022). safetensors' save_file
+    and tempfile.mkdtemp make them private (0600 / 0700), which a server running as another user (a vLLM container)
+    cannot read."""
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def disk_full(error: BaseException, path: Path) -> str | None:
+    """'no space left on device ...', with the free space beside `path`, when that is why writing `path` failed: the
+    errno says so, or the message (safetensors' errors have no errno), or torch.save's "unexpected pos N vs M", all it
+    says when its writes come up short, while little space is left."""
+    free = shutil.disk_usage(path if path.exists() else path.parent).free
+    errors = [error, error.__cause__, error.__context__]
+    if any(getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e) for e in errors) or (
+            "unexpected pos" in str(error) and free < 2**28):
+        return f"no space left on device: {free / 2**20:.1f} MiB free in {path.parent}; free some space"
+    return None
 
 
 def copy_beside(src: Path, dst: Path) -> list[str]:

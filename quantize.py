@@ -163,6 +163,7 @@ def _write_shards(stored: Iterable[dict[str, torch.Tensor]], out_dir: Path, shar
     def flush():
         files.append(out_dir / f"model-{len(files) + 1:05d}.safetensors")
         save_file(shard, files[-1], metadata={"format": "pt"})
+        model_loading.readable(files[-1])
         weight_map.update(dict.fromkeys(shard, files[-1]))
         shard.clear()
 

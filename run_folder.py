@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import lora
+import model_loading
 import quantization
 
 COMPLETE = "COMPLETE"
@@ -97,6 +98,7 @@ def write_checkpoint(final: Path, step: int, adapter: dict, config: dict,
         files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)} for name in names}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
         _fsync(tmp / COMPLETE)
+        model_loading.readable(tmp)
         _fsync(tmp)
         if final.exists():  # saved before by a run that fell back past it: set it aside, then replace it
             aside = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
@@ -156,14 +158,21 @@ def trained_quant(folder: Path) -> str:
 
 
 def open_metrics(path: Path, resumed_step: int):
-    """metrics.jsonl to append to, holding the whole lines up to the resumed step, so a resumed run's file reads as one
-    run. A line torn by a kill or a full disk is not whole: it is dropped, as are the steps after the checkpoint.
-    The kept lines replace the file atomically: a kill here loses nothing."""
+    """metrics.jsonl to append to, cut back to the resumed step (cut_back)."""
+    cut_back(path, resumed_step)
+    return path.open("a")
+
+
+def cut_back(path: Path, resumed_step: int) -> None:
+    """Keep the whole lines of a per-step file (metrics.jsonl, samples.jsonl) up to the resumed step, so a resumed
+    run's file reads as one run. A line torn by a kill or a full disk is not whole: it is dropped, as are the steps
+    after the checkpoint. The kept lines replace the file atomically: a kill here loses nothing."""
+    if not path.is_file():
+        return
     kept = [line + "\n" for line, step in _whole_lines(path) if step <= resumed_step] if resumed_step else []
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
-    return path.open("a")
 
 
 def last_metrics_step(path: Path) -> int:
@@ -172,7 +181,7 @@ def last_metrics_step(path: Path) -> int:
 
 
 def _whole_lines(path: Path) -> list[tuple[str, int]]:
-    """metrics.jsonl's lines that parse as a step's record, with their step; a torn line is left out."""
+    """A per-step file's lines that parse as a step's record, with their step; a torn line is left out."""
     found = []
     for line in path.read_bytes().decode(errors="replace").splitlines() if path.is_file() else []:
         try:

@@ -416,14 +416,21 @@ def find_resume(cfg: Config, out_dir: Path, run: dict,
 
 class StepLog:
     """Rank 0's record of each step: the progress line, metrics.jsonl (one JSON object per step), --report_to's
-    backends, and the history train() returns. A resumed run's file keeps the lines up to the checkpoint's step."""
+    backends, and the history train() returns. A resumed run's metrics.jsonl and samples.jsonl keep the lines up to
+    the checkpoint's step.
+
+    A line that cannot be written (a full disk) is cut off the file, kept, and `error` set: the run then saves and
+    stops (run_steps), and the line is tried once more after the save (raise_unwritten)."""
 
     def __init__(self, cfg: Config, out_dir: Path, total_steps: int, step: int, load_s: float,
                  report: reporting.Reporters):
         self.cfg, self.total_steps, self.load_s, self.history, self.report = cfg, total_steps, load_s, [], report
         self.rank0 = dist.get_rank() == 0
         self.bar = tqdm(total=total_steps, initial=step, desc="training", disable=not self.rank0)
-        self.file = run_folder.open_metrics(out_dir / "metrics.jsonl", step) if self.rank0 else None
+        self.path, self.file, self.unwritten, self.error = out_dir / "metrics.jsonl", None, "", None
+        if self.rank0:
+            run_folder.cut_back(out_dir / "samples.jsonl", step)
+            self.file = run_folder.open_metrics(self.path, step)
 
     def record(self, m: dict) -> None:
         if not self.history:
@@ -432,19 +439,46 @@ class StepLog:
         self.bar.update()
         if not self.rank0:
             return
-        self.file.write(json.dumps(m) + "\n")
-        self.file.flush()
+        self._append(json.dumps(m) + "\n", m["step"])
         self.report.step(m)
         if m["step"] % self.cfg.log_every == 0 or m["step"] == self.total_steps:
             self.bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
                                      f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB"
                                      + (f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
 
+    def _append(self, lines: str, step: int) -> None:
+        self.unwritten += lines
+        size = self.path.stat().st_size
+        try:
+            self.file = self.file or self.path.open("a")
+            self.file.write(self.unwritten)
+            self.file.flush()
+            self.unwritten = ""
+        except OSError as e:
+            self.error = self.error or (f"writing {self.path} failed at step {step} "
+                                        f"({model_loading.disk_full(e, self.path) or e})")
+            self.close_file()
+            os.truncate(self.path, size)  # no torn line
+
+    def raise_unwritten(self, saved: Path) -> None:
+        """After a failed write and the save that followed it: every rank raises rank 0's error; a collective."""
+        if self.rank0:  # the checkpoint went in, so the lines may too
+            self._append("", self.history[-1]["step"])
+        error = [self.error]
+        dist.broadcast_object_list(error, src=0)
+        raise OSError(f"{error[0]}; saved {saved}: continue with --resume auto")
+
+    def close_file(self) -> None:
+        try:
+            if self.file:
+                self.file.close()
+        except OSError:  # what its buffer held could not be written: _append cuts it off the file
+            pass
+        self.file = None
+
     def close(self) -> None:
         self.bar.close()
-        if self.file:
-            self.file.close()
-            self.file = None
+        self.close_file()
 
 
 class BadSteps:
@@ -497,11 +531,14 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
                 m["eval_loss"] = evaluate(model, batches.evals, device)
             log.record(m)
             bad.after(m)
-            stopping = stop.agreed(device) and step < total_steps
+            signalled, unwritten = stop.agreed(device, log.error is not None)
+            stopping = unwritten or (signalled and step < total_steps)  # a line not written (full disk): save, stop
             saving = bool(cfg.save_every) and step % cfg.save_every == 0
             if stopping or saving:
                 done = in_epoch + 1 < batches.steps_per_epoch
                 bad.last_saved = save(step, (epoch, in_epoch + 1) if done else (epoch + 1, 0))
+            if unwritten:
+                log.raise_unwritten(bad.last_saved)
             if stopping:
                 print0(f"got {stop.signal or 'a signal on another rank'}: saved {bad.last_saved}; continue with "
                        "--resume auto")
@@ -521,6 +558,7 @@ def train(cfg: Config) -> list[dict]:
             print0(f"warning: {warning}")
         out_dir = Path(cfg.output_dir)
         if not cfg.show:  # --show only reads
+            checkpointing.check_output_dir(out_dir, cfg.resume, cfg.overwrite, cfg.dataset)  # before it is made
             lock = run_folder.lock_output_dir(out_dir)  # before anything in the folder is read or removed
             checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
         model_dir = builtin.model_dir(cfg.model)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, LLAMA_LINEARS, ROOT, losses, run_inprocess, run_torchrun, tiny_config
+from conftest import (DEVICE, LLAMA_LINEARS, ROOT, losses, refused_before_loading, run_inprocess, run_torchrun,
+                      tiny_config)
 from safetensors.torch import load_file
 
 import checkpointing
@@ -151,6 +152,73 @@ def test_full_disk_says_so_with_the_path(small_run, tmp_path):
         assert list_checkpoints(disk / "run") == [] and not list((disk / "run").glob("*tmp*"))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_full_disk_while_logging_a_step_saves_and_stops(small_run, tmp_path, monkeypatch):
+    """(17) metrics.jsonl's write fails at step 3 (no space left on device, half the line written): the run saves
+    checkpoint-3 and stops with one error naming the folder; the file holds steps 1-3 whole, and --resume auto
+    continues with each step once."""
+    out, real_open = tmp_path / "run", run_folder.open_metrics
+
+    def open_metrics(path, step):
+        file = real_open(path, step)
+        write = file.write
+
+        def fill_up(line):
+            if json.loads(line)["step"] == 3:
+                write(line[:20])
+                file.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(line)
+
+        file.write = fill_up
+        return file
+
+    with monkeypatch.context() as m:
+        m.setattr(run_folder, "open_metrics", open_metrics)
+        with pytest.raises(OSError, match=rf"^writing {out}/metrics.jsonl failed at step 3 \(no space left on device: "
+                                          rf"[\d.]+ MiB free in {out}; free some space\); saved {out}/checkpoint-3: "
+                                          "continue with --resume auto$") as failed:
+            run_inprocess(small_run(out, 4, "--save_every", "4"))
+    assert failed.value.__context__ is None or failed.value.__suppress_context__  # one traceback, not three
+    assert list_checkpoints(out) == [out / "checkpoint-3"] and [m["step"] for m in metrics(out)] == [1, 2, 3]
+    assert [h["step"] for h in run_inprocess(small_run(out, 4, "--save_every", "4", "--resume", "auto"))] == [4]
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_resumed_run_has_each_sample_once(small_run, tmp_path):
+    """(32) Killed after checkpoint-4 and resumed with --resume auto: samples.jsonl is cut back to the checkpoint's
+    step, as metrics.jsonl is, and reads as the uninterrupted run's, each step's samples once."""
+    out, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    prompts.write_text("red\nblue\n")
+    flags = ("--save_every", "2", "--sample_prompts", str(prompts), "--sample_tokens", "2")
+    run_inprocess(small_run(out, 6, *flags))
+    uninterrupted = (out / "samples.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in uninterrupted.splitlines()] == [2, 2, 4, 4, 6, 6]
+    shutil.rmtree(out / "checkpoint-6")  # as if killed after step 6's samples, before the run ended
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train_config.json"):
+        (out / name).unlink()
+    run_inprocess(small_run(out, 6, *flags, "--resume", "auto"))
+    assert (out / "samples.jsonl").read_text() == uninterrupted
+
+
+def test_run_folder_files_are_readable_by_other_users(tmp_path):
+    """(33) The final adapter's files, and a checkpoint folder with all it holds, get the mode of any new file (0644,
+    and 0755 for the folder, under umask 022), not the private 0600 and 0700 of safetensors' and mkdtemp's temporary
+    files: a server running as another user (a vLLM container) can read them."""
+    adapter = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+               "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)}
+    config = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "model": "tiny"}
+    umask = os.umask(0o022)
+    try:
+        run_folder.write_final(tmp_path, adapter, config)
+        run_folder.write_checkpoint(tmp_path / "checkpoint-1", 1, adapter, config, {})
+    finally:
+        os.umask(umask)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    names = ["adapter_config.json", "adapter_model.safetensors", "train_config.json"]
+    assert modes == {**dict.fromkeys(names + [f"checkpoint-1/{n}" for n in names + ["COMPLETE"]], 0o644),
+                     "checkpoint-1": 0o755}
 
 
 def test_keep_last(small_run, tmp_path):
@@ -430,3 +498,46 @@ def test_resume_on_another_world_size_is_refused(saved_run):
 def test_resume_from_a_folder_that_is_no_checkpoint(small_run, tmp_path):
     with pytest.raises(ResumeError, match="not a checkpoint folder"):
         run_inprocess(small_run(tmp_path / "run", 2, "--resume", str(tmp_path)))
+
+
+def test_resume_path_of_another_run_never_writes_over_a_run(small_run, tmp_path, monkeypatch):
+    """(1) --resume PATH from another run folder into an --output_dir holding a run is refused, before the model
+    loads, and that run is left as it was; with --overwrite the run is replaced by the one resumed, exactly."""
+    run_b, run_a = tmp_path / "o_B", tmp_path / "o_A"
+    run_inprocess(small_run(run_b, 2, "--save_every", "2"))
+    before = {p.relative_to(run_b): p.read_bytes() for p in run_b.rglob("*") if p.is_file()}
+    first = run_inprocess(small_run(run_a, 2, "--save_every", "1", "--lr", "5e-3"))
+    args = small_run(run_b, 2, "--lr", "5e-3", "--resume", str(run_a / "checkpoint-1"))
+    with monkeypatch.context() as m:
+        m.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+        with pytest.raises(ResumeError, match=rf"--resume {run_a}/checkpoint-1 is a checkpoint of another run "
+                                              rf"folder, and --output_dir {run_b} holds a run of its own "
+                                              r"\(checkpoint-2\): pass --overwrite to replace that run"):
+            run_inprocess(args)
+    assert {p.relative_to(run_b): p.read_bytes() for p in run_b.rglob("*") if p.is_file()} == before
+    resumed = run_inprocess([*args, "--overwrite"])
+    assert [m["step"] for m in metrics(run_b)] == [2] and losses(resumed) == losses(first)[1:]
+    assert list_checkpoints(run_b) == []  # B's checkpoint-2 went with the rest of B's run
+
+
+def test_resume_auto_with_overwrite_is_refused(checkpoints, tmp_path, monkeypatch):
+    """(10) --resume auto continues the run in --output_dir and --overwrite deletes it: the two are refused together,
+    before the data is tokenized."""
+    with pytest.raises(ResumeError, match="--resume auto continues the run in .*out and --overwrite deletes it: "
+                                          "pass one of them"):
+        refused_before_loading(monkeypatch, tmp_path, checkpoints("llama"), tokenizes=False,
+                               args=("--resume", "auto", "--overwrite"))
+
+
+def test_output_dir_inside_the_dataset_folder_is_refused(checkpoints, small_run, tmp_path, monkeypatch):
+    """(12) An --output_dir that is the --dataset folder, or inside it, is refused before the data is tokenized: the
+    run's own metrics.jsonl would be read as data on resume. Nothing is created in the dataset folder."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(small_run.data_file, folder)
+    for out in (folder, folder / "runs" / "first"):
+        with pytest.raises(ResumeError, match=rf"--output_dir {out} is inside the --dataset folder {folder}: "
+                                              r"choose an --output_dir outside it"):
+            refused_before_loading(monkeypatch, tmp_path, checkpoints("llama"), tokenizes=False,
+                                   args=("--dataset", str(folder), "--output_dir", str(out)))
+    assert sorted(p.name for p in folder.iterdir()) == ["d.jsonl"]

@@ -1,11 +1,14 @@
 """Pre-quantized checkpoints: transformers' own bitsandbytes 4-bit checkpoints load with their bytes as they are,
 quantize.py writes that format, and training, merging and sampling work from such a base."""
+import fcntl
 import json
+import os
+import subprocess
 
 import pytest
 import torch
-from conftest import (DEVICE, TOKENS, common, editable_copy, hf_greedy, reference_model, refused_before_loading,
-                      run_inprocess)
+from conftest import (DEVICE, TOKENS, common, editable_copy, hf_greedy, make_adapter, reference_model,
+                      refused_before_loading, run_inprocess)
 from safetensors.torch import load_file, save_file
 
 import generate
@@ -179,12 +182,51 @@ def test_quantize_py_loses_nothing(checkpoints, tmp_path, monkeypatch):
         return save_file(*args, **kwargs)
 
     monkeypatch.setattr(quantize, "save_file", fail_on_second_shard)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=rf"writing {out} failed \(no space left on device"):
         quantize.quantize_checkpoint(str(src), out, "fp4", overwrite=True, shard_size_mb=0, progress=False)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     with pytest.raises(quantize.QuantizeError, match="is already quantized to nf4"):
         quantize.quantize_checkpoint(str(out), tmp_path / "again", progress=False)
+
+
+def test_leftovers_of_killed_writers_are_removed_by_the_next(checkpoints, tmp_path):
+    """(16) The hidden .OUT.tmp-PID folder that a SIGKILLed quantize.py or merge.py leaves is removed by the next run
+    into the same --out; one that a writer still holds (running now) is left alone."""
+    src, quantized, merged = checkpoints("llama"), tmp_path / "q", tmp_path / "m"
+
+    def leftover(out, pid):
+        folder = out.parent / f".{out.name}.tmp-{pid}"
+        folder.mkdir()
+        (folder / "model-00001.safetensors").write_bytes(bytes(4096))
+        return folder
+
+    killed, live = leftover(quantized, 4194304), leftover(quantized, 1)
+    held = os.open(live, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a running writer holds the folder it writes
+    try:
+        quantize.quantize_checkpoint(str(src), quantized, progress=False)
+    finally:
+        os.close(held)
+    killed = leftover(merged, 4194304)
+    merge.merge(str(src), make_adapter(src, tmp_path / "adapter"), merged, verify=False, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".q.tmp-1", "adapter", "m", "q"]
+
+
+def test_quantize_on_a_full_disk_says_so(checkpoints, tmp_path):
+    """(21) quantize.py onto a full disk (a 64 KiB tmpfs): "no space left on device" with the folder, not safetensors'
+    raw SafetensorError, and nothing left on the disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        with pytest.raises(OSError, match=rf"^writing {disk}/q failed \(no space left on device: [\d.]+ MiB free in "
+                                          rf"{disk}; free some space\)$"):
+            quantize.quantize_checkpoint(str(checkpoints("llama")), disk / "q", progress=False)
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
