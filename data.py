@@ -349,7 +349,7 @@ class FirstOnNode:
                     f"rank {self.rank}: rank {self.first}, which prepares the data on this node, has shown no progress "
                     f"for {self.patience_s:g} s (--dist_timeout): it died or hung, and its log says why; relaunch "
                     "once that is fixed")
-            time.sleep(0.1)
+            time.sleep(0.5)  # a round trip to the store each time, from every waiting rank of every node
 
 
 def _tokenized(raw, source: str, cfg: DataConfig, tokenizer, log):
