@@ -26,8 +26,9 @@ too (and with offload_to_cpu it crashes on CPU), so the LoRA weights are gathere
 
 Output_dir must be on a filesystem that every rank sees when resuming: rank 0 writes, every rank reads.
 
-Preemption (StopOnSignal, at the end): SIGTERM or SIGINT lets the current step finish, then every rank saves and
-exits cleanly; a second signal exits at once.
+Preemption (StopOnSignal, at the end): SIGTERM or SIGINT lets the current step finish (an evaluation is abandoned),
+then every rank saves and exits cleanly; before training starts it stops the run at once, saving nothing; a second
+signal exits at once.
 """
 import dataclasses
 import hashlib
@@ -351,22 +352,39 @@ def _set_rng_state(state: dict) -> None:
 # Preemption
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal before training started: there is nothing to save, so the run stops where it is. A KeyboardInterrupt,
+    as Ctrl-C's own: libraries that clean up after one (datasets' cache files) do so, and `except Exception` passes it
+    on."""
+
+
 class StopOnSignal:
-    """SIGTERM or SIGINT (preemption, Ctrl-C) asks for a clean stop: finish the step, save, exit. A second one kills.
+    """SIGTERM or SIGINT (preemption, Ctrl-C) asks for a clean stop, and each signalled rank says so at once. Before
+    training starts (tokenizing, loading) the run stops there (Interrupted), saving nothing. Once begin_training() is
+    called: finish the step, save, exit. A second signal kills.
 
     torchrun forwards the signal it gets to every rank; a scheduler may signal only some. So the ranks agree with an
     all-reduce after every step, and all of them stop on the same step: the save is a collective.
     """
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.training = None, False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def begin_training(self) -> None:
+        self.training = True
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # asked twice: exit at once, as if there were no handler
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-        self.signal = signal.Signals(signum).name  # no printing here: the signal may interrupt a print
+        self.signal = signal.Signals(signum).name
+        news = (": stopping after this step, with a checkpoint (a second signal stops at once)" if self.training
+                else " before training started: stopping now; nothing is saved")
+        # os.write, not print: the signal may have interrupted a print, and print is not reentrant
+        os.write(2, f"rank {os.environ.get('RANK', 0)}: got {self.signal}{news}\n".encode())
+        if not self.training:
+            raise Interrupted(self.signal)
 
     def agreed(self, device: torch.device, failed: bool = False) -> tuple[bool, bool]:
         """Whether any rank was signalled, and whether any rank passed `failed` (a write it could not make): the

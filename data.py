@@ -21,6 +21,8 @@ import lzma
 import math
 import random
 import statistics
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,8 +367,8 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt
 
 
 def prepare(cfg: DataConfig, tokenizer, local_rank: int = 0, log=print):
-    """(train, eval or None) tokenized datasets for `cfg`. Rank 0 of each node tokenizes and fills
-    the datasets cache; the other ranks wait at a barrier, then read that cache instead of repeating the work."""
+    """(train, eval or None) tokenized datasets for `cfg`. Rank 0 of each node tokenizes and fills the datasets
+    cache; the other ranks wait for it (FirstOnNode), then read that cache instead of repeating the work."""
     ensure_pad_token(tokenizer)
     if cfg.chat_template:
         tokenizer.chat_template = CHATML if cfg.chat_template == "chatml" else cfg.chat_template
@@ -376,14 +378,56 @@ def prepare(cfg: DataConfig, tokenizer, local_rank: int = 0, log=print):
         # load_raw would read the training files again: the eval loss would be measured on the training data
         raise DataError(f"--eval_split {cfg.eval_split!r}: no such file, and the local dataset {cfg.dataset} has no "
                         "splits; pass a file or folder to --eval_split, or carve one out with --eval_fraction")
-    if distributed and local_rank != 0:
-        dist.barrier()
+    # The store the process group met in (torch has no public accessor for it); its timeout is the group's,
+    # --dist_timeout
+    store = dist.distributed_c10d._get_default_store() if distributed else None
+    node = FirstOnNode(store, dist.get_rank(), local_rank, store.timeout.total_seconds()) if store else None
+    if node and local_rank != 0:
+        node.wait()
     try:
         train, evals = _train_and_eval(cfg, tokenizer, eval_file, log)
     finally:
-        if distributed and local_rank == 0:
-            dist.barrier()
+        if node and local_rank == 0:
+            node.done()  # failed or not: the others go on, and meet the same error on their own
     return train, evals
+
+
+class FirstOnNode:
+    """Rank 0 of each node works first (tokenizing into the node's datasets cache) while the node's other ranks wait.
+
+    They wait on the process group's store, not in a collective: a collective gives up after --dist_timeout, however
+    long the work rightly takes (millions of chat rows take longer than the default 15 minutes). So that a dead or
+    hung rank 0 still ends the wait, it adds to a counter in the store every second while it works; the others
+    give up once the counter has been still for `patience_s`. torchrun numbers the ranks of a node consecutively, so
+    rank - local rank is the node's rank 0.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, local_rank: int, patience_s: float):
+        self.store, self.rank, self.first, self.patience_s = store, rank, rank - local_rank, patience_s
+        self.ready, self.alive = f"data/{self.first}/ready", f"data/{self.first}/alive"
+        self.stopped = threading.Event()
+        if local_rank == 0:
+            threading.Thread(target=self._beat, daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(min(1.0, self.patience_s / 4)):
+            self.store.add(self.alive, 1)
+
+    def done(self) -> None:
+        self.stopped.set()
+        self.store.set(self.ready, "1")
+
+    def wait(self) -> None:
+        beats, since = -1, time.monotonic()
+        while not self.store.check([self.ready]):
+            if (now := self.store.add(self.alive, 0)) != beats:
+                beats, since = now, time.monotonic()
+            elif time.monotonic() - since >= self.patience_s:
+                raise TimeoutError(
+                    f"rank {self.rank}: rank {self.first}, which prepares the data on this node, has shown no progress "
+                    f"for {self.patience_s:g} s (--dist_timeout): it died or hung, and its log says why; relaunch "
+                    "once that is fixed")
+            time.sleep(0.5)  # a round trip to the store each time, from every waiting rank of every node
 
 
 def _train_and_eval(cfg: DataConfig, tokenizer, eval_file: bool, log):

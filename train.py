@@ -327,15 +327,23 @@ def train_step(model, optimizer, micro_batches: list[dict], cfg: Config, device:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], device: torch.device) -> float:
-    """Mean loss over every label token of the eval set, on all ranks together."""
+def evaluate(model, batches: list[dict], device: torch.device, stop: checkpointing.StopOnSignal) -> float | None:
+    """Mean loss over every label token of the eval set, on all ranks together; None if a signal came first.
+
+    A long evaluation would outlast the grace torchrun gives a signalled run (30 s), so it is abandoned at the next
+    batch. The ranks agree before each batch: every forward is a collective, so all of them must stop at the same one.
+    """
     model.eval()
     totals = torch.zeros(2, device=device)
-    for batch in batches:
-        loss, n = loss_sum(model, batch, device)
-        totals += torch.stack([loss, n.float()])
-    dist.all_reduce(totals)
-    model.train()
+    try:
+        for batch in batches:
+            if stop.agreed(device)[0]:  # (signalled, failed)
+                return None
+            loss, n = loss_sum(model, batch, device)
+            totals += torch.stack([loss, n.float()])
+        dist.all_reduce(totals)
+    finally:
+        model.train()
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
@@ -527,8 +535,10 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
             step += 1
             m.update(step=step, epoch=epoch, lr=lr, tokens_per_s=m["tokens"] / (time.perf_counter() - t0),
                      peak_mem_gib=peak_memory_gib(device))
-            if batches.evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps):
-                m["eval_loss"] = evaluate(model, batches.evals, device)
+            evaluating = batches.evals and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps)
+            eval_loss = evaluate(model, batches.evals, device, stop) if evaluating else None
+            if eval_loss is not None:
+                m["eval_loss"] = eval_loss
             log.record(m)
             bad.after(m)
             signalled, unwritten = stop.agreed(device, log.error is not None)
@@ -540,8 +550,9 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
             if unwritten:
                 log.raise_unwritten(bad.last_saved)
             if stopping:
-                print0(f"got {stop.signal or 'a signal on another rank'}: saved {bad.last_saved}; continue with "
-                       "--resume auto")
+                abandoned = f" evaluation at step {step} abandoned;" if evaluating and eval_loss is None else ""
+                print0(f"got {stop.signal or 'a signal on another rank'}:{abandoned} saved {bad.last_saved}; continue "
+                       "with --resume auto")
                 return True
             if step < total_steps and ("eval_loss" in m or saving):
                 sample(step)
@@ -613,6 +624,7 @@ def train(cfg: Config) -> list[dict]:
 
         log = StepLog(cfg, out_dir, total_steps, position[0], load_s, report)
         bad = BadSteps(cfg.max_bad_steps, resume_from)
+        stop.begin_training()  # from here a signal lets the step finish and saves it
         try:
             if run_steps(cfg, model, optimizer, scheduler, batches, total_steps, position, save, sample, log, bad, stop):
                 return log.history  # stopped by a signal, checkpoint saved
@@ -625,9 +637,13 @@ def train(cfg: Config) -> list[dict]:
             print0(f"done: loss {log.history[0]['loss']:.4f} -> {log.history[-1]['loss']:.4f}; adapter saved to "
                    f"{out_dir}")
         return log.history
+    except checkpointing.Interrupted:  # a signal before training: the handler said so, and there is nothing to save
+        return []
     except RuntimeError as e:
         if isinstance(e, dist.DistError) or "gloo" in str(e):  # NCCL: DistError; gloo: a RuntimeError naming it
-            print(f"rank {rank}: lost contact with another rank ({e}). The launcher's log names the rank that "
+            slow = (f" A rank waits --dist_timeout ({cfg.dist_timeout} s) for the others: if one was busy, not dead, "
+                    "raise it." if any(w in str(e).lower() for w in ("timed out", "timeout")) else "")
+            print(f"rank {rank}: lost contact with another rank ({e}).{slow} The launcher's log names the rank that "
                   "failed; once it is back, continue with --resume auto.", flush=True)
         raise
     finally:

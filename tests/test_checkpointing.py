@@ -1,4 +1,5 @@
 """Checkpoints: a resumed run continues bit for bit, and no crash, signal, bad step or bad save loses a good one."""
+import contextlib
 import dataclasses
 import errno
 import json
@@ -41,10 +42,9 @@ def small_run(checkpoints, tmp_path_factory):
     return args
 
 
-def launch(args: list[str], log: Path) -> subprocess.Popen:
-    """2-rank torchrun in the background, its output in `log`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *args]
+def launch(args: list[str], log: Path, script: Path = ROOT / "train.py") -> subprocess.Popen:
+    """2-rank torchrun of `script` in the background, its output in `log`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**env, "OMP_NUM_THREADS": "1"})
 
@@ -60,6 +60,29 @@ def worker_pids(launcher: subprocess.Popen) -> dict[int, int]:
         except (OSError, StopIteration, ValueError, IndexError):
             pass
     return pids
+
+
+def slow_tokenizing(folder: Path, seconds: float) -> Path:
+    """A script that runs train.py with its flags, where rank 0 takes `seconds` longer to tokenize; it creates
+    folder/tokenizing as it starts."""
+    script = folder / "slow_tokenizing.py"
+    script.write_text(f"""
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import data, train
+real = data.tokenize_batch
+
+def tokenize_batch(*args, **kwargs):
+    open({str(folder / "tokenizing")!r}, "w").close()
+    time.sleep({seconds})
+    return real(*args, **kwargs)
+
+if os.environ["LOCAL_RANK"] == "0":  # the rank that tokenizes while the others wait
+    data.tokenize_batch = tokenize_batch
+train.train(train.parse_config())
+os._exit(0)
+""")
+    return script
 
 
 def wait_until(condition, launcher: subprocess.Popen, timeout: float = 120) -> None:
@@ -256,7 +279,7 @@ def test_sigterm_to_one_rank_saves_and_both_exit_cleanly(small_run, tmp_path):
 
 
 def test_first_signal_is_noted_and_second_exits_at_once():
-    code = ("import os, signal, time, checkpointing; stop = checkpointing.StopOnSignal(); "
+    code = ("import os, signal, time, checkpointing; stop = checkpointing.StopOnSignal(); stop.begin_training(); "
             "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1); print(stop.signal, flush=True); "
             "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); print('alive')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -276,6 +299,95 @@ def test_dead_rank_ends_the_run_in_bounded_time(small_run, tmp_path):
     assert time.monotonic() - t0 < 60
     if DEVICE.type == "cpu":  # gloo sees the closed connection at once; NCCL waits for --dist_timeout
         assert "rank 0: lost contact with another rank" in log.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_tokenizing_longer_than_dist_timeout_does_not_fail_the_waiting_rank(small_run, tmp_path):
+    """#13: rank 0 tokenizes for 15 s, three times --dist_timeout, while rank 1 waits for it: the run trains its 2
+    steps."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = launch(small_run(out, 2, "--dist_timeout", "5"), log, slow_tokenizing(tmp_path, 15))
+    assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def test_a_rank_waiting_for_the_data_gives_up_after_dist_timeout_of_silence():
+    """#13: a rank waits for rank 0 of its node as long as that one shows progress (2 s here, twice the patience),
+    and gives up, naming --dist_timeout, once rank 0 has been silent for the patience (1 s)."""
+    import threading
+
+    import data
+
+    store = torch.distributed.HashStore()
+    first, other = data.FirstOnNode(store, 0, 0, 1.0), data.FirstOnNode(store, 1, 1, 1.0)
+    threading.Timer(2.0, first.done).start()
+    t0 = time.monotonic()
+    other.wait()
+    assert 2.0 <= time.monotonic() - t0 < 3.0
+    silent = data.FirstOnNode(store, 3, 1, 1.0)  # rank 2, rank 0 of its node, never started
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^rank 3: rank 2, which prepares the data on this node, has shown no "
+                                           r"progress for 1 s \(--dist_timeout\)"):
+        silent.wait()
+    assert 1.0 <= time.monotonic() - t0 < 2.0
+
+
+def test_sigterm_during_evaluation_abandons_it_at_the_next_batch_and_saves(small_run, tmp_path, monkeypatch, capsys):
+    """#14: SIGTERM during the 2nd of 6 eval batches: no further eval batch runs, checkpoint-2 is saved, and step 2
+    is recorded without an eval loss."""
+    real, evals = train.loss_sum, []
+
+    def loss_sum(model, batch, device):
+        if not model.training:
+            evals.append(batch)
+            if len(evals) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch, device)
+
+    monkeypatch.setattr(train, "loss_sum", loss_sum)
+    out = tmp_path / "run"
+    history = run_inprocess(small_run(out, 4, "--eval_fraction", "0.5", "--eval_every", "2", "--batch_size", "1"))
+    assert len(evals) == 2
+    assert [h["step"] for h in history] == [1, 2] and "eval_loss" not in metrics(out)[-1]
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    assert f"got SIGTERM: evaluation at step 2 abandoned; saved {out / 'checkpoint-2'}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_ctrl_c_before_training_is_acknowledged_at_once_and_stops_without_a_checkpoint(small_run, tmp_path):
+    """#15: SIGINT to torchrun (Ctrl-C) while rank 0 tokenizes for 60 s: each rank says at once that it stops, every
+    process is gone within 15 s, and no checkpoint or metrics are written."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = launch(small_run(out, 2, "--save_every", "1"), log, slow_tokenizing(tmp_path, 60))
+    wait_until(lambda: (tmp_path / "tokenizing").exists(), proc)
+    ranks = worker_pids(proc)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=15)
+    finally:
+        for pid in [*ranks.values(), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = log.read_text()
+    for rank in ranks:
+        assert f"rank {rank}: got SIGINT before training started: stopping now; nothing is saved" in text, text[-3000:]
+    assert not (out / "metrics.jsonl").exists() and list(out.glob("checkpoint-*")) == []
+
+
+def test_a_collective_that_timed_out_names_dist_timeout(small_run, tmp_path, monkeypatch, capsys):
+    """#13: when a collective timed out (gloo's words here), the message says how long a rank waits and which flag
+    raises it."""
+    import data
+
+    def timed_out(*args, **kwargs):
+        raise RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms for recv operation")
+
+    monkeypatch.setattr(data, "prepare", timed_out)
+    with pytest.raises(RuntimeError, match="Timed out waiting 4000ms"):
+        run_inprocess(small_run(tmp_path / "run", 2, "--dist_timeout", "4"))
+    assert ("lost contact with another rank ([gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 4000ms for "
+            "recv operation). A rank waits --dist_timeout (4 s) for the others: if one was busy, not dead, raise it. "
+            "The launcher's log") in capsys.readouterr().out
 
 
 def poison(monkeypatch, calls: set[int]) -> None:
