@@ -242,6 +242,21 @@ def test_misshapen_packed_weight_and_damaged_quant_state_are_named(damaged):
         load_model(path, progress=False)
 
 
+def test_unknown_dtype_in_quant_state_is_named(damaged):
+    """Defect 22: a quant_state whose JSON names a dtype torch lacks is refused naming the weight and its file."""
+    path, edit = damaged
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def float99(tensor):
+        state = json.loads(bytes(tensor.tolist()))
+        return torch.tensor(list(json.dumps({**state, "dtype": "float99"}).encode()), dtype=torch.uint8)
+
+    edit(f"{name}.quant_state.bitsandbytes__nf4", float99)
+    with pytest.raises(CheckpointError, match=rf"the 4-bit weight {name} in model-\d+-of-\d+\.safetensors cannot be "
+                                              r"used: its quant_state entries cannot be read \(AttributeError: .*float99"):
+        load_model(path, progress=False)
+
+
 @pytest.mark.parametrize("quantization_config, message", [
     ({"quant_method": "gptq", "bits": 4}, r"quantized with gptq \(quantization_config.quant_method\)"),
     ({"quant_method": "awq", "bits": 4}, r"quantized with awq"),
