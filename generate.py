@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import builtin
 import data
+import fused
 import lora
 import model_loading
 import quantization
@@ -90,10 +91,12 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
     generator = torch.Generator(device).manual_seed(seed)
     new = torch.empty(len(ids), 0, dtype=torch.long, device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)
-    cache = None
+    cache, prompt = None, (input_ids, mask)
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1].float()  # (batch, vocab); transformers 5.24 names it cache
+        if not logits.isfinite().all():  # argmax would pick a token all the same
+            raise ValueError(nonfinite(model, *prompt, new))
         if temperature > 0:
             next_ids = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
         else:
@@ -114,6 +117,13 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
         end = next((i for i, t in enumerate(row) if t in stops), len(row))  # cut at the first EOS
         completions.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return completions
+
+
+def nonfinite(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor) -> str:
+    """fused.nonfinite_logits on the prompts and the tokens drawn so far, run again without the cache."""
+    ids, mask = torch.cat([input_ids, new], dim=1), torch.cat([mask, torch.ones_like(new)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return fused.nonfinite_logits(model, lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions))
 
 
 def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file: Path, step: int,

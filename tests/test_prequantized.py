@@ -257,6 +257,24 @@ def test_unknown_dtype_in_quant_state_is_named(damaged):
         load_model(path, progress=False)
 
 
+def test_nan_weights_are_named_as_damage_not_as_the_head(damaged, tmp_path, monkeypatch):
+    """Defect 11: a NaN nested_absmax gives NaN logits; train.py refuses before the first step and generate.py before
+    printing a token, both naming the layer whose output is first not finite, never blaming the model's head."""
+    import train
+
+    path, edit = damaged
+    edit("model.layers.1.mlp.up_proj.weight.nested_absmax", lambda tensor: torch.full_like(tensor, float("nan")))
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("trained before refusing"))
+    damage = r"the logits are not finite \(NaN or inf\).* first module whose output is not finite is " \
+             r"model\.layers\.1\.mlp\.up_proj\b"
+    with pytest.raises(ValueError, match=rf"llama, on the first rows: {damage}") as refusal:
+        run_inprocess(common(path, tmp_path / "out", steps=1))
+    assert "head" not in str(refusal.value)
+    monkeypatch.setattr(generate, "print", lambda *a, **k: pytest.fail("printed a completion"), raising=False)
+    with pytest.raises(ValueError, match=damage):
+        generate.main(["--model", str(path), "--prompt", "Once upon a time", "--max_new_tokens", "4"])
+
+
 @pytest.mark.parametrize("quantization_config, message", [
     ({"quant_method": "gptq", "bits": 4}, r"quantized with gptq \(quantization_config.quant_method\)"),
     ({"quant_method": "awq", "bits": 4}, r"quantized with awq"),
