@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import skip_init
 
@@ -539,7 +540,26 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     if any(unsupported.values()):
         raise ValueError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
                          "only plain LoRA adapters (as train.py saves them) are supported")
+    _check_rank(adapter_dir, config)
     return config
+
+
+def _check_rank(adapter_dir: Path, config: dict) -> None:
+    """Every linear's lora_A has adapter_config.json's r rows, from the file's header: a config beside another
+    adapter's weights is named as such, before a model loads. (An experts tensor's A has r rows per expert, a count
+    only the base knows: merge.py and load_adapter check those shapes.)"""
+    experts = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]  # "experts.gate_up_proj": experts
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            path, _, factor = key.rpartition(".lora_")
+            path = path.replace(".base_layer", "")  # PEFT nests a module's second adapted tensor (peft_keys)
+            if factor != "A.weight" or any(path == e or path.endswith(f".{e}") for e in experts):
+                continue
+            shape = f.get_slice(key).get_shape()
+            if shape[0] != config["r"]:
+                raise ValueError(f"{adapter_dir / 'adapter_config.json'} says r={config['r']}, but the adapter's "
+                                 f"tensors have rank {shape[0]} ({key} is {shape}): the config belongs to another "
+                                 f"adapter. Put the adapter's own config beside it, or write r={shape[0]} in it")
 
 
 def adapter_scaling(config: dict) -> float:

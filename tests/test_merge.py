@@ -166,6 +166,28 @@ def test_adapter_for_another_base(merged, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_rank_in_config_other_than_the_tensors(merged, tmp_path, monkeypatch):
+    """Defect 26: an adapter_config.json whose r is not its tensors' rank is refused by merge and generate, before
+    the model loads, naming both ranks, not blamed on another base."""
+    import shutil
+
+    import generate
+    import model_loading
+
+    base, adapter, _, _ = merged("llama", "bf16")
+    shutil.copytree(adapter, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    refusal = (r"adapter_config\.json says r=8, but the adapter's tensors have rank 4 \(base_model\.model\.model\."
+               r"layers\.0\.mlp\.down_proj\.lora_A\.weight is \[4, 128\]\)")
+    with pytest.raises(ValueError, match=refusal):
+        merge.merge(str(base), tmp_path / "adapter", tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match=refusal):
+        generate.main(["--model", str(base), "--adapter", str(tmp_path / "adapter"), "--prompt", "hi"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_adapter(checkpoints, tmp_path):
     """A folder without adapter files is refused by merge and by generate, before any model loads."""
     import generate
