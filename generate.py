@@ -143,12 +143,15 @@ def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file:
     return records
 
 
-def load(model: str, adapter: str | None, quant: str | None, device: torch.device) -> tuple[torch.nn.Module, object]:
-    """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model."""
+def load(model: str, adapter: str | None, quant: str | None, device: torch.device,
+         allow_other_base: bool = False) -> tuple[torch.nn.Module, object]:
+    """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model. An
+    adapter trained on another base is refused unless `allow_other_base` (run_folder.check_base)."""
     model_dir = builtin.model_dir(model)
     tokenizer = model_loading.load_tokenizer(model_dir)  # a folder without one fails before the model loads
-    if adapter:
-        lora.read_adapter_config(Path(adapter))  # a missing adapter fails before the model loads
+    if adapter:  # a missing adapter, or one for another base, fails before the model loads
+        lora.read_adapter_config(Path(adapter))
+        run_folder.check_base(Path(adapter), model, model_dir, allow_other_base)
     if quant is None:  # as trained with an adapter; a merged or plain model as it is stored (16 or 4 bits)
         quant = run_folder.trained_quant(Path(adapter)) if adapter else model_loading.resolve_quant(
             model_loading.read_config(model_dir), quantization.AUTO, default="none")
@@ -171,9 +174,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--quant", default=None, choices=quantization.QUANT_TYPES,
                         help="base quantization (default: the adapter's, as trained; without an adapter, a "
                              "pre-quantized checkpoint's own, else none)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="apply --adapter to another base than the one it was trained on, on purpose")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load(args.model, args.adapter, args.quant, device)
+    model, tokenizer = load(args.model, args.adapter, args.quant, device, args.allow_other_base)
     completions = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, device)
     for prompt, completion in zip(args.prompt, completions):
         print(f"### prompt\n{render_prompt(prompt)}\n### completion\n{completion}\n")

@@ -473,6 +473,7 @@ def expert_targets(keys) -> list[str]:
 # The values vLLM's --max-lora-rank takes (vllm/config/lora.py; later releases also take 1). vLLM sizes every
 # adapter slot at that rank and copies a smaller adapter into the slot's first rows, zeros after them.
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+BASE_FINGERPRINT = "base_fingerprint"  # the adapter file's metadata key for its base (save_adapter)
 
 
 def vllm_rank_warning(r: int) -> str | None:
@@ -488,13 +489,16 @@ def vllm_rank_warning(r: int) -> str | None:
 
 
 def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: float, dropout: float,
-                 base_model: str) -> None:
-    """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" to full (unsharded) tensors."""
+                 base_model: str, base_fingerprint: str | None = None) -> None:
+    """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" to full (unsharded) tensors. The base's
+    model_loading.fingerprint goes into the weights file's metadata (BASE_FINGERPRINT), where PEFT and vLLM do not
+    look and from which it never parts: merge.py and generate.py compare it with the base they are given."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = peft_keys(state)
     tensors = {names[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    base = {BASE_FINGERPRINT: base_fingerprint} if base_fingerprint else {}
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt", **base})
     linears = [k for k in state if ".lora_experts." not in k]
     targets = kinds(k.split(".lora_")[0] for k in linears)  # the layers adapted, never "all-linear": PEFT, vLLM read it
     config = {
@@ -507,6 +511,12 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
         config["target_modules"] = targets or None  # PEFT takes an empty list as "no match", None as "none asked"
         config["target_parameters"] = expert_targets(state)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def trained_fingerprint(adapter_dir: Path) -> str | None:
+    """The fingerprint of the base the adapter was trained on, as save_adapter records it; None from other tools."""
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        return (f.metadata() or {}).get(BASE_FINGERPRINT)
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
@@ -567,17 +577,31 @@ def adapter_scaling(config: dict) -> float:
     return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
 
 
+def _check_fits(model: nn.Module, layer_cls: type[nn.Module], targets: list[str], adapter_dir: Path,
+                config: dict) -> None:
+    """The adapter's targets are in this model: else it was trained on another base, which the refusal says, rather
+    than inject_lora's words about a --lora_targets nobody gave."""
+    another = (f"it was trained on another base ({config.get('base_model_name_or_path')!r}); apply it to that one")
+    if config.get("target_parameters") and not expert_tensors(model, layer_cls):
+        raise ValueError(f"the adapter in {adapter_dir} adapts MoE experts (target_parameters "
+                         f"{config['target_parameters']}), and this model has none: {another}")
+    if targets and not matching_modules(model, targets, layer_cls):
+        raise ValueError(f"the adapter in {adapter_dir} adapts {targets} (target_modules), which match no linear "
+                         f"layer of this model: {another}")
+
+
 def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
     """The model as trained: LoRA injected into the (4-bit) base with the adapter's own r, alpha and targets, then
     its weights loaded. The inverse of save_adapter; for inference (dropout is off in eval mode)."""
     config = read_adapter_config(adapter_dir)
     targets = config.get("target_modules") or []  # None when only experts' tensors are adapted
     targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
+    layer_cls = model_loading.decoder_layer_class(model)
+    _check_fits(model, layer_cls, targets, adapter_dir, config)
     if config.get("target_parameters"):  # every experts tensor, as train.py adapts them; load_adapter checks the keys
         targets.append(EXPERTS)
     device = next(model.parameters()).device
-    inject_lora(model, targets, model_loading.decoder_layer_class(model), config["r"], config["lora_alpha"],
-                config.get("lora_dropout", 0.0), device)
+    inject_lora(model, targets, layer_cls, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), device)
     for module in lora_modules(model).values():
         module.scaling = adapter_scaling(config)
     load_adapter(model, adapter_dir)
