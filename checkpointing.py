@@ -31,7 +31,6 @@ then every rank saves and exits cleanly; before training starts it stops the run
 signal exits at once.
 """
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -70,32 +69,11 @@ class TrainerState:
     world_size: int
     steps_per_epoch: int
     base_model: str  # --model as given: a path or a Hub id
-    base_fingerprint: str  # fingerprint(model folder): the base weights, wherever they now live
+    base_fingerprint: str  # model_loading.fingerprint(model folder): the base weights, wherever they now live
     config: dict  # the whole Config of the run that saved it
     scheduler: dict = field(default_factory=dict)
     data_fingerprint: str = ""  # data.fingerprint of the training rows ("" in checkpoints written before it existed)
     reporting: dict = field(default_factory=dict)  # what --report_to's backends resume with: W&B's run id
-
-
-def fingerprint(model_dir: Path) -> str:
-    """A hash of config.json, the shard index, and each shard's header and first 64 KiB of weights.
-
-    Reads ~100 KB per shard, not the weights: enough to tell two models (or two fine-tunes of one) apart, and the
-    same for one model in any folder. Volatile config keys (the transformers version that saved it) are left out.
-    """
-    h = hashlib.sha256()
-    config = json.loads((model_dir / "config.json").read_text())
-    for volatile in ("transformers_version", "_name_or_path"):
-        config.pop(volatile, None)
-    h.update(json.dumps(config, sort_keys=True).encode())
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        h.update(json.dumps(json.loads(index.read_text())["weight_map"], sort_keys=True).encode())
-    for shard in sorted({e.file for e in model_loading.index_checkpoint(model_dir).values()}):
-        with shard.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")  # safetensors: u64 header size, JSON header, data
-            h.update(shard.name.encode() + f.read(header_len + 2**16))
-    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -283,7 +261,7 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
     final = Path(out_dir) / f"checkpoint-{state.step}"
 
     def write() -> None:
-        run_folder.write_checkpoint(final, state.step, adapter, state.config, {
+        run_folder.write_checkpoint(final, state.step, adapter, state.config, state.base_fingerprint, {
             "optimizer.pt": lambda path: torch.save(optim, path),
             "rng_state.pt": lambda path: torch.save(rngs, path),
             "trainer_state.json": lambda path: path.write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n"),
@@ -295,10 +273,10 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
     return final
 
 
-def save_final(out_dir: Path, model, config: dict) -> None:
+def save_final(out_dir: Path, model, config: dict, base_fingerprint: str) -> None:
     """The trained adapter and the run's config into output_dir itself, as a set; a collective."""
     adapter = fsdp_wrap.gather_lora_state(model)
-    _on_rank0(lambda: run_folder.write_final(Path(out_dir), adapter, config), Path(out_dir),
+    _on_rank0(lambda: run_folder.write_final(Path(out_dir), adapter, config, base_fingerprint), Path(out_dir),
               "the checkpoints in it are intact; --resume auto saves again")
 
 

@@ -8,11 +8,13 @@ modules, and any other model in the process, are left as they are.
 import functools
 import inspect
 import types
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 import lora
 
@@ -75,20 +77,51 @@ def check_loss(model: nn.Module, batch: dict[str, torch.Tensor], model_type: str
     """The chunked loss equals the cross-entropy of the model's own logits (its own head, whatever it scales or caps)
     on `batch`, within bf16 rounding; else an error naming the model type and both numbers, before the first step.
     A model that transforms its logits in a way head_transforms does not know can then never train on another
-    objective than its own. `model` is the CausalLMWithLoss (FSDP-wrapped or not): a collective under FSDP."""
+    objective than its own. Logits that are not finite are no head's doing: the error then names the damaged layer
+    (nonfinite_logits). `model` is the CausalLMWithLoss (FSDP-wrapped or not): a collective under FSDP."""
     was_training = model.training
     model.eval()  # no dropout: both sides see the same weights
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
     # Eager: the compiled functions would first be traced for this short row, then again, with dynamic shapes, for
     # the training rows. (The compiled kernels' own numbers are a test's business, tests/test_training.py.)
     with torch.compiler.set_stance("force_eager"):
         ours = model(**batch).float()
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    own = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), reduction="sum")
+        logits = model(**inputs).logits
+        own = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                              reduction="sum")
+        if not (ours.isfinite() and own.isfinite()):
+            raise ValueError(f"{model_type}, on the first rows: {nonfinite_logits(model, lambda: model(**inputs))}")
     model.train(was_training)
     if not torch.isclose(ours, own, rtol=rtol, atol=1e-3 * batch["labels"].numel()):
         raise ValueError(f"{model_type}: the chunked loss ({ours.item():.4f}) is not the model's own loss "
                          f"({own.item():.4f}) on the first rows: its head transforms the logits in a way "
                          "fused.head_transforms does not reproduce; add it there before training this architecture")
+
+
+def nonfinite_logits(model: nn.Module, forward: Callable[[], object]) -> str:
+    """Why the logits are NaN or inf, for a refusal: the first module whose output is not finite when `forward` runs
+    `model` again (a collective under FSDP), by its path in the transformers model. A leaf's output goes bad first,
+    so this is the layer holding the damaged weight, or its LoRA factor; LoRALinear is named for its base layer."""
+    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+    # Wrappers (FSDP, activation checkpointing, compile, LayerAdapters) hold a module under a private attribute
+    names = {id(m): ".".join(p for p in name.split(".") if not p.startswith("_")) for name, m in hf.named_modules()}
+    first = []
+
+    def record(module: nn.Module, args, output) -> None:
+        if (not first and id(module) in names and isinstance(output, torch.Tensor) and output.is_floating_point()
+                and not output.isfinite().all()):
+            first.append(names[id(module)].removesuffix(".base"))
+
+    hooks = [m.register_forward_hook(record) for m in hf.modules()]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    where = f"the first module whose output is not finite is {first[0]}" if first else "no one module's output shows it"
+    return (f"the logits are not finite (NaN or inf): {where}. A weight is damaged, in --model's checkpoint or in "
+            "the adapter: download or write it again")
 
 
 # The elementwise work between the matmuls, written as functions of tensors alone, for torch.compile to fuse. Each

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import builtin
 import data
+import fused
 import lora
 import model_loading
 import quantization
@@ -113,10 +114,12 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
     generator = torch.Generator(device).manual_seed(seed)
     new = torch.empty(len(ids), 0, dtype=torch.long, device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)
-    cache = None
+    cache, prompt = None, (input_ids, mask)
     for _ in range(max_new_tokens):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1].float()  # (batch, vocab); transformers 5.24 names it cache
+        if not logits.isfinite().all():  # argmax would pick a token all the same
+            raise ValueError(nonfinite(model, *prompt, new))
         if temperature > 0:
             next_ids = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
         else:
@@ -139,6 +142,13 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
     return completions
 
 
+def nonfinite(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor) -> str:
+    """fused.nonfinite_logits on the prompts and the tokens drawn so far, run again without the cache."""
+    ids, mask = torch.cat([input_ids, new], dim=1), torch.cat([mask, torch.ones_like(new)], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return fused.nonfinite_logits(model, lambda: model(input_ids=ids, attention_mask=mask, position_ids=positions))
+
+
 def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file: Path, step: int,
                 device: torch.device, max_new_tokens: int) -> list[dict]:
     """Greedy samples from the model in training: every rank samples (FSDP), rank 0 prints and appends to out_file.
@@ -156,12 +166,15 @@ def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file:
     return records
 
 
-def load(model: str, adapter: str | None, quant: str | None, device: torch.device) -> tuple[torch.nn.Module, object]:
-    """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model."""
+def load(model: str, adapter: str | None, quant: str | None, device: torch.device,
+         allow_other_base: bool = False) -> tuple[torch.nn.Module, object]:
+    """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model. An
+    adapter trained on another base is refused unless `allow_other_base` (run_folder.check_base)."""
     model_dir = builtin.model_dir(model)
     tokenizer = model_loading.load_tokenizer(model_dir)  # a folder without one fails before the model loads
-    if adapter:
-        lora.read_adapter_config(Path(adapter))  # a missing adapter fails before the model loads
+    if adapter:  # a missing adapter, or one for another base, fails before the model loads
+        lora.read_adapter_config(Path(adapter))
+        run_folder.check_base(Path(adapter), model, model_dir, allow_other_base)
     if quant is None:  # as trained with an adapter; a merged or plain model as it is stored (16 or 4 bits)
         quant = run_folder.trained_quant(Path(adapter)) if adapter else model_loading.resolve_quant(
             model_loading.read_config(model_dir), quantization.AUTO, default="none")
@@ -184,13 +197,15 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--quant", default=None, choices=quantization.QUANT_TYPES,
                         help="base quantization (default: the adapter's, as trained; without an adapter, a "
                              "pre-quantized checkpoint's own, else none)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="apply --adapter to another base than the one it was trained on, on purpose")
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0:
         parser.error(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     if not 0 <= args.temperature < math.inf:  # NaN fails this too
         parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load(args.model, args.adapter, args.quant, device)
+    model, tokenizer = load(args.model, args.adapter, args.quant, device, args.allow_other_base)
     completions = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, device)
     for prompt, completion in zip(args.prompt, completions):
         print(f"### prompt\n{render_prompt(prompt)}\n### completion\n{completion}\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import skip_init
 
@@ -472,6 +473,7 @@ def expert_targets(keys) -> list[str]:
 # The values vLLM's --max-lora-rank takes (vllm/config/lora.py; later releases also take 1). vLLM sizes every
 # adapter slot at that rank and copies a smaller adapter into the slot's first rows, zeros after them.
 VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+BASE_FINGERPRINT = "base_fingerprint"  # the adapter file's metadata key for its base (save_adapter)
 
 
 def vllm_rank_warning(r: int) -> str | None:
@@ -487,13 +489,16 @@ def vllm_rank_warning(r: int) -> str | None:
 
 
 def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: float, dropout: float,
-                 base_model: str) -> None:
-    """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" to full (unsharded) tensors."""
+                 base_model: str, base_fingerprint: str | None = None) -> None:
+    """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" to full (unsharded) tensors. The base's
+    model_loading.fingerprint goes into the weights file's metadata (BASE_FINGERPRINT), where PEFT and vLLM do not
+    look and from which it never parts: merge.py and generate.py compare it with the base they are given."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = peft_keys(state)
     tensors = {names[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    base = {BASE_FINGERPRINT: base_fingerprint} if base_fingerprint else {}
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt", **base})
     model_loading.readable(out_dir / "adapter_model.safetensors")
     linears = [k for k in state if ".lora_experts." not in k]
     targets = kinds(k.split(".lora_")[0] for k in linears)  # the layers adapted, never "all-linear": PEFT, vLLM read it
@@ -507,6 +512,12 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
         config["target_modules"] = targets or None  # PEFT takes an empty list as "no match", None as "none asked"
         config["target_parameters"] = expert_targets(state)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def trained_fingerprint(adapter_dir: Path) -> str | None:
+    """The fingerprint of the base the adapter was trained on, as save_adapter records it; None from other tools."""
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        return (f.metadata() or {}).get(BASE_FINGERPRINT)
 
 
 def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
@@ -540,12 +551,44 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     if any(unsupported.values()):
         raise ValueError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
                          "only plain LoRA adapters (as train.py saves them) are supported")
+    _check_rank(adapter_dir, config)
     return config
+
+
+def _check_rank(adapter_dir: Path, config: dict) -> None:
+    """Every linear's lora_A has adapter_config.json's r rows, from the file's header: a config beside another
+    adapter's weights is named as such, before a model loads. (An experts tensor's A has r rows per expert, a count
+    only the base knows: merge.py and load_adapter check those shapes.)"""
+    experts = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]  # "experts.gate_up_proj": experts
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            path, _, factor = key.rpartition(".lora_")
+            path = path.replace(".base_layer", "")  # PEFT nests a module's second adapted tensor (peft_keys)
+            if factor != "A.weight" or any(path == e or path.endswith(f".{e}") for e in experts):
+                continue
+            shape = f.get_slice(key).get_shape()
+            if shape[0] != config["r"]:
+                raise ValueError(f"{adapter_dir / 'adapter_config.json'} says r={config['r']}, but the adapter's "
+                                 f"tensors have rank {shape[0]} ({key} is {shape}): the config belongs to another "
+                                 f"adapter. Put the adapter's own config beside it, or write r={shape[0]} in it")
 
 
 def adapter_scaling(config: dict) -> float:
     """alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA (PEFT's use_rslora)."""
     return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+
+
+def _check_fits(model: nn.Module, layer_cls: type[nn.Module], targets: list[str], adapter_dir: Path,
+                config: dict) -> None:
+    """The adapter's targets are in this model: else it was trained on another base, which the refusal says, rather
+    than inject_lora's words about a --lora_targets nobody gave."""
+    another = (f"it was trained on another base ({config.get('base_model_name_or_path')!r}); apply it to that one")
+    if config.get("target_parameters") and not expert_tensors(model, layer_cls):
+        raise ValueError(f"the adapter in {adapter_dir} adapts MoE experts (target_parameters "
+                         f"{config['target_parameters']}), and this model has none: {another}")
+    if targets and not matching_modules(model, targets, layer_cls):
+        raise ValueError(f"the adapter in {adapter_dir} adapts {targets} (target_modules), which match no linear "
+                         f"layer of this model: {another}")
 
 
 def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
@@ -554,11 +597,12 @@ def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
     config = read_adapter_config(adapter_dir)
     targets = config.get("target_modules") or []  # None when only experts' tensors are adapted
     targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
+    layer_cls = model_loading.decoder_layer_class(model)
+    _check_fits(model, layer_cls, targets, adapter_dir, config)
     if config.get("target_parameters"):  # every experts tensor, as train.py adapts them; load_adapter checks the keys
         targets.append(EXPERTS)
     device = next(model.parameters()).device
-    inject_lora(model, targets, model_loading.decoder_layer_class(model), config["r"], config["lora_alpha"],
-                config.get("lora_dropout", 0.0), device)
+    inject_lora(model, targets, layer_cls, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), device)
     for module in lora_modules(model).values():
         module.scaling = adapter_scaling(config)
     load_adapter(model, adapter_dir)

@@ -64,15 +64,17 @@ class MergeError(ValueError):
 
 
 def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", semantics: str = "dequantized",
-          overwrite: bool = False, verify: bool = True, shard_size_mb: int = 500,
-          progress: bool = True) -> float | None:
-    """Write base + adapter, merged, to `out`; returns the max logit difference to the model as trained (or None)."""
+          overwrite: bool = False, verify: bool = True, shard_size_mb: int = 500, progress: bool = True,
+          allow_other_base: bool = False) -> float | None:
+    """Write base + adapter, merged, to `out`; returns the max logit difference to the model as trained (or None).
+    An adapter trained on another base than `model` is refused unless `allow_other_base` (run_folder.check_base)."""
     if dtype not in DTYPES or semantics not in SEMANTICS:
         raise MergeError(f"--dtype {dtype!r} / --semantics {semantics!r}: choose from {list(DTYPES)} / {SEMANTICS}")
     if shard_size_mb <= 0:
         raise MergeError(f"--shard_size_mb must be positive, got {shard_size_mb}")
     base_dir, adapter_dir, out_dir = builtin.model_dir(model), Path(adapter), Path(out)
     adapter_config = lora.read_adapter_config(adapter_dir)
+    run_folder.check_base(adapter_dir, model, base_dir, allow_other_base, MergeError)
     train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
     quant = run_folder.trained_quant(adapter_dir)
     if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
@@ -133,7 +135,7 @@ def read_base(base_dir: Path, semantics: str) -> Base:
     if packed and semantics == "bf16":
         raise MergeError(f"--semantics bf16 adds the update to the 16-bit base weights, and {base_dir} is "
                          "pre-quantized to 4 bits: they are not in it. Leave --semantics at dequantized, or pass the "
-                         "16-bit original as --model")
+                         "16-bit original as --model (with --allow_other_base: it is another checkpoint)")
     stats = {weight: {part.removeprefix(f"{weight}."): entries[part] for part in parts[1:]}
              for weight, parts in packed.items()}
     return Base(config, dense_entries(entries, stats, skeleton), stats, skeleton,
@@ -425,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
                              "models that do not fit in memory")
     parser.add_argument("--shard_size_mb", type=int, default=defaults["shard_size_mb"],
                         help="size of each output file (memory use does not depend on it)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="merge an adapter into another base than the one it was trained on, on purpose")
     merge(**vars(parser.parse_args(argv)))
 
 

@@ -22,6 +22,7 @@ and quantization is deterministic, so the same files give the same packed bytes 
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import math
 import os
@@ -307,6 +308,27 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
         except SafetensorError as e:
             raise _corrupt(file, e) from e
     return entries
+
+
+def fingerprint(model_dir: Path) -> str:
+    """A hash of config.json, the shard index, and each shard's header and first 64 KiB of weights.
+
+    Reads ~100 KB per shard, not the weights: enough to tell two models (or two fine-tunes of one) apart, and the
+    same for one model in any folder. Volatile config keys (the transformers version that saved it) are left out.
+    """
+    h = hashlib.sha256()
+    config = json.loads((model_dir / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path"):
+        config.pop(volatile, None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        h.update(json.dumps(json.loads(index.read_text())["weight_map"], sort_keys=True).encode())
+    for shard in sorted({e.file for e in index_checkpoint(model_dir).values()}):
+        with shard.open("rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")  # safetensors: u64 header size, JSON header, data
+            h.update(shard.name.encode() + f.read(header_len + 2**16))
+    return h.hexdigest()[:16]
 
 
 def _corrupt(file: Path, error: SafetensorError) -> CheckpointError:

@@ -178,7 +178,8 @@ def from_prequantized(packed: torch.Tensor, stats: dict[str, torch.Tensor], shap
     try:
         weight = bnb.nn.Params4bit.from_prequantized(raw.view(STORAGE).reshape(-1, 1), dict(stats),
                                                      requires_grad=False, device=device, module=module)
-    except (ValueError, KeyError, TypeError, AssertionError) as e:  # bitsandbytes asserts on unknown keys
+    # bitsandbytes asserts on unknown keys, and looks the JSON's "dtype" up as an attribute of torch
+    except (ValueError, KeyError, TypeError, AssertionError, AttributeError) as e:
         raise ValueError(f"its quant_state entries cannot be read ({type(e).__name__}: {e})") from e
     state = weight.quant_state
     if tuple(state.shape) != tuple(shape) or state.absmax.numel() != math.ceil(math.prod(shape) / state.blocksize):

@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,24 +78,24 @@ def lock_output_dir(out_dir: Path):
     return handle
 
 
-def write_final(out_dir: Path, adapter: dict, config: dict) -> None:
+def write_final(out_dir: Path, adapter: dict, config: dict, base_fingerprint: str) -> None:
     """The trained adapter and the run's config into output_dir, as a set: written in a temporary folder inside it,
     then renamed in with adapter_config.json last (module docstring)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir))
     try:
-        names = _write_set(tmp, adapter, config, {})
+        names = _write_set(tmp, adapter, config, base_fingerprint, {})
         _replace_files(tmp, out_dir, order=sorted(names, key=lambda f: f == "adapter_config.json"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # empty after the renames; a failed save leaves nothing
 
 
-def write_checkpoint(final: Path, step: int, adapter: dict, config: dict,
+def write_checkpoint(final: Path, step: int, adapter: dict, config: dict, base_fingerprint: str,
                      extra: dict[str, Callable[[Path], None]]) -> None:
     """A checkpoint-N folder: the adapter, the config and `extra` files (name -> writer), with a COMPLETE manifest
     of each file's size and sha256, written in a temporary sibling and renamed to `final` whole."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
     try:
-        names = _write_set(tmp, adapter, config, extra)
+        names = _write_set(tmp, adapter, config, base_fingerprint, extra)
         files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)} for name in names}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
         _fsync(tmp / COMPLETE)
@@ -112,11 +113,13 @@ def write_checkpoint(final: Path, step: int, adapter: dict, config: dict,
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed save leaves nothing
 
 
-def _write_set(tmp: Path, adapter: dict, config: dict, extra: dict[str, Callable[[Path], None]]) -> list[str]:
-    """The one writer of a run folder's files, final or checkpoint: the adapter in PEFT's format, the run's config,
-    then `extra`; each fsynced, so that nothing is renamed into place before it is on disk. Returns the names."""
+def _write_set(tmp: Path, adapter: dict, config: dict, base_fingerprint: str,
+               extra: dict[str, Callable[[Path], None]]) -> list[str]:
+    """The one writer of a run folder's files, final or checkpoint: the adapter in PEFT's format (recording its
+    base's fingerprint), the run's config, then `extra`; each fsynced, so that nothing is renamed into place before
+    it is on disk. Returns the names."""
     lora.save_adapter(adapter, tmp, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
-                      config["model"])
+                      config["model"], base_fingerprint)
     (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     for name, writer in extra.items():
         writer(tmp / name)
@@ -155,6 +158,33 @@ def trained_quant(folder: Path) -> str:
         tqdm.write(f"{folder} does not say how its base was quantized (no {TRAIN_CONFIG}): assuming "
                    f"{quantization.DEFAULT}")
     return config.get("quant", quantization.DEFAULT)
+
+
+def check_base(adapter_dir: Path, model: str, model_dir: Path, allow_other_base: bool,
+               error: type[Exception] = ValueError) -> None:
+    """Refuse an adapter on a base other than the one it was trained on, by fingerprint (model_loading.fingerprint),
+    before any model loads: a base and its instruct model have the same shapes, so nothing else would tell. The
+    adapter's record is lora.trained_fingerprint, or trainer_state.json's in checkpoints written before it existed.
+    --allow_other_base (`allow_other_base`) applies it anyway; an adapter from another tool, with no record, is
+    warned about."""
+    adapter_dir = Path(adapter_dir)
+    state = adapter_dir / "trainer_state.json"
+    recorded = lora.trained_fingerprint(adapter_dir) or (
+        json.loads(state.read_text()).get("base_fingerprint") if state.is_file() else None)
+    trained_on = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if recorded is None:
+        warnings.warn(f"the adapter in {adapter_dir} does not record the base it was trained on (written by another "
+                      f"tool?): --model {model} is not checked against it ({trained_on!r} in its adapter_config.json)")
+        return
+    given = model_loading.fingerprint(model_dir)
+    if recorded == given:
+        return
+    if not allow_other_base:
+        raise error(f"the adapter in {adapter_dir} was trained on {trained_on} (fingerprint {recorded}), not on "
+                    f"--model {model} (fingerprint {given}): pass the base it was trained on, or --allow_other_base "
+                    "to apply it to this one on purpose")
+    warnings.warn(f"--allow_other_base: the adapter in {adapter_dir}, trained on {trained_on} (fingerprint "
+                  f"{recorded}), is applied to --model {model} (fingerprint {given})")
 
 
 def open_metrics(path: Path, resumed_step: int):

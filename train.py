@@ -588,7 +588,7 @@ def train(cfg: Config) -> list[dict]:
         if (warning := warmup_warning(cfg, total_steps)) is not None:
             print0(f"warning: {warning}")
         run = dict(world_size=world, steps_per_epoch=batches.steps_per_epoch, base_model=cfg.model,
-                   base_fingerprint=checkpointing.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
+                   base_fingerprint=model_loading.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
                    config=dataclasses.asdict(cfg))
         resume_from, resumed = find_resume(cfg, out_dir, run, config)
         report = reporting.open_reporters(  # a backend that cannot start fails here, before the model loads
@@ -631,7 +631,7 @@ def train(cfg: Config) -> list[dict]:
         except torch.cuda.OutOfMemoryError as e:
             raise torch.cuda.OutOfMemoryError(out_of_memory(cfg, config, position[0] + len(log.history) + 1)) from e
         bad.check_last(log.history)
-        checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg))
+        checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg), run["base_fingerprint"])
         sample(total_steps)
         if log.history:  # empty when a finished run is resumed
             print0(f"done: loss {log.history[0]['loss']:.4f} -> {log.history[-1]['loss']:.4f}; adapter saved to "

@@ -22,7 +22,7 @@ import lora  # noqa: E402
 import quantization  # noqa: E402
 import train  # noqa: E402
 from builtin import make_tokenizer, write_random_checkpoint  # noqa: E402
-from model_loading import decoder_layer_class, load_model  # noqa: E402
+from model_loading import decoder_layer_class, fingerprint, load_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 # One small shape for all; head_dim 16, every linear's size a multiple of the 4-bit block size (64).
@@ -251,7 +251,8 @@ def make_adapter(base, out, quant="nf4", targets=(lora.ALL_LINEAR,)):
     """A trained-looking adapter for `base` (our LoRA, r=4, with random B), saved as train.py saves it."""
     model, _ = adapted(base, targets=targets)
     randomize_b(model)
-    lora.save_adapter(lora.factor_weights(lora.lora_modules(model)), out, r=4, alpha=8.0, dropout=0.0, base_model=str(base))
+    lora.save_adapter(lora.factor_weights(lora.lora_modules(model)), out, r=4, alpha=8.0, dropout=0.0,
+                      base_model=str(base), base_fingerprint=fingerprint(base))
     (out / "train_config.json").write_text(json.dumps({"model": str(base), "quant": quant, "lora_rank": 4}))
     return out
 

@@ -68,6 +68,19 @@ def test_cli_samples_merged_folder_and_base_with_adapter(checkpoints, tmp_path):
     assert from_adapter == generate.sample(as_trained, tokenizer, PROMPTS, 16)
 
 
+def test_experts_adapter_on_a_dense_model_names_the_mismatch(checkpoints, tmp_path):
+    """Defect 23: an adapter of MoE experts applied to a dense model is refused as an adapter for another base,
+    naming what it adapts, never a --lora_targets flag that was not given."""
+    adapter = make_adapter(checkpoints("mixtral"), tmp_path / "adapter", targets=(lora.EXPERTS,))
+    with pytest.raises(ValueError) as refusal:
+        generate.main(["--model", str(checkpoints("llama")), "--adapter", str(adapter), "--allow_other_base",
+                       "--prompt", "hi"])
+    assert str(refusal.value) == (
+        f"the adapter in {adapter} adapts MoE experts (target_parameters ['experts.down_proj', "
+        f"'experts.gate_up_proj']), and this model has none: it was trained on another base "
+        f"({str(checkpoints('mixtral'))!r}); apply it to that one")
+
+
 def read_samples(out_dir) -> dict[int, dict[str, str]]:
     by_step = {}
     for line in (out_dir / "samples.jsonl").read_text().splitlines():

@@ -153,16 +153,84 @@ def make_adapter_from_shapes(base, out, r=4):
 
 
 def test_adapter_for_another_base(merged, tmp_path):
-    """An adapter trained on another base is refused, naming the weight that does not fit."""
+    """An adapter trained on another base is refused, naming the weight that does not fit, even when
+    --allow_other_base lets a base other than its own through."""
     from transformers import LlamaConfig
 
     _, adapter, _, _ = merged("llama", "bf16")
     wider = write_random_checkpoint(LlamaConfig(**{**SHAPE, "intermediate_size": 192}), tmp_path / "wider")
     with pytest.raises(merge.MergeError, match=r"does not fit model\.layers\.0\.mlp\.\w+_proj\.weight .*another base"):
-        merge.merge(str(wider), adapter, tmp_path / "out", progress=False)
+        merge.merge(str(wider), adapter, tmp_path / "out", progress=False, allow_other_base=True)
     shallower = write_random_checkpoint(LlamaConfig(**{**SHAPE, "num_hidden_layers": 1}), tmp_path / "shallower")
     with pytest.raises(merge.MergeError, match=r"adapts model\.layers\.1\.\S+, which this base model does not have"):
-        merge.merge(str(shallower), adapter, tmp_path / "out", progress=False)
+        merge.merge(str(shallower), adapter, tmp_path / "out", progress=False, allow_other_base=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_another_base_of_the_same_shapes(checkpoints, tmp_path, monkeypatch):
+    """Defect 2: an adapter trained on one base is refused, before any model loads, on another of the same shapes (a
+    base/instruct pair: merge.py; a Mistral for a Llama: generate.py), naming both bases and their fingerprints;
+    --allow_other_base merges it on purpose, with a warning; an adapter that records no base is merged with a warning.
+    """
+    import re
+
+    import generate
+    import model_loading
+    from builtin import make_tokenizer
+    from safetensors.torch import save_file
+
+    base = checkpoints("llama")
+    run = make_adapter(base, tmp_path / "run")  # recording its base as train.py does (test_checkpoint_folders_...)
+    instruct = write_random_checkpoint(tiny_config("llama"), tmp_path / "instruct", "40KB", seed=2,
+                                       tokenizer=make_tokenizer())
+
+    def refusal(other):
+        return (rf"the adapter in {re.escape(str(run))} was trained on {re.escape(str(base))} \(fingerprint "
+                rf"[0-9a-f]{{16}}\), not on --model {re.escape(str(other))} \(fingerprint [0-9a-f]{{16}}\): pass the "
+                r"base it was trained on, or --allow_other_base to apply it to this one on purpose")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
+        with pytest.raises(merge.MergeError, match=refusal(instruct)):
+            merge.merge(str(instruct), run, tmp_path / "out", progress=False)
+        with pytest.raises(ValueError, match=refusal(checkpoints("mistral"))):
+            generate.main(["--model", str(checkpoints("mistral")), "--adapter", str(run), "--prompt", "hi"])
+    assert not (tmp_path / "out").exists()
+
+    with pytest.warns(UserWarning, match=r"--allow_other_base: the adapter in .* trained on .* is applied to --model"):
+        merge.merge(str(instruct), run, tmp_path / "out", allow_other_base=True, verify=False, progress=False)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    factors = run / "adapter_model.safetensors"
+    save_file(load_file(factors), factors, metadata={"format": "pt"})  # as PEFT writes it: no base recorded
+    (run / "trainer_state.json").write_text(json.dumps({"base_fingerprint": model_loading.fingerprint(base)}))
+    with pytest.raises(merge.MergeError, match=refusal(instruct)):  # a checkpoint saved before adapters recorded it
+        merge.merge(str(instruct), run, tmp_path / "out2", progress=False)
+    (run / "trainer_state.json").unlink()
+    unrecorded = (rf"the adapter in {re.escape(str(run))} does not record the base it was trained on \(written by "
+                  rf"another tool\?\): --model {re.escape(str(instruct))} is not checked against it")
+    with pytest.warns(UserWarning, match=unrecorded):
+        merge.merge(str(instruct), run, tmp_path / "out2", verify=False, progress=False)
+
+
+def test_rank_in_config_other_than_the_tensors(merged, tmp_path, monkeypatch):
+    """Defect 26: an adapter_config.json whose r is not its tensors' rank is refused by merge and generate, before
+    the model loads, naming both ranks, not blamed on another base."""
+    import shutil
+
+    import generate
+    import model_loading
+
+    base, adapter, _, _ = merged("llama", "bf16")
+    shutil.copytree(adapter, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    refusal = (r"adapter_config\.json says r=8, but the adapter's tensors have rank 4 \(base_model\.model\.model\."
+               r"layers\.0\.mlp\.down_proj\.lora_A\.weight is \[4, 128\]\)")
+    with pytest.raises(ValueError, match=refusal):
+        merge.merge(str(base), tmp_path / "adapter", tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match=refusal):
+        generate.main(["--model", str(base), "--adapter", str(tmp_path / "adapter"), "--prompt", "hi"])
     assert not (tmp_path / "out").exists()
 
 
@@ -202,12 +270,15 @@ def test_checkpoint_folders_merge_and_sample_on_the_base_they_were_trained_on(ch
     """merge.py and generate.py, given a checkpoint-N of a --quant fp4 or none run, use that base, not nf4: the
     merged weight is that base's W + B @ A * alpha/r, and the sampled model holds that base."""
     import generate
+    import model_loading
     import quantization
 
     base = checkpoints("llama")
     run_inprocess(common(base, tmp_path / "run", steps=1) + ["--quant", quant, "--save_every", "1",
                                                                 "--batch_size", "4"])
     ckpt, name = tmp_path / "run" / "checkpoint-1", "model.layers.0.mlp.up_proj"
+    base_fingerprint = model_loading.fingerprint(base)  # what merge.py and generate.py compare with their --model
+    assert lora.trained_fingerprint(ckpt) == lora.trained_fingerprint(tmp_path / "run") == base_fingerprint
     net, _ = generate.load(str(base), str(ckpt), None, DEVICE)
     layer = net.get_submodule(name).base
     assert layer.weight.quant_type == quant if quant != "none" else not quantization.is_4bit(layer)

@@ -201,14 +201,15 @@ def test_leftovers_of_killed_writers_are_removed_by_the_next(checkpoints, tmp_pa
         (folder / "model-00001.safetensors").write_bytes(bytes(4096))
         return folder
 
-    killed, live = leftover(quantized, 4194304), leftover(quantized, 1)
+    leftover(quantized, 4194304)
+    live = leftover(quantized, 1)
     held = os.open(live, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)  # as a running writer holds the folder it writes
     try:
         quantize.quantize_checkpoint(str(src), quantized, progress=False)
     finally:
         os.close(held)
-    killed = leftover(merged, 4194304)
+    leftover(merged, 4194304)
     merge.merge(str(src), make_adapter(src, tmp_path / "adapter"), merged, verify=False, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".q.tmp-1", "adapter", "m", "q"]
 
@@ -299,6 +300,39 @@ def test_misshapen_packed_weight_and_damaged_quant_state_are_named(damaged):
     with pytest.raises(CheckpointError, match=rf"tensor {name} in .* holds \[100, 1\] U8 of packed 4-bit codes, but "
                                               r"the config's \[128, 64\] weight packs into \(4096, 1\) bytes"):
         load_model(path, progress=False)
+
+
+def test_unknown_dtype_in_quant_state_is_named(damaged):
+    """Defect 22: a quant_state whose JSON names a dtype torch lacks is refused naming the weight and its file."""
+    path, edit = damaged
+    name = "model.layers.0.mlp.down_proj.weight"
+
+    def float99(tensor):
+        state = json.loads(bytes(tensor.tolist()))
+        return torch.tensor(list(json.dumps({**state, "dtype": "float99"}).encode()), dtype=torch.uint8)
+
+    edit(f"{name}.quant_state.bitsandbytes__nf4", float99)
+    with pytest.raises(CheckpointError, match=rf"the 4-bit weight {name} in model-\d+-of-\d+\.safetensors cannot be "
+                                              r"used: its quant_state entries cannot be read \(AttributeError: .*float99"):
+        load_model(path, progress=False)
+
+
+def test_nan_weights_are_named_as_damage_not_as_the_head(damaged, tmp_path, monkeypatch):
+    """Defect 11: a NaN nested_absmax gives NaN logits; train.py refuses before the first step and generate.py before
+    printing a token, both naming the layer whose output is first not finite, never blaming the model's head."""
+    import train
+
+    path, edit = damaged
+    edit("model.layers.1.mlp.up_proj.weight.nested_absmax", lambda tensor: torch.full_like(tensor, float("nan")))
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("trained before refusing"))
+    damage = r"the logits are not finite \(NaN or inf\).* first module whose output is not finite is " \
+             r"model\.layers\.1\.mlp\.up_proj\b"
+    with pytest.raises(ValueError, match=rf"llama, on the first rows: {damage}") as refusal:
+        run_inprocess(common(path, tmp_path / "out", steps=1))
+    assert "head" not in str(refusal.value)
+    monkeypatch.setattr(generate, "print", lambda *a, **k: pytest.fail("printed a completion"), raising=False)
+    with pytest.raises(ValueError, match=damage):
+        generate.main(["--model", str(path), "--prompt", "Once upon a time", "--max_new_tokens", "4"])
 
 
 @pytest.mark.parametrize("quantization_config, message", [
