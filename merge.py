@@ -135,7 +135,7 @@ def read_base(base_dir: Path, semantics: str) -> Base:
     if packed and semantics == "bf16":
         raise MergeError(f"--semantics bf16 adds the update to the 16-bit base weights, and {base_dir} is "
                          "pre-quantized to 4 bits: they are not in it. Leave --semantics at dequantized, or pass the "
-                         "16-bit original as --model (with --allow_other_base: it is another checkpoint)")
+                         "16-bit original as --model")
     stats = {weight: {part.removeprefix(f"{weight}."): entries[part] for part in parts[1:]}
              for weight, parts in packed.items()}
     return Base(config, dense_entries(entries, stats, skeleton), stats, skeleton,

@@ -310,12 +310,19 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
     return entries
 
 
+QUANTIZED_FROM = "quantized_from.json"  # quantize.py's record of its source folder and that folder's fingerprint
+
+
 def fingerprint(model_dir: Path) -> str:
     """A hash of config.json, the shard index, and each shard's header and first 64 KiB of weights.
 
     Reads ~100 KB per shard, not the weights: enough to tell two models (or two fine-tunes of one) apart, and the
     same for one model in any folder. Volatile config keys (the transformers version that saved it) are left out.
+    A folder quantize.py wrote is its 16-bit source's base (the packed bytes the loader makes of that source), so it
+    has the source's fingerprint: an adapter trained on either merges into the original, as QLoRA adapters are.
     """
+    if (record := model_dir / QUANTIZED_FROM).is_file():
+        return json.loads(record.read_text())["fingerprint"]
     h = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text())
     for volatile in ("transformers_version", "_name_or_path"):

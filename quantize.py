@@ -134,6 +134,8 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
         config.save_pretrained(tmp)
         if beside is not None:
             model_loading.copy_beside(beside, tmp)
+            source = {"model": str(beside), "fingerprint": model_loading.fingerprint(beside)}
+            (tmp / model_loading.QUANTIZED_FROM).write_text(json.dumps(source, indent=2) + "\n")
         model_loading.plan_load(tmp, quant)  # the loader's own checks, on what was written
     print(f"wrote {len(written)} weights in {quant} ({len(experts)} of them experts tensors) and the rest in bf16 to "
           f"{out}: {n_shards} shards, {n_bytes / 2**30:,.2f} GiB, in {time.perf_counter() - t0:.1f}s")

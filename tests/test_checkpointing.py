@@ -234,8 +234,8 @@ def test_run_folder_files_are_readable_by_other_users(tmp_path):
     config = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "model": "tiny"}
     umask = os.umask(0o022)
     try:
-        run_folder.write_final(tmp_path, adapter, config)
-        run_folder.write_checkpoint(tmp_path / "checkpoint-1", 1, adapter, config, {})
+        run_folder.write_final(tmp_path, adapter, config, "0" * 16)
+        run_folder.write_checkpoint(tmp_path / "checkpoint-1", 1, adapter, config, "0" * 16, {})
     finally:
         os.umask(umask)
     modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}

@@ -308,7 +308,7 @@ def test_train_and_merge_on_packed_experts(checkpoints, experts_4bit, tmp_path):
     """train.py --lora_targets all-linear,experts trains 2 steps on Mixtral with packed experts (every expert B moves);
     merge.py of that adapter writes, once from_pretrained has read both, the tensors it writes from the 16-bit
     original (whose experts it quantizes as the loader does), bit for bit; generate.py applies it with the same logits
-    on either base. The original is another checkpoint than the one trained on: both take --allow_other_base."""
+    on either base. quantize.py's folder records the original as its base: neither needs --allow_other_base."""
     base = experts_4bit("mixtral")
     history = run_inprocess(common(base, tmp_path / "run", steps=2) + ["--lora_targets", "all-linear,experts"])
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(losses(history))))
@@ -316,12 +316,11 @@ def test_train_and_merge_on_packed_experts(checkpoints, experts_4bit, tmp_path):
     b = {k: v for k, v in adapter.items() if ".experts." in k and "lora_B" in k}
     assert len(b) == 4 and all(v.abs().max() > 0 for v in b.values())
     for name, model in (("packed", base), ("original", checkpoints("mixtral"))):
-        merge.merge(str(model), tmp_path / "run", tmp_path / name, verify=False, progress=False,
-                    allow_other_base=name == "original")
+        merge.merge(str(model), tmp_path / "run", tmp_path / name, verify=False, progress=False)
     merged, expected = (reference_model(tmp_path / name).state_dict() for name in ("packed", "original"))
     assert merged.keys() == expected.keys() and sum(".experts." in k for k in merged) == 4
     assert all(torch.equal(merged[k], expected[k]) for k in merged)
-    (on_packed, _), (on_original, _) = (generate.load(str(m), str(tmp_path / "run"), None, DEVICE, m != base)
+    (on_packed, _), (on_original, _) = (generate.load(str(m), str(tmp_path / "run"), None, DEVICE, False)
                                         for m in (base, checkpoints("mixtral")))
     assert quantization.packed_shells(on_packed)
     with torch.no_grad():

@@ -119,9 +119,13 @@ def test_quant_none_dequantizes_to_transformers_logits(prequantized):
 def test_quantize_py_writes_what_transformers_loads(checkpoints, prequantized, tmp_path, quant):
     """quantize.py's checkpoint: transformers' from_pretrained loads it as 4-bit with our model's logits, exactly;
     our model from it holds the bytes our model quantized from the 16-bit original holds; and its tensors, quantized
-    on the same device as transformers' own quantization, are those it saves (bf16 storage), bit for bit."""
+    on the same device as transformers' own quantization, are those it saves (bf16 storage), bit for bit. It is its
+    source's base (the same fingerprint, so adapters move between them); transformers' own 4-bit folder records no
+    source, and is another."""
     src, out = checkpoints("llama"), tmp_path / "q"
     quantize.main(["--model", str(src), "--out", str(out), "--quant", quant, "--shard_size_mb", "0"])
+    assert model_loading.fingerprint(out) == model_loading.fingerprint(src)
+    assert model_loading.fingerprint(prequantized(quant)) != model_loading.fingerprint(src)
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # each tensor in a shard of its own
     ours = load_model(out, quantization.AUTO, DEVICE, progress=False).eval()
     direct = load_model(src, quant, DEVICE, progress=False).eval()
