@@ -11,6 +11,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -84,28 +85,34 @@ def write_random_checkpoint(config: PretrainedConfig, out_dir: Path, max_shard_s
 
 
 def tiny_checkpoint(cache_dir: Path | None = None) -> Path:
-    """The built-in model: a 4-layer Llama with a small BPE tokenizer, built once into the cache.
+    """The built-in model: a 4-layer Llama with a small BPE tokenizer, built once into the cache."""
+    return cached_checkpoint("tiny-llama-v2", _build_tiny, cache_dir)
+
+
+def cached_checkpoint(name: str, build: Callable[[Path], None], cache_dir: Path | None = None) -> Path:
+    """The checkpoint folder `name` in the cache (~/.cache/fsdp_qlora, or under $XDG_CACHE_HOME), which `build(folder)`
+    writes once.
 
     Every rank (and every job sharing the cache) may get here at once, and a folder may be left incomplete by a crash
-    or by an older version of this function: one process builds under a file lock while the others wait on it, the
+    or by an older version of its builder: one process builds under a file lock while the others wait on it, the
     folder is complete before its name appears, and a folder that does not pass `_is_complete` is rebuilt.
     """
     cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fsdp_qlora"
-    target = cache_dir / "tiny-llama-v2"
+    target = cache_dir / name
     if _is_complete(target):  # the usual case: no lock taken
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     # A lock file in the cache itself, not a barrier: the ranks of a multi-node job may each have their own cache,
     # and a process group may not exist (python train.py, merge.py). The lock is released when the file is closed,
     # also when the holder dies.
-    with open(cache_dir / "tiny-llama-v2.lock", "w") as lock:
+    with open(cache_dir / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _is_complete(target):  # the first holder builds; the others find its folder complete
-            _build_tiny(cache_dir, target)
+            _build_atomically(target, build)
     return target
 
 
-def _build_tiny(cache_dir: Path, target: Path) -> None:
+def _build_tiny(folder: Path) -> None:
     tokenizer = make_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -115,20 +122,26 @@ def _build_tiny(cache_dir: Path, target: Path) -> None:
         # with 0.02 and a separate lm_head, the built-in task's loss stalls near 3.3 after 60 steps; here it reaches ~0.1.
         tie_word_embeddings=True, initializer_range=0.1,
     )
-    for stale in cache_dir.glob(".tmp-tiny-*"):  # we hold the lock: these are from builders that were killed
+    write_random_checkpoint(config, folder, max_shard_size="1MB", tokenizer=tokenizer)
+
+
+def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
+    """`build` into a temporary folder beside `target`, then renamed to it (we hold target's lock)."""
+    prefix = f".tmp-{target.name}-"
+    for stale in target.parent.glob(prefix + "*"):  # from builders that were killed
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=cache_dir))  # beside the target: the rename is atomic
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))  # beside the target: the rename is atomic
     try:
-        write_random_checkpoint(config, tmp, max_shard_size="1MB", tokenizer=tokenizer)
+        build(tmp)
         if not _is_complete(tmp):
-            raise model_loading.CheckpointError(f"building the built-in model in {tmp} left an incomplete folder")
+            raise model_loading.CheckpointError(f"building {target.name} in {tmp} left an incomplete folder")
         for file in tmp.iterdir():  # on disk before the name appears: a power cut leaves no empty shards behind it
             with file.open("rb") as f:
                 os.fsync(f.fileno())
         if target.exists():  # incomplete (checked under the lock): rebuilt, never trusted
             shutil.rmtree(target)
         tmp.rename(target)
-        dir_fd = os.open(cache_dir, os.O_RDONLY)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)  # the rename itself
         finally:

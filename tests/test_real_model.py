@@ -1,0 +1,93 @@
+"""A real small instruct model (SmolLM2-135M-Instruct, conftest.real_model) and real text (HumanEval's problems):
+the outliers, vocabulary, special tokens and chat template that random weights lack."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, real_examples, reference_model, run_inprocess
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
+
+import data
+import quantization
+import train
+from model_loading import load_model
+
+# An exact match on the CPU, where bitsandbytes' 4-bit layer is F.linear with the dequantized weight; CUDA's 4-bit
+# kernels may round a few bf16 ulps differently.
+EXACT = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=2e-2, atol=3e-2)
+
+
+@pytest.fixture(scope="module")
+def ours(real_model):
+    """The real model as train.py loads it: NF4, double-quantized, bf16 storage."""
+    return load_model(real_model, "nf4", DEVICE, progress=False).eval()
+
+
+def test_the_real_model_is_smollm2_135m_instruct(real_model):
+    """The cached folder holds SmolLM2-135M-Instruct as published: a 30-layer Llama of 134.5M parameters with tied
+    embeddings, and a ChatML template that adds a system prompt and ends each turn with the EOS, <|im_end|>."""
+    config = AutoConfig.from_pretrained(real_model)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.num_key_value_heads, config.vocab_size, config.tie_word_embeddings) == ("llama", 30, 576, 9, 3,
+                                                                                         49152, True)
+    assert not hasattr(config, "quantization_config")  # plain tensors, no longer GGUF's
+    with safe_open(real_model / "model.safetensors", "pt") as f:
+        assert sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys()) == 134_515_008
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_nf4_logits_equal_transformers_and_bitsandbytes_on_real_weights(real_model, ours):
+    """On real weights, our NF4 model gives the logits of transformers' own 4-bit model (bitsandbytes NF4, double
+    quantization, bf16 compute and storage) quantizing the same folder: the same packed bytes in every one of the 210
+    decoder-layer linears, through the same kernels."""
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    reference = reference_model(real_model, quantization_config=config, device_map=str(DEVICE))
+    theirs = {name: m for name, m in reference.named_modules() if quantization.is_4bit(m)}
+    mine = {name: m for name, m in ours.named_modules() if quantization.is_4bit(m)}
+    assert len(mine) == 30 * 7 and mine.keys() == theirs.keys()  # q k v o gate up down; embeddings stay bf16
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(mine[name].weight.data.view(torch.uint8), theirs[name].weight.data.view(torch.uint8))
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    ids = tokenizer(real_examples()[0]["prompt"], return_tensors="pt").input_ids.to(DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, **EXACT)
+
+
+def held_out_loss(model, rows, pad_id: int) -> float:
+    """Mean loss over every label token of `rows`, as train.evaluate counts it, by transformers' own loss."""
+    total = count = 0
+    with torch.no_grad():
+        for batch in data.eval_batches(rows, 8, pad_id, rank=0, world=1):
+            n = train.n_targets(batch).item()
+            total += model(**train.model_inputs(batch, DEVICE)).loss.item() * n
+            count += n
+    return total / count
+
+
+def test_lora_on_real_text_lowers_the_loss_on_held_out_problems(real_model, ours, tmp_path):
+    """Four LoRA steps on HumanEval's problems (signature and docstring -> the function's body) lower the loss on the
+    9 problems held out of training (--eval_fraction 0.05) by a tenth: from the base model's loss on them to
+    train.py's final eval loss."""
+    dataset = tmp_path / "humaneval.jsonl"
+    dataset.write_text("".join(json.dumps(example) + "\n" for example in real_examples()))
+    # --lr 2e-3, ten times the usual QLoRA rate: four steps are all this test can afford
+    args = ["--model", str(real_model), "--dataset", str(dataset), "--output_dir", str(tmp_path / "out"),
+            "--eval_fraction", "0.05", "--seq_len", "128", "--batch_size", "4", "--max_steps", "4", "--lr", "2e-3",
+            "--warmup_steps", "0", "--lora_rank", "8", "--lora_alpha", "16", "--grad_checkpointing", "none"]
+    cfg = train.parse_config(args)
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    _, held_out = data.prepare(cfg, tokenizer, log=lambda *_: None)
+    assert len(held_out) == 9
+    before = held_out_loss(ours, held_out, tokenizer.pad_token_id)  # LoRA starts at B = 0: the base model
+    after = run_inprocess(args)[-1]["eval_loss"]
+    # A real model: chance is ln(49152) = 10.8. On the CPU 1.610 here (train.evaluate at LoRA's init: 1.608), then 1.390
+    assert 1.5 < before < 1.7
+    assert after < 0.9 * before, (before, after)
