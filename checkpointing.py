@@ -282,8 +282,8 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
 def save_final(out_dir: Path, model, config: dict, base_fingerprint: str, tokenizer) -> None:
     """The trained adapter, the run's config and the tokenizer into output_dir itself, as a set; a collective."""
     adapter = fsdp_wrap.gather_lora_state(model)
-    _on_rank0(lambda: run_folder.write_final(Path(out_dir), adapter, config, base_fingerprint, tokenizer), Path(out_dir),
-              "the checkpoints in it are intact; --resume auto saves again")
+    _on_rank0(lambda: run_folder.write_final(Path(out_dir), adapter, config, base_fingerprint, tokenizer),
+              Path(out_dir), "the checkpoints in it are intact; --resume auto saves again")
 
 
 def _on_rank0(write: Callable[[], None], path: Path, intact: str) -> None:

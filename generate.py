@@ -38,7 +38,8 @@ def prompt_ids(prompt: str, tokenizer, prompt_format: str = "auto", system_promp
     record = _record(prompt)
     if "messages" in record:
         data.check_chat_template(tokenizer, 'a {"messages": [...]} prompt is rendered by a chat template')
-        text = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(data.conversation(record, "chat", "chat"), tokenize=False,
+                                             add_generation_prompt=True)
     elif "instruction" in record and "text" not in record:
         fmt = data.resolve_prompt_format(prompt_format, tokenizer)
         messages = data.conversation({**record, "output": ""}, "alpaca", fmt, system_prompt)[:-1]
@@ -207,9 +208,10 @@ def load_tokenizer(model: str, adapter: str | None, chat_template: str = "") -> 
     """The tokenizer the adapter's run saved (with the chat template it rendered with), else the model's, with
     --chat_template's template set on it; and the recorded prompt format, {prompt_format, system_prompt}, of the run
     folder or merged folder (train_config.json; none for other models)."""
-    folder = Path(adapter) if adapter else builtin.model_dir(model)
-    saved = adapter and (folder / "tokenizer_config.json").is_file()  # run folders written before it was saved: none
-    tokenizer = model_loading.load_tokenizer(folder if saved else builtin.model_dir(model))
+    model_dir = builtin.model_dir(model)
+    folder = Path(adapter) if adapter else model_dir
+    saved = (folder / "tokenizer_config.json").is_file()  # not in run folders written before it was saved there
+    tokenizer = model_loading.load_tokenizer(folder if saved else model_dir)
     if chat_template:
         tokenizer.chat_template = data.read_chat_template(chat_template)
     run = run_folder.read_run_config(folder)

@@ -588,6 +588,9 @@ def train(cfg: Config) -> list[dict]:
             color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
             print0(data.describe(batches.loader.dataset, tokenizer, cfg.seq_len, cfg.show, color))
             return []
+        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
+        for prompt in prompts:  # one that cannot be rendered ({"messages"} without a template) fails before loading
+            generate.prompt_ids(prompt, tokenizer, cfg.prompt_format, cfg.system_prompt)
         total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
         if (warning := warmup_warning(cfg, total_steps)) is not None:
             print0(f"warning: {warning}")
@@ -619,8 +622,6 @@ def train(cfg: Config) -> list[dict]:
         def save(step: int, data_position: tuple[int, int]) -> Path:
             state = checkpointing.TrainerState(step, *data_position, **run, reporting=report.state())
             return checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler, tokenizer, cfg.keep_last)
-
-        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
 
         def sample(step: int) -> None:  # a collective; rank 0 writes
             report.samples(step, generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step,

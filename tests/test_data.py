@@ -107,7 +107,8 @@ def test_field_map_renames_columns(tmp_path, tokenizer):
 
 
 def test_long_prompt_is_cut_from_the_left_and_the_response_kept(tokenizer):
-    row = data.tokenize({"instruction": "word " * 200, "output": "the answer stays"}, tokenizer, 32, "alpaca", "alpaca")
+    row = data.tokenize({"instruction": "word " * 200, "output": "the answer stays"}, tokenizer, 32, "alpaca",
+                        "alpaca")
     response = tokenizer.encode("the answer stays", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert len(row["input_ids"]) == 32 and row["input_ids"][0] == tokenizer.bos_token_id and row["truncated"]
     assert row["input_ids"][-len(response):] == response and row["labels"][-len(response):] == response
@@ -204,7 +205,8 @@ def test_eval_fraction_is_carved_with_the_seed(tmp_path, tokenizer):
 def test_eval_batches_cover_each_row_once_with_equal_counts_per_rank(tokenizer):
     import datasets
 
-    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text", "alpaca") for i in range(7)])
+    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text", "alpaca")
+                                     for i in range(7)])
     per_rank = [data.eval_batches(ds, 2, tokenizer.pad_token_id, rank, 2) for rank in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 2
     seen = [tuple(row[m.bool()].tolist()) for batches in per_rank for b in batches
@@ -223,7 +225,8 @@ def test_length_grouped_batches_are_disjoint_across_ranks_and_homogeneous(tokeni
 def test_ranks_see_disjoint_rows(tokenizer):
     import datasets
 
-    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text", "alpaca") for i in range(16)])
+    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text", "alpaca")
+                                     for i in range(16)])
     seen = [{tuple(r.tolist()) for b in data.build_loader(ds, 4, tokenizer.pad_token_id, rank, 2, 0)
              for r in b["input_ids"]} for rank in range(2)]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
@@ -474,7 +477,8 @@ def test_prompt_format_is_printed_shown_and_recorded(checkpoints, tmp_path, caps
     assert "prompt format: chat (alpaca and prompt_completion rows as user and assistant turns of the chat template" \
            in shown
     assert "<|im_start|>assistant\n[[Lima<|im_end|>\n]]" in shown
-    run_inprocess(common(checkpoints("llama"), tmp_path / "run", steps=1) + flags[2:] + ["--batch_size", "2", "--seq_len", "128"])
+    run_inprocess(common(checkpoints("llama"), tmp_path / "run", steps=1) + flags[2:] + ["--batch_size", "2",
+                                                                                         "--seq_len", "128"])
     recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert (recorded["prompt_format"], recorded["chat_template"]) == ("chat", "chatml")
 
@@ -485,8 +489,8 @@ def test_chat_template_from_a_file(tmp_path, tokenizer):
     template = tmp_path / "turns.jinja"
     template.write_text("{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['content'] + '</s>' }}{% endfor %}"
                         "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}")
-    rows, _ = data.prepare(cfg(write(tmp_path / "c.jsonl", CHAT), chat_template=str(template)), builtin.make_tokenizer(),
-                           log=lambda *_: None)
+    rows, _ = data.prepare(cfg(write(tmp_path / "c.jsonl", CHAT), chat_template=str(template)),
+                           builtin.make_tokenizer(), log=lambda *_: None)
     assert tokenizer.decode(rows[0]["input_ids"]) == ("<s>system: Be brief.</s><s>user: Capital of Peru?</s>"
                                                        "<s>assistant: Lima</s><s>user: And Chile?</s>"
                                                        "<s>assistant: Santiago</s>")

@@ -71,16 +71,22 @@ def test_generation_stops_at_the_templates_end_of_turn(checkpoints):
     assert generate.sample(model, tokenizer, [PROMPTS[1]], 4) == [""]
 
 
-def test_a_messages_prompt_on_a_model_without_a_template_says_what_to_pass(checkpoints, monkeypatch):
+def test_a_messages_prompt_on_a_model_without_a_template_says_what_to_pass(checkpoints, tmp_path, monkeypatch):
     """generate.py refuses a {"messages": [...]} prompt where the tokenizer has no chat template, saying to pass
-    --chat_template, before the model loads."""
+    --chat_template, before the model loads; train.py refuses such a --sample_prompts line before loading too."""
     monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded the model before refusing"))
-    path = checkpoints("llama")
-    with pytest.raises(ValueError) as refusal:
-        generate.main(["--model", str(path), "--prompt", '{"messages": [{"role": "user", "content": "hi"}]}'])
-    assert str(refusal.value) == ('a {"messages": [...]} prompt is rendered by a chat template, and the tokenizer in '
-                                  f"{path} has none: pass --chat_template chatml (or a Jinja template, or a file "
-                                  "holding one)")
+    path, messages = checkpoints("llama"), '{"messages": [{"role": "user", "content": "hi"}]}'
+    refusal = ('a {"messages": [...]} prompt is rendered by a chat template, and the tokenizer in '
+               f"{path} has none: pass --chat_template chatml (or a Jinja template, or a file holding one)")
+    with pytest.raises(ValueError) as e:
+        generate.main(["--model", str(path), "--prompt", messages])
+    assert str(e.value) == refusal
+    (tmp_path / "text.jsonl").write_text('{"text": "plain words"}\n' * 8)  # rows that leave the tokenizer as it was
+    (tmp_path / "prompts.txt").write_text(messages + "\n")
+    with pytest.raises(ValueError) as e:
+        refused_before_loading(monkeypatch, tmp_path, path, tokenizes=True, args=(
+            "--dataset", str(tmp_path / "text.jsonl"), "--sample_prompts", str(tmp_path / "prompts.txt")))
+    assert str(e.value) == refusal
 
 
 @pytest.mark.parametrize("arch", ARCHS)
