@@ -3,7 +3,9 @@
 A checkpoint is a folder output_dir/checkpoint-N holding what step N+1 needs to run exactly as it would have
 without the interruption, written by run_folder.write_checkpoint (atomically, with a COMPLETE manifest):
     adapter_model.safetensors  the LoRA weights in PEFT's format, with adapter_config.json (PEFT loads the folder)
-    train_config.json          the run's whole config (what merge.py and generate.py read: base, quant, LoRA shape)
+    train_config.json          the run's whole config (what merge.py and generate.py read: base, quant, LoRA shape,
+                               prompt format)
+    tokenizer files            the tokenizer with the chat template that rendered the training rows
     optimizer.pt               AdamW's moments and step counts, full tensors keyed by each LoRA weight's path
     rng_state.pt               every rank's torch, CUDA and Python RNG states (LoRA dropout draws from them)
     trainer_state.json         step, data position, LR-scheduler state, world size, config, base-model and data
@@ -233,7 +235,9 @@ def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
         # TensorBoard reads every event file in its folder, so an earlier run's would mix into the new curves. W&B's
         # folders are runs of their own, told apart by id: left as they are, with what they may not have synced.
         # (check_output_dir refused --overwrite with a resume of this folder's own run)
-        replaced = existing + [out_dir / f for f in (*FINAL_FILES, "tensorboard")] if overwrite else []
+        # The tokenizer's files too: a chat_template.jinja the new run does not write would be read with its tokenizer
+        replaced = existing + [out_dir / f for f in (*FINAL_FILES, "tensorboard")] + [
+            f for pattern in model_loading.BESIDE_WEIGHTS for f in out_dir.glob(pattern)] if overwrite else []
         for path in leftovers + replaced:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     dist.barrier()  # nobody looks at the folder before it is clean
@@ -243,8 +247,10 @@ def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
 # Saving and loading
 
 
-def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, scheduler, keep_last: int = 0) -> Path:
-    """Write output_dir/checkpoint-<step> atomically; a collective, so every rank calls it. Returns the folder.
+def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, scheduler, tokenizer,
+                    keep_last: int = 0) -> Path:
+    """Write output_dir/checkpoint-<step> atomically, with the tokenizer as training renders; a collective, so every
+    rank calls it. Returns the folder.
 
     If writing fails (full disk, I/O error) every rank raises, and the earlier checkpoints are as they were.
     """
@@ -261,7 +267,7 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
     final = Path(out_dir) / f"checkpoint-{state.step}"
 
     def write() -> None:
-        run_folder.write_checkpoint(final, state.step, adapter, state.config, state.base_fingerprint, {
+        run_folder.write_checkpoint(final, state.step, adapter, state.config, state.base_fingerprint, tokenizer, {
             "optimizer.pt": lambda path: torch.save(optim, path),
             "rng_state.pt": lambda path: torch.save(rngs, path),
             "trainer_state.json": lambda path: path.write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n"),
@@ -273,11 +279,11 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
     return final
 
 
-def save_final(out_dir: Path, model, config: dict, base_fingerprint: str) -> None:
-    """The trained adapter and the run's config into output_dir itself, as a set; a collective."""
+def save_final(out_dir: Path, model, config: dict, base_fingerprint: str, tokenizer) -> None:
+    """The trained adapter, the run's config and the tokenizer into output_dir itself, as a set; a collective."""
     adapter = fsdp_wrap.gather_lora_state(model)
-    _on_rank0(lambda: run_folder.write_final(Path(out_dir), adapter, config, base_fingerprint), Path(out_dir),
-              "the checkpoints in it are intact; --resume auto saves again")
+    _on_rank0(lambda: run_folder.write_final(Path(out_dir), adapter, config, base_fingerprint, tokenizer),
+              Path(out_dir), "the checkpoints in it are intact; --resume auto saves again")
 
 
 def _on_rank0(write: Callable[[], None], path: Path, intact: str) -> None:

@@ -9,10 +9,17 @@ Formats (--dataset_format, `auto` picks by column names):
     chat               messages: [{role, content}, ...] rendered by the tokenizer's chat template; assistant turns trained
     prompt_completion  prompt, completion
     text               text, every token trained; a document longer than seq_len becomes several rows
+Every row but text is a conversation rendered by a chat template (conversation, row_template). --prompt_format decides,
+once per run, which one renders alpaca and prompt_completion rows: chat, the tokenizer's own (the instruction and
+input, or the prompt, as the user's turn, the output as the assistant's), as TRL, torchtune and Axolotl render them
+for an instruct model; or alpaca, our ALPACA template (prompt_completion rows: PLAIN, prompt then completion). auto
+takes chat where the tokenizer has a template. The template that rendered the training rows is left on the
+tokenizer, which every run folder saves: apply_chat_template on it renders what training rendered.
 """
 import bisect
 import bz2
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -26,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy
 import torch
 import torch.distributed as dist
@@ -38,11 +46,21 @@ COLUMNS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt_c
            "text": ("text",)}  # required columns, in the order `auto` tries them
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # which datasets also opens by suffix
-PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_FORMATS = ("auto", "chat", "alpaca")
 # --chat_template chatml: for tokenizers that ship no template (base models). The ChatML layout of Qwen and others.
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# --prompt_format alpaca, as chat templates. Saved as the tokenizer's template rather than recorded as a name: any
+# server's chat API (vLLM's) and apply_chat_template then render the prompt the adapter was trained on, not only
+# generate.py. An alpaca row's input travels inside the user's turn, under its own heading (conversation).
+ALPACA = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+          "{% elif m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n### Response:\n' }}"
+          "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+PLAIN = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
+         "{% elif m['role'] == 'user' %}{{ m['content'] }}{% else %}{{ m['content'] + eos_token }}{% endif %}"
+         "{% endfor %}")  # prompt_completion rows: the prompt, then the completion
+ALPACA_INPUT = "\n\n### Input:\n"  # between an alpaca row's instruction and input, in the alpaca format
+TEMPLATE_FIX = "pass --chat_template chatml (or a Jinja template, or a file holding one)"
 
 
 @dataclass
@@ -56,7 +74,9 @@ class DataConfig:
     dataset_split: str = field(default="train", metadata={"rows": True, "help": "Hub dataset split to train on"})
     dataset_format: str = field(default="auto", metadata={"rows": True, "choices": FORMATS, "help": "how examples are rendered; auto: from the columns"})
     field_map: str = field(default="", metadata={"rows": True, "help": "rename columns, ours=theirs: 'instruction=question,output=answer'"})
-    chat_template: str = field(default="", metadata={"rows": True, "help": "'chatml', or a Jinja template, for tokenizers without one"})
+    chat_template: str = field(default="", metadata={"rows": True, "help": "'chatml', a Jinja template, or a file holding one: the chat template, for tokenizers without one or instead of theirs"})
+    prompt_format: str = field(default="auto", metadata={"rows": True, "choices": PROMPT_FORMATS, "help": "how alpaca and prompt_completion rows are rendered: chat (user and assistant turns of the chat template, the loss on the assistant's), alpaca ('### Instruction:' ... '### Response:'; prompt_completion rows as they are); auto: chat where the tokenizer has a chat template (or --chat_template), else alpaca. Chat rows always take the chat template"})
+    system_prompt: str = field(default="", metadata={"rows": True, "help": "a system turn before each alpaca and prompt_completion row (in the alpaca format, its first paragraph); chat rows keep their own"})
     seq_len: int = field(default=512, metadata={"rows": True, "help": "longest row in tokens; longer prompts are cut first"})
     train_on_prompt: bool = field(default=False, metadata={"rows": True, "help": "also train on prompt tokens"})
     packing: bool = field(default=False, metadata={"rows": True, "help": "fill rows with whole examples, none attending to another"})
@@ -260,29 +280,100 @@ def check_text_columns(ds, fmt: str, source: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Examples -> (text, trained) segments -> tokens
+# The prompt format: which chat template renders the rows, decided once
 
 
-def render(example: dict) -> tuple[str, str]:
-    """(prompt, response) text of an alpaca or prompt/completion example."""
-    if "prompt" in example and "completion" in example:
-        return example["prompt"], example["completion"]
-    template = PROMPT_WITH_INPUT if example.get("input") else PROMPT_NO_INPUT
-    return template.format(**example), example["output"]
+def read_chat_template(value: str) -> str | None:
+    """--chat_template's template: ChatML for 'chatml', the value itself where it is a Jinja template, else the text of
+    the file it names (None for ''). A name that is neither is refused: used as the template, every row would render
+    as that name."""
+    if not value:
+        return None
+    if value == "chatml":
+        return CHATML
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise DataError(f"--chat_template {value}: no such file, and not a Jinja template; pass 'chatml', a template, "
+                        "or a file holding one")
+    return path.read_text()
+
+
+def resolve_prompt_format(prompt_format: str, tokenizer, chat_template: str = "", log=None) -> str:
+    """--prompt_format as it applies to this tokenizer, once --chat_template's template is set on it: auto is chat where
+    the tokenizer then has a chat template, else alpaca (said through `log`). The chat format is refused without a
+    template, or with one that never marks the assistant's turn."""
+    if chat_template:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    if prompt_format == "auto":
+        prompt_format = "chat" if tokenizer.chat_template else "alpaca"
+    if prompt_format == "chat":
+        check_chat_template(tokenizer, "--prompt_format chat renders rows through a chat template", chat_template,
+                            instead=", or --prompt_format alpaca")
+    if log:
+        log("prompt format: " + ("chat (alpaca and prompt_completion rows as user and assistant turns of the chat "
+                                 "template, trained on the assistant's)" if prompt_format == "chat" else
+                                 "alpaca ('### Instruction:' ... '### Response:'; prompt_completion rows as they are)"))
+    return prompt_format
+
+
+def check_chat_template(tokenizer, use: str, chat_template: str = "", instead: str = "") -> None:
+    """A DataError unless the tokenizer has a chat template that marks the assistant's turn: `use` says what needs one,
+    `chat_template` is --chat_template as given (it names the template), `instead` adds another way out."""
+    if not tokenizer.chat_template:
+        where = f"the tokenizer in {tokenizer.name_or_path}" if tokenizer.name_or_path else "the tokenizer"
+        raise DataError(f"{use}, and {where} has none: {TEMPLATE_FIX}{instead}")
+    probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    try:
+        marked = (tokenizer.apply_chat_template(probe, tokenize=False)
+                  != tokenizer.apply_chat_template([probe[0], {"role": "user", "content": "2"}], tokenize=False))
+    except jinja2.TemplateError:  # raised by a template that checks the roles' order: it tells them apart
+        marked = True
+    if not marked:
+        name = (f"--chat_template {chat_template:.80}" if chat_template else
+                f"the chat template of the tokenizer in {tokenizer.name_or_path}")
+        raise DataError(f"{name} never marks the assistant's turn: it renders an assistant message as it renders a "
+                        "user's, so responses cannot be told from prompts; pass a template that writes each message's "
+                        "role, such as --chat_template chatml")
+
+
+def row_template(fmt: str, prompt_format: str, tokenizer) -> str | None:
+    """The chat template that renders rows of `fmt`: the tokenizer's for chat rows and in the chat format; in the
+    alpaca format ALPACA for alpaca rows and PLAIN for prompt_completion rows; none for text."""
+    if fmt == "text":
+        return None
+    if fmt == "chat" or prompt_format == "chat":
+        return tokenizer.chat_template
+    return ALPACA if fmt == "alpaca" else PLAIN
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Examples -> conversations -> (text, trained) segments -> tokens
 
 
 def _str(value) -> str:
     return "" if value is None else str(value)  # CSV and parquet columns arrive as numbers, NaN/None for empty cells
 
 
-def segments(example: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
-    """The example's text in order, each piece marked trained (response) or not (prompt)."""
-    if fmt == "text":
-        return [(_str(example["text"]), True)]
-    if fmt != "chat":
-        prompt, response = render({k: _str(v) for k, v in example.items()})
-        return [(prompt, False), (response, True)]
-    messages = example["messages"]
+def conversation(example: dict, fmt: str, prompt_format: str, system_prompt: str = "") -> list[dict]:
+    """The messages of a chat example, checked; or an alpaca or prompt_completion example as a conversation: a system
+    turn if `system_prompt`, the instruction and input (or the prompt) as the user's turn, the output (or the
+    completion) as the assistant's. The input follows the instruction after a blank line, in the alpaca format under
+    its own heading."""
+    if fmt == "chat":
+        return _checked_messages(example["messages"])
+    if fmt == "prompt_completion":
+        user, answer = _str(example["prompt"]), _str(example["completion"])
+    else:
+        user, answer = _str(example["instruction"]), _str(example["output"])
+        if _str(example.get("input")):
+            user += (ALPACA_INPUT if prompt_format == "alpaca" else "\n\n") + _str(example["input"])
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def _checked_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise DataError(f"'messages' must be a list of {{role, content}} objects, not {messages!r:.80}")
     for j, message in enumerate(messages):
@@ -292,14 +383,34 @@ def segments(example: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
             has = sorted(k for k, v in message.items() if v is not None)
             raise DataError(f"message {j} has no {' and no '.join(map(repr, missing))} (it has {has}); every message "
                             "needs a role and a content")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    return messages
+
+
+def render(example: dict) -> tuple[str, str]:
+    """(prompt, response) text of an alpaca or prompt/completion example in the alpaca format, without BOS and EOS:
+    what the built-in tokenizer is trained on."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    fmt = "prompt_completion" if "prompt" in example and "completion" in example else "alpaca"
+    *prompt, response = conversation(example, fmt, "alpaca")
+    rendered, _ = render_jinja_template([prompt], chat_template=row_template(fmt, "alpaca", None),
+                                        add_generation_prompt=True, bos_token="", eos_token="")
+    return rendered[0], response["content"]
+
+
+def segments(messages: list[dict], tokenizer, template: str) -> list[tuple[str, bool]]:
+    """The conversation rendered by `template`, in pieces, each marked trained (an assistant turn) or not."""
+    def text(upto: int, add_generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(messages[:upto], tokenize=False, chat_template=template,
+                                             add_generation_prompt=add_generation_prompt)
+
+    full = text(len(messages))
     pieces, done = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        if not full.startswith(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)) or start < done:
+        start, end = len(text(i, add_generation_prompt=True)), len(text(i + 1))
+        if not full.startswith(text(i + 1)) or start < done:
             raise DataError("the chat template does not render a conversation's turns as prefixes of the whole, so "
                             "assistant turns cannot be located; use --chat_template chatml")
         pieces += [(full[done:start], False), (full[start:end], True)]
@@ -309,27 +420,33 @@ def segments(example: dict, fmt: str, tokenizer) -> list[tuple[str, bool]]:
     return pieces + [(full[done:], False)]
 
 
-def tokenize(example: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: bool = False) -> dict:
+def tokenize(example: dict, tokenizer, seq_len: int, fmt: str, prompt_format: str, system_prompt: str = "",
+             train_on_prompt: bool = False) -> dict:
     """input_ids and labels, at most seq_len long, plus `truncated` and `dropped` flags for the report.
 
-    Too long: prompt tokens are cut from the left first (the prompt's end, next to the response, matters most),
-    then the response loses its end. An example with an empty response is dropped (EOS alone teaches nothing), and so
-    is one with no target left.
+    A conversation is rendered by its row_template, which writes BOS and the end of each turn; a text row is BOS, the
+    text and EOS. Too long: prompt tokens are cut from the left first (after BOS; the prompt's end, next to the
+    response, matters most), then the response loses its end. An example with an empty response is dropped (the end
+    of its turn alone teaches nothing), and so is one with no target left.
     """
+    if fmt == "text":
+        text = _str(example["text"])
+        pieces, has_response = [(text, True)], bool(text)
+    else:
+        messages = conversation(example, fmt, prompt_format, system_prompt)
+        pieces = segments(messages, tokenizer, row_template(fmt, prompt_format, tokenizer))
+        has_response = any(_str(m["content"]) for m in messages if m["role"] == "assistant")
     ids, trained = [], []
-    if fmt != "chat" and tokenizer.bos_token_id is not None:  # chat templates write their own BOS
-        ids, trained = [tokenizer.bos_token_id], [train_on_prompt]
-    has_response = False
-    for text, is_response in segments(example, fmt, tokenizer):
+    for text, is_response in pieces:
         piece = tokenizer.encode(text, add_special_tokens=False) if text else []
         ids += piece
         trained += [is_response or train_on_prompt] * len(piece)
-        has_response |= is_response and bool(piece)
-    if fmt != "chat":
-        ids, trained = ids + [tokenizer.eos_token_id], trained + [True]
+    if fmt == "text":
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids, trained = bos + ids + [tokenizer.eos_token_id], [train_on_prompt] * len(bos) + trained + [True]
     truncated = len(ids) > seq_len
     if truncated:
-        keep = 1 if fmt != "chat" and tokenizer.bos_token_id is not None else 0  # keep BOS
+        keep = int(tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id)  # keep BOS
         first = trained.index(True) if True in trained else len(ids)
         cut = min(len(ids) - seq_len, max(0, first - keep))
         ids, trained = ids[:keep] + ids[keep + cut:], trained[:keep] + trained[keep + cut:]
@@ -341,8 +458,8 @@ def tokenize(example: dict, tokenizer, seq_len: int, fmt: str, train_on_prompt: 
     return {"input_ids": ids, "labels": labels, "truncated": truncated, "dropped": dropped}
 
 
-def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt: str,
-                   train_on_prompt: bool = False) -> dict:
+def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt: str, prompt_format: str,
+                   system_prompt: str = "", train_on_prompt: bool = False) -> dict:
     """datasets.map(batched=True, with_indices=True) form of `tokenize`, each row with the index of its `example`.
     Plain text longer than seq_len is split into several rows (continued pre-training loses nothing); other formats
     give one row per example."""
@@ -350,7 +467,8 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt
     for i, index in enumerate(indices):
         example = {k: batch[k][i] for k in batch}
         try:
-            row = tokenize(example, tokenizer, 10**12 if fmt == "text" else seq_len, fmt, train_on_prompt)
+            row = tokenize(example, tokenizer, 10**12 if fmt == "text" else seq_len, fmt, prompt_format, system_prompt,
+                           train_on_prompt)
         except DataError as e:
             raise DataError(f"row {index} (counting from 0): {e}") from None
         for start in range(0, len(row["input_ids"]), seq_len):
@@ -368,10 +486,10 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt
 
 def prepare(cfg: DataConfig, tokenizer, local_rank: int = 0, log=print):
     """(train, eval or None) tokenized datasets for `cfg`. Rank 0 of each node tokenizes and fills the datasets
-    cache; the other ranks wait for it (FirstOnNode), then read that cache instead of repeating the work."""
+    cache; the other ranks wait for it (FirstOnNode), then read that cache instead of repeating the work. The
+    tokenizer is left with its pad token and the chat template that rendered the training rows."""
     ensure_pad_token(tokenizer)
-    if cfg.chat_template:
-        tokenizer.chat_template = CHATML if cfg.chat_template == "chatml" else cfg.chat_template
+    cfg = dataclasses.replace(cfg, prompt_format=resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.chat_template))
     distributed = dist.is_available() and dist.is_initialized()
     eval_file = bool(cfg.eval_split) and Path(cfg.eval_split).expanduser().exists()
     if cfg.eval_split and not eval_file and (cfg.dataset == BUILTIN_DATASET or Path(cfg.dataset).expanduser().exists()):
@@ -431,24 +549,30 @@ class FirstOnNode:
 
 
 def _train_and_eval(cfg: DataConfig, tokenizer, eval_file: bool, log):
-    raw, fmt = _examples(load_raw(cfg.dataset, cfg.dataset_config, cfg.dataset_split, log), cfg.dataset, cfg, log)
+    raw, fmt = _examples(load_raw(cfg.dataset, cfg.dataset_config, cfg.dataset_split, log), cfg.dataset, cfg,
+                         tokenizer, log)
     train, evals = _tokenized(raw, fmt, cfg.dataset, cfg, tokenizer, log), None
     if cfg.eval_split:
         source, split = (cfg.eval_split, "train") if eval_file else (cfg.dataset, cfg.eval_split)
-        evals = _tokenized(*_examples(load_raw(source, cfg.dataset_config, split, log), source, cfg, log), source, cfg,
-                           tokenizer, log)
+        eval_raw, eval_fmt = _examples(load_raw(source, cfg.dataset_config, split, log), source, cfg, tokenizer, log)
+        evals = _tokenized(eval_raw, eval_fmt, source, cfg, tokenizer, log)
     elif cfg.eval_fraction > 0:
         train, evals = _carve(train, len(raw), cfg)
+    if fmt != "text":  # what run folders save (module docstring); set last, so that every row met the same tokenizer
+        tokenizer.chat_template = row_template(fmt, cfg.prompt_format, tokenizer)
     return _packed(train, cfg, log), None if evals is None else _packed(evals, cfg, log)
 
 
-def _examples(raw, source: str, cfg: DataConfig, log):
-    """The examples with --field_map applied, and their format."""
+def _examples(raw, source: str, cfg: DataConfig, tokenizer, log):
+    """The examples with --field_map applied, and their format; chat rows need a chat template."""
     raw = apply_field_map(raw, cfg.field_map)
     fmt = detect_format(raw.column_names, cfg.dataset_format)
     if cfg.dataset_format == "auto":
         log(f"dataset format: {fmt} (detected from columns {raw.column_names})")
     check_text_columns(raw, fmt, source)
+    if fmt == "chat":
+        check_chat_template(tokenizer, f"{source} holds chat rows (messages), which a chat template renders",
+                            cfg.chat_template)
     return raw, fmt
 
 
@@ -474,6 +598,8 @@ def _tokenized(raw, fmt: str, source: str, cfg: DataConfig, tokenizer, log):
     try:
         ds = raw.map(tokenize_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
                      desc="tokenizing", fn_kwargs=dict(tokenizer=tokenizer, seq_len=cfg.seq_len, fmt=fmt,
+                                                       prompt_format=cfg.prompt_format,
+                                                       system_prompt=cfg.system_prompt,
                                                        train_on_prompt=cfg.train_on_prompt))
     except DataError as e:  # datasets re-raises the function's own exception, as it was
         raise DataError(f"{source}, {e}") from None

@@ -1,13 +1,15 @@
 """Sample from a model: the one being trained (FSDP-wrapped or not), a base + adapter as trained, or a merged folder.
 
     python generate.py --model tiny --adapter out --prompt '{"instruction": "Name the capital.", "input": "Peru"}'
+    python generate.py --model merged --prompt '{"messages": [{"role": "user", "content": "Capital of Peru?"}]}'
     python generate.py --model merged --prompt "Once upon a time" --temperature 0.8 --seed 1
 
-A prompt is either plain text, completed as is, or a JSON record shaped like the training data,
-{"instruction": ..., "input": ... (optional)}, rendered with the training's alpaca template (data.render): an
-instruction-tuned model answers best what looks like what it was trained on.
-Decoding is greedy at temperature 0, else sampling from softmax(logits / temperature); prompts are left-padded into
-one batch and decoded with a KV cache.
+A prompt is rendered as training renders rows (prompt_ids): a JSON {"messages": [...]} through the chat template, with
+the generation prompt; a JSON record shaped like alpaca data, {"instruction": ..., "input": ... (optional)}, as the
+run rendered such rows, in its recorded --prompt_format and --system_prompt (train_config.json); anything else is
+completed as it is. An adapter's run folder holds the tokenizer it trained with, chat template included, and so does
+a merged folder. Decoding stops at EOS and at the chat template's end-of-turn token; it is greedy at temperature 0,
+else sampling from softmax(logits / temperature); prompts are left-padded into one batch and decoded with a KV cache.
 """
 import argparse
 import inspect
@@ -28,16 +30,36 @@ import quantization
 import run_folder
 
 
-def render_prompt(prompt: str) -> str:
-    """Plain text as is; a JSON {"instruction", "input"?} record through the training template."""
-    if prompt.lstrip().startswith("{"):
-        try:
-            record = json.loads(prompt)
-        except json.JSONDecodeError:
-            return prompt
-        if isinstance(record, dict) and "instruction" in record and "text" not in record:
-            return data.render({**record, "output": ""})[0]
-    return prompt
+def prompt_ids(prompt: str, tokenizer, prompt_format: str = "auto", system_prompt: str = "") -> list[int]:
+    """The token ids a prompt is completed from: a {"messages": [...]} record through the chat template with the
+    generation prompt; an {"instruction", "input"?} record as data.tokenize renders an alpaca row's prompt in
+    `prompt_format` (auto: chat where the tokenizer has a template) after `system_prompt`; other text as a text row
+    starts, BOS and the text."""
+    record = _record(prompt)
+    if "messages" in record:
+        data.check_chat_template(tokenizer, 'a {"messages": [...]} prompt is rendered by a chat template')
+        text = tokenizer.apply_chat_template(data.conversation(record, "chat", "chat"), tokenize=False,
+                                             add_generation_prompt=True)
+    elif "instruction" in record and "text" not in record:
+        fmt = data.resolve_prompt_format(prompt_format, tokenizer)
+        messages = data.conversation({**record, "output": ""}, "alpaca", fmt, system_prompt)[:-1]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             chat_template=data.row_template("alpaca", fmt, tokenizer))
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + tokenizer.encode(prompt, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=False)  # the template wrote BOS where it wants one
+
+
+def _record(prompt: str) -> dict:
+    """The prompt as a JSON object, or {} for text that is not one."""
+    if not prompt.lstrip().startswith("{"):
+        return {}
+    try:
+        record = json.loads(prompt)
+    except json.JSONDecodeError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def load_prompts(path: str, dataset: str) -> list[str]:
@@ -81,16 +103,31 @@ def new_tokens_that_fit(model: torch.nn.Module, width: int, max_new_tokens: int)
 
 
 def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
-    """The tokenizer's EOS and the model's own (Llama 3 lists several in generation_config)."""
+    """The tokenizer's EOS, the model's own (Llama 3 lists several in generation_config), and the chat template's
+    end-of-turn token."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)  # FSDP forwards the attribute
-    return ({tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])) - {None}
+    return ({tokenizer.eos_token_id, end_of_turn(tokenizer)} | set(eos if isinstance(eos, list) else [eos])) - {None}
+
+
+def end_of_turn(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant's turn with (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>), or None: the first token it writes after the turn's content, where that is a special token."""
+    if not tokenizer.chat_template:
+        return None
+    turn = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    text = tokenizer.apply_chat_template(turn, tokenize=False)
+    after = tokenizer.encode(text[text.rindex("!") + 1:], add_special_tokens=False)
+    token = tokenizer.added_tokens_decoder.get(after[0]) if after else None
+    return after[0] if token is not None and token.special else None
 
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
-           seed: int = 0, device: torch.device | None = None) -> list[str]:
-    """The completion of each prompt, up to its first EOS. Greedy at temperature 0; otherwise drawn with a generator
-    seeded by `seed`, so the same call gives the same text.
+           seed: int = 0, device: torch.device | None = None, prompt_format: str = "auto",
+           system_prompt: str = "") -> list[str]:
+    """The completion of each prompt (rendered by prompt_ids in `prompt_format` after `system_prompt`), up to its
+    first stop token (stop_ids). Greedy at temperature 0; otherwise drawn with a generator seeded by `seed`, so the
+    same call gives the same text.
 
     Under FSDP the forward is a collective: every rank must call this with the same prompts. Rank 0's choice of each
     token is broadcast, so that the ranks can never disagree on what to feed next or when to stop.
@@ -98,8 +135,7 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
     if not prompts:
         return []
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [bos + tokenizer.encode(render_prompt(p), add_special_tokens=False) for p in prompts]  # as data.tokenize
+    ids = [prompt_ids(p, tokenizer, prompt_format, system_prompt) for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(x) for x in ids)
     max_new_tokens = new_tokens_that_fit(model, width, max_new_tokens)
@@ -137,7 +173,7 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
     model.train(was_training)
     completions, stops = [], set(stop.tolist())
     for row in new.tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))  # cut at the first EOS
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))  # cut at the first stop token
         completions.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return completions
 
@@ -150,12 +186,14 @@ def nonfinite(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tenso
 
 
 def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file: Path, step: int,
-                device: torch.device, max_new_tokens: int) -> list[dict]:
-    """Greedy samples from the model in training: every rank samples (FSDP), rank 0 prints and appends to out_file.
-    Returns the records written (on rank 0; none elsewhere)."""
+                device: torch.device, max_new_tokens: int, prompt_format: str, system_prompt: str) -> list[dict]:
+    """Greedy samples from the model in training, its prompts rendered in the run's format as generate.py renders them
+    from its run folder: every rank samples (FSDP), rank 0 prints and appends to out_file. Returns the records written
+    (on rank 0; none elsewhere)."""
     if not prompts:
         return []
-    completions = sample(model, tokenizer, prompts, max_new_tokens, device=device)
+    completions = sample(model, tokenizer, prompts, max_new_tokens, device=device, prompt_format=prompt_format,
+                         system_prompt=system_prompt)
     if dist.is_initialized() and dist.get_rank() != 0:
         return []
     records = [{"step": step, "prompt": p, "completion": c} for p, c in zip(prompts, completions)]
@@ -166,12 +204,26 @@ def log_samples(model: torch.nn.Module, tokenizer, prompts: list[str], out_file:
     return records
 
 
-def load(model: str, adapter: str | None, quant: str | None, device: torch.device,
-         allow_other_base: bool = False) -> tuple[torch.nn.Module, object]:
-    """Model and tokenizer: a base with its adapter as trained (4-bit by default), or a merged / plain model. An
-    adapter trained on another base is refused unless `allow_other_base` (run_folder.check_base)."""
+def load_tokenizer(model: str, adapter: str | None, chat_template: str = "") -> tuple[object, dict]:
+    """The tokenizer the adapter's run saved (with the chat template it rendered with), else the model's, with
+    --chat_template's template set on it; and the recorded prompt format, {prompt_format, system_prompt}, of the run
+    folder or merged folder (train_config.json; none for other models)."""
     model_dir = builtin.model_dir(model)
-    tokenizer = model_loading.load_tokenizer(model_dir)  # a folder without one fails before the model loads
+    folder = Path(adapter) if adapter else model_dir
+    saved = (folder / "tokenizer_config.json").is_file()  # not in run folders written before it was saved there
+    tokenizer = model_loading.load_tokenizer(folder if saved else model_dir)
+    if chat_template:
+        tokenizer.chat_template = data.read_chat_template(chat_template)
+    run = run_folder.read_run_config(folder)
+    return tokenizer, {key: run[key] for key in ("prompt_format", "system_prompt") if key in run}
+
+
+def load(model: str, adapter: str | None, quant: str | None, device: torch.device,
+         allow_other_base: bool = False, chat_template: str = "") -> tuple[torch.nn.Module, object]:
+    """Model and tokenizer (load_tokenizer): a base with its adapter as trained (4-bit by default), or a merged /
+    plain model. An adapter trained on another base is refused unless `allow_other_base` (run_folder.check_base)."""
+    model_dir = builtin.model_dir(model)
+    tokenizer, _ = load_tokenizer(model, adapter, chat_template)  # a folder without one fails before the model loads
     if adapter:  # a missing adapter, or one for another base, fails before the model loads
         lora.read_adapter_config(Path(adapter))
         run_folder.check_base(Path(adapter), model, model_dir, allow_other_base)
@@ -189,8 +241,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="base (with --adapter) or merged model: folder, Hub id, tiny")
     parser.add_argument("--adapter", default=None, help="a training output_dir (or its checkpoint-N)")
-    parser.add_argument("--prompt", action="append", required=True, help="plain text, or a JSON instruction record; "
-                                                                         "repeat for several")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help='plain text, a JSON instruction record, or {"messages": [...]}; repeat for several')
     parser.add_argument("--max_new_tokens", type=int, default=defaults["max_new_tokens"])
     parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="0: greedy")
     parser.add_argument("--seed", type=int, default=defaults["seed"], help="for temperature > 0")
@@ -199,16 +251,21 @@ def main(argv: list[str] | None = None) -> list[str]:
                              "pre-quantized checkpoint's own, else none)")
     parser.add_argument("--allow_other_base", action="store_true",
                         help="apply --adapter to another base than the one it was trained on, on purpose")
+    parser.add_argument("--chat_template", default="", help="'chatml', a Jinja template, or a file holding one: for "
+                                                            "a model whose tokenizer has none, as train.py takes it")
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0:
         parser.error(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     if not 0 <= args.temperature < math.inf:  # NaN fails this too
         parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    tokenizer, recorded = load_tokenizer(args.model, args.adapter, args.chat_template)
+    rendered = [tokenizer.decode(prompt_ids(p, tokenizer, **recorded)) for p in args.prompt]  # before the model loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load(args.model, args.adapter, args.quant, device, args.allow_other_base)
-    completions = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, device)
-    for prompt, completion in zip(args.prompt, completions):
-        print(f"### prompt\n{render_prompt(prompt)}\n### completion\n{completion}\n")
+    model, tokenizer = load(args.model, args.adapter, args.quant, device, args.allow_other_base, args.chat_template)
+    completions = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, device,
+                         **recorded)
+    for prompt, completion in zip(rendered, completions):
+        print(f"### prompt\n{prompt}\n### completion\n{completion}\n")
     return completions
 
 

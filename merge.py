@@ -7,8 +7,9 @@ Hugging Face-compatible server loads with no custom code.
 Every adapted linear becomes W' = W + B @ A * alpha / r (in fp32, rounded once to --dtype); every other tensor is
 copied. The merge streams like the loader: one base tensor at a time is read with safe_open, merged, and appended to
 its output shard at once, so memory stays near one tensor (and its fp32 copy) for any model size, on CPU or GPU. The
-output is sharded safetensors with model.safetensors.index.json, config.json, the tokenizer files and a model card
-(README.md) naming the base, the adapter and the training config.
+output is sharded safetensors with model.safetensors.index.json, config.json, the tokenizer files of the adapter's run
+(with the chat template training rendered with) and its train_config.json (its prompt format, which generate.py reads),
+and a model card (README.md) naming the base, the adapter and the training config.
 
 MoE experts (an adapter with target_parameters): each adapted experts tensor W (experts, out, in) becomes
 W_e + B_e @ A_e * alpha / r for every expert e, the update PEFT's ParamWrapper defines (lora.ExpertsLoRA).
@@ -36,6 +37,7 @@ import argparse
 import inspect
 import json
 import math
+import shutil
 import struct
 import time
 from dataclasses import dataclass
@@ -98,7 +100,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
         if base.stats:  # the merged weights are 16-bit: transformers must not read them as 4-bit
             del config.quantization_config
         config.save_pretrained(tmp)
-        copied = model_loading.copy_beside(base_dir, tmp)
+        copied = copy_tokenizer(base_dir, adapter_dir, tmp)
         adapted = {update.tensor for update in updates.values()}
         print(f"merged {len(adapted)} adapted weights into {len(base.entries)} tensors: {n_shards} shards, "
               f"{n_bytes / 2**20:,.1f} MiB, in {time.perf_counter() - t0:.1f}s")
@@ -112,6 +114,19 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
                          diffs)
     print(f"saved to {out_dir}")
     return diffs[0] if diffs else None
+
+
+def copy_tokenizer(base_dir: Path, adapter_dir: Path, out_dir: Path) -> list[str]:
+    """The tokenizer files and the recorded prompt format (train_config.json) of the adapter's run folder, which hold
+    the chat template training rendered with (the base's may be another, or none), and the base's generation config;
+    the base's tokenizer for an adapter whose folder holds none. Returns the names copied."""
+    if not (adapter_dir / "tokenizer_config.json").is_file():
+        return model_loading.copy_beside(base_dir, out_dir)
+    copied = model_loading.copy_beside(adapter_dir, out_dir)
+    for name, folder in [("generation_config.json", base_dir), (run_folder.TRAIN_CONFIG, adapter_dir)]:
+        if (folder / name).is_file():
+            copied.append(Path(shutil.copy(folder / name, out_dir)).name)
+    return copied
 
 
 @dataclass

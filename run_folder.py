@@ -2,6 +2,8 @@
 
     adapter_model.safetensors, adapter_config.json   the LoRA weights in PEFT's format (PEFT loads the folder as is)
     train_config.json                                the run's whole config: base, quant, LoRA shape, data, schedule
+    tokenizer.json, tokenizer_config.json, ...       the tokenizer, with the chat template that rendered the training
+                                                     rows (chat_template.jinja), as PEFT and TRL save it
     metrics.jsonl, samples.jsonl                     output_dir only: one JSON object per step, per sample
     tensorboard/, wandb/                             output_dir only, with --report_to (reporting.py)
     .lock                                            output_dir only: held by the run writing it
@@ -78,24 +80,24 @@ def lock_output_dir(out_dir: Path):
     return handle
 
 
-def write_final(out_dir: Path, adapter: dict, config: dict, base_fingerprint: str) -> None:
-    """The trained adapter and the run's config into output_dir, as a set: written in a temporary folder inside it,
-    then renamed in with adapter_config.json last (module docstring)."""
+def write_final(out_dir: Path, adapter: dict, config: dict, base_fingerprint: str, tokenizer) -> None:
+    """The trained adapter, the run's config and the tokenizer into output_dir, as a set: written in a temporary folder
+    inside it, then renamed in with adapter_config.json last (module docstring)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir))
     try:
-        names = _write_set(tmp, adapter, config, base_fingerprint, {})
+        names = _write_set(tmp, adapter, config, base_fingerprint, tokenizer, {})
         _replace_files(tmp, out_dir, order=sorted(names, key=lambda f: f == "adapter_config.json"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # empty after the renames; a failed save leaves nothing
 
 
-def write_checkpoint(final: Path, step: int, adapter: dict, config: dict, base_fingerprint: str,
+def write_checkpoint(final: Path, step: int, adapter: dict, config: dict, base_fingerprint: str, tokenizer,
                      extra: dict[str, Callable[[Path], None]]) -> None:
-    """A checkpoint-N folder: the adapter, the config and `extra` files (name -> writer), with a COMPLETE manifest
-    of each file's size and sha256, written in a temporary sibling and renamed to `final` whole."""
+    """A checkpoint-N folder: the adapter, the config, the tokenizer and `extra` files (name -> writer), with a
+    COMPLETE manifest of each file's size and sha256, written in a temporary sibling and renamed to `final` whole."""
     tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
     try:
-        names = _write_set(tmp, adapter, config, base_fingerprint, extra)
+        names = _write_set(tmp, adapter, config, base_fingerprint, tokenizer, extra)
         files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)} for name in names}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
         _fsync(tmp / COMPLETE)
@@ -113,14 +115,16 @@ def write_checkpoint(final: Path, step: int, adapter: dict, config: dict, base_f
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed save leaves nothing
 
 
-def _write_set(tmp: Path, adapter: dict, config: dict, base_fingerprint: str,
+def _write_set(tmp: Path, adapter: dict, config: dict, base_fingerprint: str, tokenizer,
                extra: dict[str, Callable[[Path], None]]) -> list[str]:
     """The one writer of a run folder's files, final or checkpoint: the adapter in PEFT's format (recording its
-    base's fingerprint), the run's config, then `extra`; each fsynced, so that nothing is renamed into place before
-    it is on disk. Returns the names."""
+    base's fingerprint), the run's config, the tokenizer, then `extra`; each fsynced, so that nothing is renamed into
+    place before it is on disk. Returns the names. Called on rank 0 alone: transformers saves a tokenizer on every
+    rank that asks."""
     lora.save_adapter(adapter, tmp, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
                       config["model"], base_fingerprint)
     (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(tmp)  # with the chat template training rendered with: apply_chat_template renders it
     for name, writer in extra.items():
         writer(tmp / name)
     names = sorted(p.name for p in tmp.iterdir())

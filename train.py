@@ -169,6 +169,7 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--lora_targets {lora.EXPERTS!r} needs --lora_dropout 0: dropout applies to a layer's input, "
                          "which an update of the experts' weights cannot (PEFT refuses such adapters too)")
     reporting.parse(cfg.report_to)  # an unknown backend, or one not installed, with the pip command
+    data.read_chat_template(cfg.chat_template)  # a missing file, before the tokenizer loads
     generate.load_prompts(cfg.sample_prompts, cfg.dataset)  # a missing file, not after minutes of loading a 70B
 
 
@@ -579,11 +580,17 @@ def train(cfg: Config) -> list[dict]:
         if cfg.cpu_offload:  # a model that cannot fit in host memory fails now, not after loading half of it
             model_loading.check_host_memory(model_dir, cfg.quant)
         tokenizer = model_loading.load_tokenizer(model_dir)
+        # the prompt format as it applies to this tokenizer (auto: chat where it has a template), kept in the config
+        cfg = dataclasses.replace(cfg, prompt_format=data.resolve_prompt_format(cfg.prompt_format, tokenizer,
+                                                                                cfg.chat_template, log=print0))
         batches = prepare_batches(cfg, tokenizer, config.vocab_size, device)  # a bad dataset fails in seconds
         if cfg.show:
             color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
             print0(data.describe(batches.loader.dataset, tokenizer, cfg.seq_len, cfg.show, color))
             return []
+        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
+        for prompt in prompts:  # one that cannot be rendered ({"messages"} without a template) fails before loading
+            generate.prompt_ids(prompt, tokenizer, cfg.prompt_format, cfg.system_prompt)
         total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
         if (warning := warmup_warning(cfg, total_steps)) is not None:
             print0(f"warning: {warning}")
@@ -614,13 +621,12 @@ def train(cfg: Config) -> list[dict]:
 
         def save(step: int, data_position: tuple[int, int]) -> Path:
             state = checkpointing.TrainerState(step, *data_position, **run, reporting=report.state())
-            return checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler, cfg.keep_last)
-
-        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
+            return checkpointing.save_checkpoint(out_dir, state, model, optimizer, scheduler, tokenizer, cfg.keep_last)
 
         def sample(step: int) -> None:  # a collective; rank 0 writes
             report.samples(step, generate.log_samples(model, tokenizer, prompts, out_dir / "samples.jsonl", step,
-                                                      device=device, max_new_tokens=cfg.sample_tokens))
+                                                      device=device, max_new_tokens=cfg.sample_tokens,
+                                                      prompt_format=cfg.prompt_format, system_prompt=cfg.system_prompt))
 
         log = StepLog(cfg, out_dir, total_steps, position[0], load_s, report)
         bad = BadSteps(cfg.max_bad_steps, resume_from)
@@ -631,7 +637,7 @@ def train(cfg: Config) -> list[dict]:
         except torch.cuda.OutOfMemoryError as e:
             raise torch.cuda.OutOfMemoryError(out_of_memory(cfg, config, position[0] + len(log.history) + 1)) from e
         bad.check_last(log.history)
-        checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg), run["base_fingerprint"])
+        checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg), run["base_fingerprint"], tokenizer)
         sample(total_steps)
         if log.history:  # empty when a finished run is resumed
             print0(f"done: loss {log.history[0]['loss']:.4f} -> {log.history[-1]['loss']:.4f}; adapter saved to "

@@ -306,12 +306,11 @@ def make_adapter(base, out, quant="nf4", targets=(lora.ALL_LINEAR,)):
 
 
 def hf_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """transformers' own generate on BOS + rendered prompt, left-padded into one batch, greedy, stopping at the
-    tokenizer's EOS (the trainer ends every response with it) and at the model's own."""
+    """transformers' own generate on each rendered prompt (generate.prompt_ids), left-padded into one batch, greedy,
+    stopping at the tokenizer's EOS (the trainer ends every response with it) and at the model's own."""
     eos = model.generation_config.eos_token_id
     eos = [tokenizer.eos_token_id] + (eos if isinstance(eos, list) else [] if eos is None else [eos])
-    ids = [[tokenizer.bos_token_id] + tokenizer.encode(generate.render_prompt(p), add_special_tokens=False)
-           for p in prompts]
+    ids = [generate.prompt_ids(p, tokenizer) for p in prompts]
     width = max(len(x) for x in ids)
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids], device=DEVICE)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=DEVICE)

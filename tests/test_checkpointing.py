@@ -20,9 +20,11 @@ from conftest import (DEVICE, LLAMA_LINEARS, ROOT, losses, refused_before_loadin
 from safetensors.torch import load_file
 
 import checkpointing
+import data
 import lora
 import run_folder
 import train
+from builtin import make_tokenizer
 from checkpointing import ResumeError, damage, list_checkpoints, read_state
 
 
@@ -232,14 +234,17 @@ def test_run_folder_files_are_readable_by_other_users(tmp_path):
     adapter = {"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
                "model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)}
     config = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "model": "tiny"}
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = data.CHATML
     umask = os.umask(0o022)
     try:
-        run_folder.write_final(tmp_path, adapter, config, "0" * 16)
-        run_folder.write_checkpoint(tmp_path / "checkpoint-1", 1, adapter, config, "0" * 16, {})
+        run_folder.write_final(tmp_path, adapter, config, "0" * 16, tokenizer)
+        run_folder.write_checkpoint(tmp_path / "checkpoint-1", 1, adapter, config, "0" * 16, tokenizer, {})
     finally:
         os.umask(umask)
     modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
-    names = ["adapter_config.json", "adapter_model.safetensors", "train_config.json"]
+    names = ["adapter_config.json", "adapter_model.safetensors", "train_config.json", "tokenizer.json",
+             "tokenizer_config.json", "chat_template.jinja"]
     assert modes == {**dict.fromkeys(names + [f"checkpoint-1/{n}" for n in names + ["COMPLETE"]], 0o644),
                      "checkpoint-1": 0o755}
 
@@ -568,6 +573,8 @@ def saved_run(small_run, tmp_path_factory):
     (["--seq_len", "32"], "--seq_len is 32, the checkpoint's run used 64"),
     (["--max_grad_norm", "0.5"], "--max_grad_norm is 0.5, the checkpoint's run used 1.0"),
     (["--max_steps", "4"], r"--max_steps is 4, the checkpoint's run used 2 \(the LR schedule"),
+    # auto decides chat once the tokenizer has a template: what is compared is the format decided
+    (["--chat_template", "chatml"], r"the training rows differ .*--prompt_format 'alpaca' -> 'chat'"),
 ])
 def test_resume_with_other_model_or_lora_is_refused_before_loading(small_run, saved_run, checkpoints, monkeypatch,
                                                                    flags, message):

@@ -18,8 +18,10 @@ CHAT = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user
                       {"role": "assistant", "content": "Santiago"}]}]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tokenizer():
+    """The built-in tokenizer with ChatML: a fresh one for each test, as data.prepare leaves on it the template that
+    rendered the rows."""
     tok = builtin.make_tokenizer()
     tok.chat_template = data.CHATML
     return tok
@@ -44,7 +46,7 @@ def trained_text(tokenizer, row) -> str:
 
 
 def test_labels_are_ignored_exactly_on_prompt_and_padding(tokenizer):
-    rows = [data.tokenize(ex, tokenizer, 64, "alpaca") for ex in ALPACA]
+    rows = [data.tokenize(ex, tokenizer, 64, "alpaca", "alpaca") for ex in ALPACA]
     batch = data.collate(rows, tokenizer.pad_token_id)
     for i, ex in enumerate(ALPACA):
         prompt, response = data.render(ex)
@@ -59,13 +61,13 @@ def test_labels_are_ignored_exactly_on_prompt_and_padding(tokenizer):
 
 
 def test_chat_trains_on_assistant_turns_only(tokenizer):
-    row = data.tokenize(CHAT[0], tokenizer, 256, "chat")
+    row = data.tokenize(CHAT[0], tokenizer, 256, "chat", "chat")
     assert trained_text(tokenizer, row) == "Lima<|im_end|>\nSantiago<|im_end|>\n"
     assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(CHAT[0]["messages"], tokenize=False)
 
 
 def test_train_on_prompt_trains_on_everything(tokenizer):
-    row = data.tokenize(ALPACA[0], tokenizer, 64, "alpaca", train_on_prompt=True)
+    row = data.tokenize(ALPACA[0], tokenizer, 64, "alpaca", "alpaca", train_on_prompt=True)
     assert row["labels"][1:] == row["input_ids"][1:] and row["labels"][0] == data.IGNORE  # BOS predicts nothing
 
 
@@ -97,7 +99,7 @@ def test_txt_files_and_folders_are_text(tmp_path, tokenizer):
 def test_field_map_renames_columns(tmp_path, tokenizer):
     path = write(tmp_path / "qa.jsonl", [{"question": "Capital of Peru?", "answer": "Lima"}] * 2)
     train, _ = data.prepare(cfg(path, field_map="instruction=question,output=answer"), tokenizer, log=lambda *_: None)
-    assert trained_text(tokenizer, train[0]) == "Lima</s>"
+    assert trained_text(tokenizer, train[0]) == "Lima<|im_end|>\n"  # through the tokenizer's chat template
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -105,7 +107,8 @@ def test_field_map_renames_columns(tmp_path, tokenizer):
 
 
 def test_long_prompt_is_cut_from_the_left_and_the_response_kept(tokenizer):
-    row = data.tokenize({"instruction": "word " * 200, "output": "the answer stays"}, tokenizer, 32, "alpaca")
+    row = data.tokenize({"instruction": "word " * 200, "output": "the answer stays"}, tokenizer, 32, "alpaca",
+                        "alpaca")
     response = tokenizer.encode("the answer stays", add_special_tokens=False) + [tokenizer.eos_token_id]
     assert len(row["input_ids"]) == 32 and row["input_ids"][0] == tokenizer.bos_token_id and row["truncated"]
     assert row["input_ids"][-len(response):] == response and row["labels"][-len(response):] == response
@@ -120,7 +123,7 @@ def test_long_text_becomes_rows_and_empty_responses_are_dropped_and_counted(tmp_
     assert sum(len(r) for r in train["input_ids"]) >= len(tokenizer.encode(long_text, add_special_tokens=False))
     logs = []
     path = write(tmp_path / "a.jsonl", [ALPACA[0], {"instruction": "x", "output": ""}, {"instruction": "y " * 99, "output": "z"}])
-    train, _ = data.prepare(cfg(path, seq_len=32), tokenizer, log=logs.append)
+    train, _ = data.prepare(cfg(path, seq_len=32, prompt_format="alpaca"), tokenizer, log=logs.append)
     assert len(train) == 2 and "1 truncated to 32 tokens, 1 dropped" in logs[1]  # the empty output is dropped
 
 
@@ -139,7 +142,7 @@ def tiny_model(tmp_path_factory):
 
 def packed_examples(tokenizer, n=7):
     examples = [{"instruction": f"Task {i} " + "more words " * i, "output": "answer " * (i + 1)} for i in range(n)]
-    return [data.tokenize(ex, tokenizer, 64, "alpaca") for ex in examples]
+    return [data.tokenize(ex, tokenizer, 64, "alpaca", "alpaca") for ex in examples]
 
 
 def test_packing_fills_rows_with_whole_examples(tokenizer):
@@ -202,7 +205,8 @@ def test_eval_fraction_is_carved_with_the_seed(tmp_path, tokenizer):
 def test_eval_batches_cover_each_row_once_with_equal_counts_per_rank(tokenizer):
     import datasets
 
-    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text") for i in range(7)])
+    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text", "alpaca")
+                                     for i in range(7)])
     per_rank = [data.eval_batches(ds, 2, tokenizer.pad_token_id, rank, 2) for rank in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 2
     seen = [tuple(row[m.bool()].tolist()) for batches in per_rank for b in batches
@@ -221,7 +225,8 @@ def test_length_grouped_batches_are_disjoint_across_ranks_and_homogeneous(tokeni
 def test_ranks_see_disjoint_rows(tokenizer):
     import datasets
 
-    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text") for i in range(16)])
+    ds = datasets.Dataset.from_list([data.tokenize({"text": f"row {i}"}, tokenizer, 16, "text", "alpaca")
+                                     for i in range(16)])
     seen = [{tuple(r.tolist()) for b in data.build_loader(ds, 4, tokenizer.pad_token_id, rank, 2, 0)
              for r in b["input_ids"]} for rank in range(2)]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
@@ -284,14 +289,26 @@ def test_eval_split_of_a_local_dataset_must_be_a_file(tmp_path, tokenizer):
         data.prepare(cfg(path, eval_split="validation"), tokenizer, log=lambda *_: None)
     evals = write(tmp_path / "e.jsonl", [{"prompt": "held out", "completion": "out"}])
     train, ev = data.prepare(cfg(path, eval_split=str(evals)), tokenizer, log=lambda *_: None)
-    assert len(train) == 4 and trained_text(tokenizer, ev[0]) == "out</s>"
+    assert len(train) == 4 and trained_text(tokenizer, ev[0]) == "out<|im_end|>\n"
 
 
-def test_missing_chat_template_is_a_clear_error_and_chatml_the_fix(tmp_path):
-    path = write(tmp_path / "c.jsonl", CHAT)
-    bare = builtin.make_tokenizer()
-    with pytest.raises(Exception, match="chat_template|chat template"):
+def test_missing_chat_template_is_refused_by_us_naming_chatml(tmp_path, checkpoints):
+    """A chat dataset, or --prompt_format chat, on a tokenizer without a template is refused in our words, naming
+    --chat_template chatml (issue 25), and --chat_template chatml then trains it."""
+    from transformers import AutoTokenizer
+
+    path, model = write(tmp_path / "c.jsonl", CHAT), checkpoints("llama")
+    bare = AutoTokenizer.from_pretrained(model)
+    with pytest.raises(data.DataError) as refusal:
         data.prepare(cfg(path), bare, log=lambda *_: None)
+    assert str(refusal.value) == (f"{path} holds chat rows (messages), which a chat template renders, and the "
+                                  f"tokenizer in {model} has none: pass --chat_template chatml (or a Jinja template, "
+                                  "or a file holding one)")
+    with pytest.raises(data.DataError) as refusal:
+        data.prepare(cfg(write(tmp_path / "a.jsonl", ALPACA), prompt_format="chat"), bare, log=lambda *_: None)
+    assert str(refusal.value) == (f"--prompt_format chat renders rows through a chat template, and the tokenizer in "
+                                  f"{model} has none: pass --chat_template chatml (or a Jinja template, or a file "
+                                  "holding one), or --prompt_format alpaca")
     train, _ = data.prepare(cfg(path, chat_template="chatml"), bare, log=lambda *_: None)
     assert len(train) == 1
 
@@ -325,7 +342,7 @@ def test_csv_cells_are_read_as_text(tmp_path, tokenizer):
     path = tmp_path / "n.csv"
     path.write_text("instruction,output\nadd,2\nmul,\nsub,3\nnone,NA\n")
     train, _ = data.prepare(cfg(path), tokenizer, log=lambda *_: None)
-    assert sorted(trained_text(tokenizer, r) for r in train) == ["2</s>", "3</s>", "NA</s>"]
+    assert sorted(trained_text(tokenizer, r) for r in train) == ["2<|im_end|>\n", "3<|im_end|>\n", "NA<|im_end|>\n"]
 
 
 def test_rows_with_nothing_left_to_train_are_dropped(tmp_path, tokenizer):
@@ -404,7 +421,7 @@ def test_field_map_onto_a_column_that_exists(tmp_path, tokenizer):
         data.prepare(cfg(path, field_map="output=instruction"), tokenizer, log=lambda *_: None)
     train, _ = data.prepare(cfg(path, field_map="output=instruction,instruction=output"), tokenizer,
                             log=lambda *_: None)
-    assert trained_text(tokenizer, train[0]) == "the question</s>"
+    assert trained_text(tokenizer, train[0]) == "the question<|im_end|>\n"
 
 
 def test_json_object_holding_one_list_is_read_as_that_list(tmp_path, tokenizer):
@@ -413,7 +430,7 @@ def test_json_object_holding_one_list_is_read_as_that_list(tmp_path, tokenizer):
     path.write_text(json.dumps({"data": [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(3)]}, indent=2))
     logs = []
     train, _ = data.prepare(cfg(path), tokenizer, log=logs.append)
-    assert sorted(trained_text(tokenizer, r) for r in train) == ["c0</s>", "c1</s>", "c2</s>"]
+    assert sorted(trained_text(tokenizer, r) for r in train) == ["c0<|im_end|>\n", "c1<|im_end|>\n", "c2<|im_end|>\n"]
     assert f"{path}: read the list 'data' of each file" in logs
 
 
@@ -422,4 +439,76 @@ def test_show_needs_no_full_step(tmp_path, tokenizer, process_group):
     config = train.Config(dataset=str(write(tmp_path / "d.jsonl", [ALPACA[0]])), show=1, batch_size=4)
     batches = train.prepare_batches(config, tokenizer, len(tokenizer), torch.device("cpu"))
     shown = data.describe(batches.loader.dataset, tokenizer, config.seq_len, config.show, color=False)
-    assert batches.rows == 1 and "### Response:\n[[Lima</s>]]" in shown and "--- 1 rows" in shown
+    assert batches.rows == 1 and "<|im_start|>assistant\n[[Lima<|im_end|>\n]]" in shown and "--- 1 rows" in shown
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The prompt format (issue 25): alpaca and prompt_completion rows through the chat template where there is one
+
+
+def test_alpaca_and_prompt_completion_rows_go_through_the_chat_template(tmp_path, tokenizer):
+    """On a tokenizer with a chat template, alpaca and prompt_completion rows are user and assistant turns of it (after
+    --system_prompt's turn), trained on the assistant's turn only; --prompt_format alpaca keeps the alpaca template."""
+    rows = [ALPACA[0], {"prompt": "2+2=", "completion": "4"}]
+    chat, _ = data.prepare(cfg(write(tmp_path / "a.jsonl", rows[:1])), tokenizer, log=lambda *_: None)
+    assert tokenizer.decode(chat[0]["input_ids"]) == ("<|im_start|>user\nName the capital.\n\nPeru<|im_end|>\n"
+                                                      "<|im_start|>assistant\nLima<|im_end|>\n")
+    assert trained_text(tokenizer, chat[0]) == "Lima<|im_end|>\n"
+    system, _ = data.prepare(cfg(write(tmp_path / "p.jsonl", rows[1:]), system_prompt="Be brief."), tokenizer,
+                             log=lambda *_: None)
+    assert tokenizer.decode(system[0]["input_ids"]) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                                                        "2+2=<|im_end|>\n<|im_start|>assistant\n4<|im_end|>\n")
+    assert trained_text(tokenizer, system[0]) == "4<|im_end|>\n"
+    alpaca, _ = data.prepare(cfg(tmp_path / "a.jsonl", prompt_format="alpaca"), tokenizer, log=lambda *_: None)
+    assert tokenizer.decode(alpaca[0]["input_ids"]) == ("<s>### Instruction:\nName the capital.\n\n### Input:\nPeru"
+                                                        "\n\n### Response:\nLima</s>")
+    assert trained_text(tokenizer, alpaca[0]) == "Lima</s>"
+
+
+def test_prompt_format_is_printed_shown_and_recorded(checkpoints, tmp_path, capsys):
+    """--show prints the prompt format decided for this tokenizer (auto: chat with --chat_template chatml) and rows
+    rendered in it; a run records it in train_config.json as decided, not as 'auto'."""
+    from conftest import common, run_inprocess
+
+    path = write(tmp_path / "a.jsonl", [ALPACA[0]] * 4)
+    flags = ["--model", str(checkpoints("llama")), "--dataset", str(path), "--chat_template", "chatml"]
+    run_inprocess(flags + ["--show", "1", "--output_dir", str(tmp_path / "shown")])
+    shown = capsys.readouterr().out
+    assert "prompt format: chat (alpaca and prompt_completion rows as user and assistant turns of the chat template" \
+           in shown
+    assert "<|im_start|>assistant\n[[Lima<|im_end|>\n]]" in shown
+    run_inprocess(common(checkpoints("llama"), tmp_path / "run", steps=1) + flags[2:] + ["--batch_size", "2",
+                                                                                         "--seq_len", "128"])
+    recorded = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert (recorded["prompt_format"], recorded["chat_template"]) == ("chat", "chatml")
+
+
+def test_chat_template_from_a_file(tmp_path, tokenizer):
+    """--chat_template naming a file renders with the file's template; a name that is neither a file nor a template
+    is refused naming it, before anything loads."""
+    template = tmp_path / "turns.jinja"
+    template.write_text("{% for m in messages %}{{ '<s>' + m['role'] + ': ' + m['content'] + '</s>' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<s>assistant: ' }}{% endif %}")
+    rows, _ = data.prepare(cfg(write(tmp_path / "c.jsonl", CHAT), chat_template=str(template)),
+                           builtin.make_tokenizer(), log=lambda *_: None)
+    assert tokenizer.decode(rows[0]["input_ids"]) == ("<s>system: Be brief.</s><s>user: Capital of Peru?</s>"
+                                                       "<s>assistant: Lima</s><s>user: And Chile?</s>"
+                                                       "<s>assistant: Santiago</s>")
+    assert trained_text(tokenizer, rows[0]) == "Lima</s>Santiago</s>"
+    with pytest.raises(ValueError) as refusal:
+        train.parse_config(["--chat_template", str(tmp_path / "missing.jinja")])
+    assert str(refusal.value) == (f"--chat_template {tmp_path / 'missing.jinja'}: no such file, and not a Jinja "
+                                  "template; pass 'chatml', a template, or a file holding one")
+
+
+def test_a_template_that_never_marks_the_assistants_turn_is_refused(tmp_path, tokenizer):
+    """A template that renders an assistant message as it renders a user's cannot tell responses from prompts: it is
+    refused, named, before tokenizing."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] + '\\n' }}{% endfor %}")
+    with pytest.raises(data.DataError) as refusal:
+        data.prepare(cfg(write(tmp_path / "c.jsonl", CHAT), chat_template=str(template)), builtin.make_tokenizer(),
+                     log=lambda *_: None)
+    assert str(refusal.value) == (f"--chat_template {template} never marks the assistant's turn: it renders an "
+                                  "assistant message as it renders a user's, so responses cannot be told from prompts; "
+                                  "pass a template that writes each message's role, such as --chat_template chatml")

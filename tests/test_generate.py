@@ -20,14 +20,73 @@ PROMPTS = ['{"instruction": "Name the capital.", "input": "Peru"}', "Once upon a
 SAMPLE_TOKENS = 16  # during training; enough to tell models apart
 
 
-def test_render_prompt_uses_the_training_template():
-    """A JSON instruction record becomes the prompt data.tokenize trains on; anything else stays as it is."""
+def test_prompts_are_rendered_as_training_renders_rows(checkpoints):
+    """An instruction record is the prompt of the row data.tokenize trains on, in the run's format (alpaca, or chat
+    with its system prompt); a {"messages": [...]} prompt is the chat template's rendering with the generation prompt;
+    anything else is BOS and the text, as text rows are trained."""
     import data
 
-    assert generate.render_prompt(PROMPTS[0]) == data.render({"instruction": "Name the capital.", "input": "Peru",
-                                                              "output": "x"})[0]
-    assert generate.render_prompt(PROMPTS[1]) == "Once upon a time"
-    assert generate.render_prompt('{"not": "an instruction"}') == '{"not": "an instruction"}'
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints("llama"))
+    record = {"instruction": "Name the capital.", "input": "Peru"}
+
+    def training_prompt(**rendering) -> list[int]:  # the row's ids before its first trained token
+        row = data.tokenize({**record, "output": "Lima"}, tokenizer, 128, "alpaca", **rendering)
+        return row["input_ids"][:next(i for i, label in enumerate(row["labels"]) if label != data.IGNORE)]
+
+    assert generate.prompt_ids(json.dumps(record), tokenizer) == training_prompt(prompt_format="alpaca")
+    tokenizer.chat_template = data.CHATML  # auto: chat from here on
+    assert generate.prompt_ids(json.dumps(record), tokenizer, system_prompt="Be brief.") == training_prompt(
+        prompt_format="chat", system_prompt="Be brief.")
+    messages = '{"messages": [{"role": "user", "content": "Capital of Peru?"}]}'
+    assert tokenizer.decode(generate.prompt_ids(messages, tokenizer)) == ("<|im_start|>user\nCapital of Peru?"
+                                                                          "<|im_end|>\n<|im_start|>assistant\n")
+    for text in ("Once upon a time", '{"not": "an instruction"}'):
+        assert generate.prompt_ids(text, tokenizer) == [tokenizer.bos_token_id] + tokenizer.encode(
+            text, add_special_tokens=False)
+
+
+def test_generation_stops_at_the_templates_end_of_turn(checkpoints):
+    """Sampling stops at the special token that the chat template closes each turn with, as at EOS: a model steered
+    to write that token first and 'Lima' after it completes with nothing, where without the template it goes on."""
+    from tokenizers import AddedToken
+
+    path = checkpoints("llama")
+    model, tokenizer = reference_model(path), AutoTokenizer.from_pretrained(path)
+    end, lima = tokenizer.convert_tokens_to_ids(["Paris", "Lima"])
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken("Paris", special=True)]})  # its own id
+    steps = []
+
+    def steer(module, args, logits):  # the first new token is `end`, every later one Lima
+        logits[:, -1, lima if steps else end] += 1e4
+        steps.append(1)
+        return logits
+
+    model.lm_head.register_forward_hook(steer)
+    assert generate.stop_ids(model, tokenizer) == {tokenizer.eos_token_id}
+    assert generate.sample(model, tokenizer, [PROMPTS[1]], 4) == ["LimaLimaLima"]  # Paris, special, is not shown
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + 'Paris' }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    steps.clear()
+    assert generate.stop_ids(model, tokenizer) == {tokenizer.eos_token_id, end}
+    assert generate.sample(model, tokenizer, [PROMPTS[1]], 4) == [""]
+
+
+def test_a_messages_prompt_on_a_model_without_a_template_says_what_to_pass(checkpoints, tmp_path, monkeypatch):
+    """generate.py refuses a {"messages": [...]} prompt where the tokenizer has no chat template, saying to pass
+    --chat_template, before the model loads; train.py refuses such a --sample_prompts line before loading too."""
+    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    path, messages = checkpoints("llama"), '{"messages": [{"role": "user", "content": "hi"}]}'
+    refusal = ('a {"messages": [...]} prompt is rendered by a chat template, and the tokenizer in '
+               f"{path} has none: pass --chat_template chatml (or a Jinja template, or a file holding one)")
+    with pytest.raises(ValueError) as e:
+        generate.main(["--model", str(path), "--prompt", messages])
+    assert str(e.value) == refusal
+    (tmp_path / "text.jsonl").write_text('{"text": "plain words"}\n' * 8)  # rows that leave the tokenizer as it was
+    (tmp_path / "prompts.txt").write_text(messages + "\n")
+    with pytest.raises(ValueError) as e:
+        refused_before_loading(monkeypatch, tmp_path, path, tokenizes=True, args=(
+            "--dataset", str(tmp_path / "text.jsonl"), "--sample_prompts", str(tmp_path / "prompts.txt")))
+    assert str(e.value) == refusal
 
 
 @pytest.mark.parametrize("arch", ARCHS)

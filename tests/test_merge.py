@@ -8,8 +8,11 @@ import pytest
 import torch
 from conftest import (ARCHS, DEVICE, ROOT, SHAPE, TOKENS, common, make_adapter, reference_model, run_inprocess,
                       tiny_config)
+from transformers import AutoTokenizer
 from safetensors.torch import load_file
 
+import data
+import generate
 import lora
 import merge
 from builtin import write_random_checkpoint
@@ -291,3 +294,64 @@ def test_checkpoint_folders_merge_and_sample_on_the_base_they_were_trained_on(ch
     expected = (w.float() + b @ a * 2.0).bfloat16()  # alpha / r = 8 / 4
     torch.testing.assert_close(merged_state(tmp_path / "merged")[f"{name}.weight"].to(DEVICE), expected,
                                rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The prompt format travels with the result (issue 25)
+
+# Zephyr's layout, each turn closed by <unk>: a model with a chat template of its own, and an end-of-turn token
+OWN_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<unk>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def own_template(checkpoints, tmp_path_factory):
+    """The tiny Llama, its tokenizer given a chat template of its own."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("own-template") / "llama"
+    shutil.copytree(checkpoints("llama"), out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = OWN_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("case", ["own template", "--chat_template chatml", "alpaca fallback"])
+def test_the_prompt_format_travels(checkpoints, own_template, tmp_path, capsys, case):
+    """The run folder, each checkpoint-N and the merged folder hold a tokenizer whose apply_chat_template renders a
+    row as training did: with the model's own template, --chat_template's, or (no template) the alpaca template.
+    generate.py renders an instruction record as the run did, from the adapter or the merged folder, and the samples
+    written during training are generate.py's."""
+    base = own_template if case == "own template" else checkpoints("llama")
+    flags = ["--chat_template", "chatml"] if case.startswith("--") else []
+    dataset, prompts = tmp_path / "d.jsonl", tmp_path / "prompts.txt"
+    dataset.write_text("".join(json.dumps({"instruction": "Name the capital.", "input": country, "output": city}) + "\n"
+                               for country, city in [("Peru", "Lima"), ("Chile", "Santiago"), ("Cuba", "Havana"),
+                                                     ("Mali", "Bamako")]))
+    record = json.dumps({"instruction": "Name the capital.", "input": "Peru"})
+    prompts.write_text(record + "\n")
+    out, merged_dir = tmp_path / "run", tmp_path / "merged"
+    run_inprocess(common(base, out, steps=2) + ["--dataset", str(dataset), "--batch_size", "2", "--seq_len", "128",
+                                                "--save_every", "1", "--system_prompt", "Be brief.", "--sample_prompts",
+                                                str(prompts), "--sample_tokens", "4", *flags])
+    merge.merge(str(base), out, merged_dir, verify=False, progress=False)
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows, _ = data.prepare(data.DataConfig(dataset=str(dataset), seq_len=128, chat_template=flags[-1] if flags else "",
+                                           system_prompt="Be brief."), tokenizer, log=lambda *_: None)
+    user = "Name the capital.\n\n" + ("### Input:\n" if case == "alpaca fallback" else "") + "Peru"
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": user},
+                {"role": "assistant", "content": "Lima"}]
+    for folder in (out, out / "checkpoint-1", merged_dir):
+        saved = AutoTokenizer.from_pretrained(folder)
+        assert saved.encode(saved.apply_chat_template(messages, tokenize=False), add_special_tokens=False) == \
+            rows[0]["input_ids"], folder
+
+    prompt = rows[0]["input_ids"][:next(i for i, label in enumerate(rows[0]["labels"]) if label != data.IGNORE)]
+    capsys.readouterr()
+    completions = [generate.main(["--model", str(model), "--prompt", record, "--max_new_tokens", "4", *adapter])
+                   for model, adapter in [(base, ["--adapter", str(out)]), (merged_dir, [])]]
+    assert capsys.readouterr().out.count(f"### prompt\n{tokenizer.decode(prompt)}\n### completion") == 2
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [samples[-1]["step"], samples[-1]["completion"]] == [2, completions[0][0]]
