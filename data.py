@@ -123,7 +123,7 @@ def builtin_examples(n: int = 2048, seed: int = 0) -> list[dict]:
 
 def load_raw(dataset: str, config_name: str | None = None, split: str = "train", log=print):
     """`builtin`, a local file or folder of .jsonl/.json/.parquet/.csv/.txt files (any case, or compressed), or a Hub
-    dataset id. A folder's other entries are named as skipped."""
+    dataset id. A folder's other entries, and its hidden ones (an editor's swap file, .git/), are named as skipped."""
     import datasets
 
     if dataset == BUILTIN_DATASET:
@@ -132,11 +132,8 @@ def load_raw(dataset: str, config_name: str | None = None, split: str = "train",
     if path.exists():
         files = [path]
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and file_type(p))
-            skipped = sorted(p.name + "/" * p.is_dir() for p in path.iterdir() if p not in files)
-            if skipped:
-                log(f"{path}: skipped {', '.join(skipped)} (not a data file: {' '.join(FILE_BUILDERS)}, or compressed "
-                    f"{' '.join(COMPRESSIONS)})")
+            files = sorted(p for p in path.iterdir() if p.is_file() and file_type(p) and not p.name.startswith("."))
+            _log_skipped(path, files, log)
         types = {file_type(p) or p.suffix for p in files}
         if not files or len({FILE_BUILDERS.get(t) for t in types}) != 1 or not types <= FILE_BUILDERS.keys():
             raise DataError(f"--dataset {path}: need one file type among {sorted(FILE_BUILDERS)}, found "
@@ -145,12 +142,7 @@ def load_raw(dataset: str, config_name: str | None = None, split: str = "train",
         # pyarrow reads bytes that are not UTF-8 into strings that fail only when used, naming no file: check first
         if not any([check_lines(p, as_json=False) for p in files]):  # every file checked, not only up to one with rows
             raise DataError(f"{path} holds no rows: {'every file in it is' if path.is_dir() else 'the file is'} empty")
-        try:
-            return _load_files(builder, files, path, log)
-        except Exception as e:  # datasets wraps parse errors in several types, naming neither file nor line
-            for p in (p for p in files if file_type(p) == ".jsonl"):
-                check_lines(p, as_json=True)  # raises at the first line that does not parse, if one does
-            raise DataError(f"cannot read {path} as {builder}: {e}") from e
+        return _load_files(builder, files, path, log)
     if dataset.count("/") != 1 or dataset.startswith((".", "/", "~")):
         raise DataError(f"--dataset {dataset!r}: no such file or folder, and not a Hub dataset id 'org/name'")
     try:
@@ -170,9 +162,30 @@ def file_type(file: Path) -> str:
     return kind if kind in FILE_BUILDERS and not (kind == ".parquet" and compression in COMPRESSIONS) else ""
 
 
+def _log_skipped(folder: Path, files: list[Path], log) -> None:
+    """Names the entries of `folder` that are not among `files`, with why: hidden, or not a data file."""
+    others = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir() if p not in files)
+    hidden = [name for name in others if name.startswith(".")]
+    not_data = [name for name in others if name not in hidden]
+    reasons = []
+    if not_data:
+        reasons.append(f"{', '.join(not_data)} (not a data file: {' '.join(FILE_BUILDERS)}, or compressed "
+                       f"{' '.join(COMPRESSIONS)})")
+    if hidden:
+        reasons.append(f"{', '.join(hidden)} (hidden: the name starts with '.')")
+    if reasons:
+        log(f"{folder}: skipped {'; '.join(reasons)}")
+
+
 def _open(file: Path):
     """The file's bytes, decompressed."""
     return COMPRESSIONS.get(file.suffix.lower(), open)(file, "rb")
+
+
+def _csv_rows(f):
+    """The rows of an open CSV file, as lists of cells; utf-8-sig: pandas drops the byte-order mark of a
+    spreadsheet's export too."""
+    return csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
 
 
 def _load_files(builder: str, files: list[Path], path: Path, log):
@@ -182,31 +195,73 @@ def _load_files(builder: str, files: list[Path], path: Path, log):
     if builder == "csv":  # as text: pandas reads an integer column with an empty cell as floats ('2.0'), 'NA' as empty
         columns = {}
         for p in files:
-            with _open(p) as f:  # utf-8-sig: pandas drops the byte-order mark of a spreadsheet's export too
-                columns |= dict.fromkeys(next(csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline="")), []))
+            with _open(p) as f:
+                columns |= dict.fromkeys(next(filter(None, _csv_rows(f)), []))  # pandas skips blank lines
         options = dict(features=datasets.Features({c: datasets.Value("string") for c in columns}),
                        keep_default_na=False)
-    ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
-    if (column := _records_list(ds, files)) is not None:  # {"data": [{...}, ...]}: each file one object, one list
+    ds = _read(builder, files, path, **options)
+    if (column := _records_list(ds, files, path)) is not None:  # {"data": [{...}, ...]}: each file one object
         log(f"{path}: read the list {column!r} of each file")
-        ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", field=column)
+        ds = _read(builder, files, path, field=column)
     return ds
 
 
-def _records_list(ds, files: list[Path]) -> str | None:
+def _read(builder: str, files: list[Path], path: Path, **options):
+    """The files as one dataset; where datasets fails, a DataError naming the file (and line, or columns) at fault."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **options)
+    except Exception as e:  # datasets wraps parse errors in several types, naming neither file nor line
+        for p in (p for p in files if file_type(p) == ".jsonl"):
+            check_lines(p, as_json=True)  # raises at the first line that does not parse, if one does
+        if len(files) > 1:
+            _check_each_file(builder, files, path, options.get("field"))
+        raise DataError(f"cannot read {path} as {builder}: {e}") from e
+
+
+def _check_each_file(builder: str, files: list[Path], path: Path, field: str | None) -> None:
+    """A DataError naming the file at fault, where datasets read the files as one table and its error (a failed
+    cast, a schema or a field not found) names none: the first file it cannot read alone, or the first whose
+    columns differ from the first file's."""
+    import datasets
+
+    def columns(file: Path) -> list[str]:  # from the first rows, as datasets reads them
+        try:
+            rows = datasets.load_dataset(builder, data_files=[str(file)], split="train", streaming=True,
+                                         **({"field": field} if field else {}))
+            return list(next(iter(rows), {}))
+        except Exception as e:
+            raise DataError(f"cannot read {file} as {builder}: {e}") from e
+
+    first, *others = [p for p in files if check_lines(p, as_json=False)]  # an empty file adds no rows nor columns
+    ours = columns(first)
+    for p in others:
+        if set(theirs := columns(p)) != set(ours):
+            raise DataError(f"cannot read {path} as one table: {first.name} has the columns {ours} and {p.name} "
+                            f"{theirs}; give every file the same columns, or move one out")
+
+
+def _records_list(ds, files: list[Path], path: Path) -> str | None:
     """The column that holds a list of records, where each .json file was one object with exactly one such list; a
-    one-row chat dataset (a list of messages) stays as it is."""
+    one-row chat dataset (a list of messages) stays as it is, and an object holding several lists is refused."""
     import datasets
 
     if len(ds) != len(files) or any(file_type(p) != ".json" for p in files):
         return None
     lists = [c for c, f in ds.features.items() if isinstance(f, datasets.List) and isinstance(f.feature, dict)]
-    return lists[0] if len(lists) == 1 and lists != ["messages"] else None
+    if not lists or "messages" in lists:
+        return None
+    if len(lists) > 1:
+        raise DataError(f"{path}: an object holding the lists {lists}; a .json file holds a list of records, or an "
+                        "object holding one list of records: keep one of them")
+    return lists[0]
 
 
 def check_lines(file: Path, as_json: bool) -> bool:
     """Whether a data file holds anything but blank lines; a DataError naming file:line for the first line that is
-    not UTF-8 or (as_json) not one JSON object. Parquet is binary: only its size tells."""
+    not UTF-8, for a CSV row with more fields than its header, or (as_json) for a line that is not one JSON object.
+    Parquet is binary: only its size tells."""
     if file_type(file) == ".parquet":
         return file.stat().st_size > 0
     rows, offset = 0, 0
@@ -229,7 +284,25 @@ def check_lines(file: Path, as_json: bool) -> bool:
                                     ".jsonl file is one JSON object") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{file}:{n}: a line of a .jsonl file must be one JSON object {{...}}")
+    if file_type(file) == ".csv":
+        _check_fields(file)
     return rows > 0
+
+
+def _check_fields(file: Path) -> None:
+    """A DataError naming the first CSV row with more fields than the header. pandas refuses such a row with its own
+    count of lines, naming no file, or, where every row has one more, reads the first field as an index and the
+    others one column to the left."""
+    with _open(file) as f:
+        rows = _csv_rows(f)
+        header = next(filter(None, rows), [])  # as pandas, which skips blank lines
+        start = rows.line_num + 1  # a quoted cell may span lines: name the row's first
+        for row in rows:
+            if len(row) > len(header):
+                raise DataError(f"{file}:{start}: {len(row)} fields, where the header names {len(header)} "
+                                f"({', '.join(header)}); quote a cell that holds a comma (\"a, b\"), or add its column "
+                                "to the header")
+            start = rows.line_num + 1
 
 
 def apply_field_map(ds, field_map: str):

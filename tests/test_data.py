@@ -434,6 +434,58 @@ def test_json_object_holding_one_list_is_read_as_that_list(tmp_path, tokenizer):
     assert f"{path}: read the list 'data' of each file" in logs
 
 
+def test_hidden_entries_of_a_folder_are_skipped_and_named(tmp_path):
+    """A folder's hidden entries (an editor's swap file, .git/) are not data: 20 rows of a.jsonl are read, not 45, and
+    each hidden entry is named as skipped."""
+    write(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(20)])
+    write(tmp_path / ".hidden.jsonl", [{"text": f"h{i}"} for i in range(20)])
+    write(tmp_path / ".a.jsonl.swp.jsonl", [{"text": f"s{i}"} for i in range(5)])
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "notes.md").write_text("# not data\n")
+    logs = []
+    assert data.load_raw(str(tmp_path), log=logs.append)["text"] == [f"a{i}" for i in range(20)]
+    assert logs == [f"{tmp_path}: skipped notes.md (not a data file: .jsonl .json .parquet .csv .txt, or compressed "
+                    ".gz .bz2 .xz); .a.jsonl.swp.jsonl, .git/, .hidden.jsonl (hidden: the name starts with '.')"]
+
+
+@pytest.mark.parametrize("rows, line", [("add,2\nsub,3,4\nmul,6\n", 3), ('"a\nlong cell",1\nsub,"3",4\n', 4),
+                                        ("add,2,x\nsub,3,y\n", 2)])
+def test_a_csv_row_with_more_fields_than_its_header_is_refused_by_line(tmp_path, rows, line):
+    """A CSV row with more fields than the header is refused naming file, line and header, before datasets reads it
+    (a row of one extra field in every row would be read with its first field as an index, the others shifted)."""
+    path = tmp_path / "bad.csv"
+    path.write_text("instruction,output\n" + rows)
+    with pytest.raises(data.DataError) as refusal:
+        data.load_raw(str(path), log=lambda *_: None)
+    assert str(refusal.value) == (f"{path}:{line}: 3 fields, where the header names 2 (instruction, output); quote a "
+                                  'cell that holds a comma ("a, b"), or add its column to the header')
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_files_of_a_folder_with_different_columns_are_named(tmp_path, suffix):
+    """A folder whose files differ in columns is refused naming both files and their columns, not datasets' error."""
+    import datasets
+
+    for name, rows in [("a", ALPACA), ("b", [{"prompt": "2+2=", "completion": "4"}] * 2)]:
+        getattr(datasets.Dataset.from_list(rows), "to_csv" if suffix == ".csv" else "to_json")(
+            str(tmp_path / (name + suffix)), **({} if suffix == ".csv" else {"lines": suffix == ".jsonl"}))
+    with pytest.raises(data.DataError) as refusal:
+        data.load_raw(str(tmp_path), log=lambda *_: None)
+    assert str(refusal.value) == (f"cannot read {tmp_path} as one table: a{suffix} has the columns ['instruction', "
+                                  f"'input', 'output'] and b{suffix} ['prompt', 'completion']; give every file the "
+                                  "same columns, or move one out")
+
+
+def test_json_object_holding_several_lists_is_refused(tmp_path):
+    """A .json object holding two lists of records is refused naming the lists and the shape expected."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"a": [{"text": "x"}], "b": [{"text": "y"}]}))
+    with pytest.raises(data.DataError) as refusal:
+        data.load_raw(str(path), log=lambda *_: None)
+    assert str(refusal.value) == (f"{path}: an object holding the lists ['a', 'b']; a .json file holds a list of "
+                                  "records, or an object holding one list of records: keep one of them")
+
+
 def test_show_needs_no_full_step(tmp_path, tokenizer, process_group):
     """Issue 24, defect 29: --show 1 on a one-row file with --batch_size 4 shows that row; no step is needed."""
     config = train.Config(dataset=str(write(tmp_path / "d.jsonl", [ALPACA[0]])), show=1, batch_size=4)
