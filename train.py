@@ -45,7 +45,7 @@ class Config(settings.DataConfig):
     that is safe (checkpointing.check_resumable). "path": the value may name a file or folder, where ~ is the home.
     """
     # what to train
-    model: str = field(default=settings.BUILTIN_MODEL, metadata={"path": True, "help": "local folder, Hub repo id, or 'tiny'", "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, is fine"})
+    model: str = field(default=settings.BUILTIN_MODEL, metadata={"path": True, "help": "local folder, Hub repo id, or 'tiny' (the built-in model, whose runs take configs/builtin.yaml's settings as their defaults)", "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, is fine"})
     output_dir: str = field(default="out", metadata={"path": True, "help": "adapters, metrics.jsonl and checkpoints go here", "may_change": "the run folder may have moved"})
     eval_every: int = field(default=0, metadata={"help": "steps between eval losses; 0: only at the end, if there is eval data", "may_change": "what is evaluated, not what is trained"})
     show: int = field(default=0, metadata={"help": "print this many tokenized rows, trained spans marked, and the data's statistics; then exit without training", "may_change": "it trains nothing"})
@@ -55,14 +55,14 @@ class Config(settings.DataConfig):
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 means run --epochs", "must_match": SCHEDULE})
     epochs: int = field(default=1, metadata={"help": "passes over the data, when --max_steps is 0", "must_match": SCHEDULE})
     # optimization
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of AdamW on the LoRA weights; 2e-4 is the usual QLoRA rate (the QLoRA paper's for 7B-13B models, TRL's and Axolotl's examples)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of AdamW on the LoRA weights; 2e-4, the QLoRA paper's for 7B and 13B models (1e-4 for 33B and 65B)"})
     lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"], "help": "decay after warmup"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup: step k <= N trains at lr * k / (N + 1)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm; 0 disables"})
     # LoRA
-    lora_rank: int = field(default=64, metadata={"help": "rank r of each update; 64, as in the QLoRA paper (Dettmers et al. 2023) for every model size, with LoRA on all linears (vLLM: --max-lora-rank 64)"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / r; 16, the QLoRA paper's with r=64"})
+    lora_rank: int = field(default=64, metadata={"help": "rank r of each update; 64, the QLoRA paper's (Dettmers et al. 2023) for every model size with LoRA on all linears, where it found r matters little (PEFT's LoraConfig defaults to 8); vLLM serves it with --max-lora-rank 64"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / r; 16, the QLoRA paper's with r=64, and PEFT's FSDP-QLoRA example's"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_targets: str = field(default=settings.ALL_LINEAR, metadata={"help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but MoE routers; add 'experts' for LoRA on the MoE experts' tensors too (PEFT's target_parameters; needs --lora_dropout 0)", "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
     # memory and sharding
@@ -106,14 +106,14 @@ def flag_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """The flags over --config's values (config_file.read) over, when the model is the built-in one, its own
-    settings (settings.BUILTIN_CONFIG) over Config's defaults; then validated."""
+    """The settings of a run, validated. Each comes from the first of: the command line, the --config file
+    (config_file.read), the built-in model's own settings when --model is it (settings.BUILTIN_CONFIG), Config."""
     parser, fields = flag_parser(), dataclasses.fields(Config)
     file = parser.parse_known_args(argv)[0].config
-    settings_of_file = config_file.read(Path(file), fields) if file else {}
-    parser.set_defaults(**settings_of_file)
+    from_file = config_file.read(Path(file), fields) if file else {}
+    parser.set_defaults(**from_file)
     if parser.parse_known_args(argv)[0].model == settings.BUILTIN_MODEL:
-        parser.set_defaults(**{**config_file.read(settings.BUILTIN_CONFIG, fields), **settings_of_file})
+        parser.set_defaults(**{**config_file.read(settings.BUILTIN_CONFIG, fields), **from_file})
     cfg = Config(**vars(parser.parse_args(argv)))
     validate(cfg)
     return cfg
