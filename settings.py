@@ -21,7 +21,7 @@ ALL_LINEAR = "all-linear"  # lora.py: --lora_targets' default, PEFT's keyword: e
 EXPERTS = "experts"
 QUANT_TYPES = ("nf4", "fp4", "none")  # quantization.py; none: the base stays bf16 (plain LoRA)
 DEFAULT_QUANT = "nf4"  # quantization.py: the QLoRA paper's choice, quantiles of a normal distribution, as weights are
-AUTO = "auto"  # quantization.py: a pre-quantized checkpoint's own type, else DEFAULT_QUANT (model_loading.resolve_quant)
+AUTO = "auto"  # quantization.py: a pre-quantized checkpoint's own type, else DEFAULT_QUANT; model_loading.resolve_quant
 SHARDING = ("full_shard", "shard_grad_op", "hybrid_shard", "no_shard")  # fsdp_wrap.py: FSDP's ShardingStrategy
 CHECKPOINTING = ("non_reentrant", "reentrant", "none")  # fsdp_wrap.py: activation checkpointing of decoder layers
 

@@ -282,8 +282,9 @@ def test_ctrl_c_saves_and_exits_0_with_nothing_after_its_message(small_run, tmp_
     """`python train.py` and Ctrl-C (SIGINT) in training: a checkpoint is saved, the exit status is 0, and the last
     line says where to resume from: no traceback, and no progress bar drawn again after it."""
     out, log = tmp_path / "run", tmp_path / "log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the lines in the order written
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *small_run(out, 500)], stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.STDOUT, env=env)
     wait_until(lambda: metrics(out), proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]

@@ -242,6 +242,17 @@ def test_refusal_is_one_line_and_recorded_for_torchrun(checkpoints, tmp_path, mo
     assert recorded["message"] == f"error: {message}" and "py_callstack" not in recorded["extraInfo"]
 
 
+def test_refusal_met_by_another_rank_alone_is_said_after_the_first_ranks_wait(monkeypatch, capsys):
+    """A rank other than its node's first says a refusal only after cli.FIRST_RANK_S, in which torchrun stops it when
+    the first rank refused too; still running, it met the refusal alone, and says it."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(cli, "FIRST_RANK_S", 0.5)
+    t0 = time.monotonic()
+    assert cli.refuse(cli.Refusal("--dataset d.jsonl: no such file on this node")) == cli.REFUSED
+    assert time.monotonic() - t0 >= 0.5
+    assert capsys.readouterr().err == "error: --dataset d.jsonl: no such file on this node\n"
+
+
 def test_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """Any exception but a refusal is raised on, so Python prints its traceback, which torchrun's error file holds."""
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
@@ -455,7 +466,8 @@ def test_run_ends_with_a_summary_of_its_numbers_files_and_next_commands(checkpoi
     assert proc.returncode == 0, proc.stdout[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before, steps = records[0], records[1:]
-    assert set(before) == {"step", "eval_loss"} and before["step"] == 0 and [m["step"] for m in steps] == [*range(1, 21)]
+    assert set(before) == {"step", "eval_loss"} and before["step"] == 0
+    assert [m["step"] for m in steps] == [*range(1, 21)]
     tokens, last = sum(m["tokens"] for m in steps), [m["loss"] for m in steps[-2:]]
     summary = proc.stdout[proc.stdout.index("done in "):]
     commands = [["python", "merge.py", "--model", str(path), "--adapter", str(out), "--out", f"{out}-merged"],
