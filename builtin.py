@@ -23,13 +23,12 @@ from transformers.core_model_loading import revert_weight_conversion
 
 import model_loading
 from data import builtin_examples, render
-
-MODEL = "tiny"  # --model's default
+from settings import BUILTIN_MODEL
 
 
 def model_dir(model: str) -> Path:
     """--model as the tools take it: 'tiny', built here, or whatever model_loading.resolve_model_dir takes."""
-    return tiny_checkpoint() if model == MODEL else model_loading.resolve_model_dir(model)
+    return tiny_checkpoint() if model == BUILTIN_MODEL else model_loading.resolve_model_dir(model)
 
 
 def make_tokenizer():

@@ -30,15 +30,15 @@ from transformers import PreTrainedModel
 import fused
 import offload
 import quantization
+import settings
 from lora import ADAPTERS, ExpertsLoRA, LoRALinear, factor_weights
 
-SHARDING = {
-    "full_shard": ShardingStrategy.FULL_SHARD,  # params, grads and optimizer state split over all ranks (ZeRO-3)
-    "shard_grad_op": ShardingStrategy.SHARD_GRAD_OP,  # params kept whole between forward and backward (ZeRO-2)
-    "hybrid_shard": ShardingStrategy.HYBRID_SHARD,  # full_shard inside a node, replicated across nodes
-    "no_shard": ShardingStrategy.NO_SHARD,  # plain data parallel
-}
-CHECKPOINTING = {"non_reentrant": CheckpointImpl.NO_REENTRANT, "reentrant": CheckpointImpl.REENTRANT, "none": None}
+# full_shard: params, grads and optimizer state split over all ranks (ZeRO-3); shard_grad_op: params kept whole
+# between forward and backward (ZeRO-2); hybrid_shard: full_shard inside a node, replicated across nodes; no_shard:
+# plain data parallel
+SHARDING = {name: ShardingStrategy[name.upper()] for name in settings.SHARDING}
+CHECKPOINTING = dict(zip(settings.CHECKPOINTING, (CheckpointImpl.NO_REENTRANT, CheckpointImpl.REENTRANT, None),
+                         strict=True))
 
 
 def clean_name(name: str) -> str:
@@ -134,7 +134,8 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
     model = FSDP(
         model,
         auto_wrap_policy=policy,
-        sharding_strategy=SHARDING[sharding],
+        # One rank has nothing to shard: FSDP switches to NO_SHARD itself then, with a warning at every launch
+        sharding_strategy=SHARDING["no_shard" if torch.distributed.get_world_size() == 1 else sharding],
         # param_dtype must equal the 4-bit layers' quant_storage (bf16): FSDP casts every flat parameter to it, and a
         # packed 4-bit weight survives the cast only when it is a no-op. LoRA's fp32 masters are cast to bf16 for
         # compute. Gradients are reduced in fp32 so that summing over ranks loses nothing. Buffers are left alone,

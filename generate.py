@@ -15,19 +15,47 @@ import argparse
 import inspect
 import json
 import math
+import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+import cli
+import settings
 
-import builtin
-import data
-import fused
-import lora
-import model_loading
-import quantization
-import run_folder
+
+def flags() -> argparse.ArgumentParser:
+    """generate.py's command line; parse_args adds the defaults, written once in sample()."""
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="base (with --adapter) or merged model: folder, Hub id, tiny")
+    parser.add_argument("--adapter", default=None, help="a training output_dir (or its checkpoint-N)")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help='plain text, a JSON instruction record, or {"messages": [...]}; repeat for several')
+    parser.add_argument("--max_new_tokens", type=int)
+    parser.add_argument("--temperature", type=float, help="0: greedy")
+    parser.add_argument("--seed", type=int, help="for temperature > 0")
+    parser.add_argument("--quant", default=None, choices=settings.QUANT_TYPES,
+                        help="base quantization (default: the adapter's, as trained; without an adapter, a "
+                             "pre-quantized checkpoint's own, else none)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="apply --adapter to another base than the one it was trained on, on purpose")
+    parser.add_argument("--chat_template", default="", help="'chatml', a Jinja template, or a file holding one: for "
+                                                            "a model whose tokenizer has none, as train.py takes it")
+    return parser
+
+
+if __name__ == "__main__":  # --help, and a flag argparse refuses, are answered before the libraries below load
+    cli.check_flags(flags())
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import builtin  # noqa: E402
+import data  # noqa: E402
+import fused  # noqa: E402
+import lora  # noqa: E402
+import model_loading  # noqa: E402
+import quantization  # noqa: E402
+import run_folder  # noqa: E402
 
 
 def prompt_ids(prompt: str, tokenizer, prompt_format: str = "auto", system_prompt: str = "") -> list[int]:
@@ -236,28 +264,21 @@ def load(model: str, adapter: str | None, quant: str | None, device: torch.devic
     return net, tokenizer
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    defaults = {k: p.default for k, p in inspect.signature(sample).parameters.items()}  # written once, in sample()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="base (with --adapter) or merged model: folder, Hub id, tiny")
-    parser.add_argument("--adapter", default=None, help="a training output_dir (or its checkpoint-N)")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help='plain text, a JSON instruction record, or {"messages": [...]}; repeat for several')
-    parser.add_argument("--max_new_tokens", type=int, default=defaults["max_new_tokens"])
-    parser.add_argument("--temperature", type=float, default=defaults["temperature"], help="0: greedy")
-    parser.add_argument("--seed", type=int, default=defaults["seed"], help="for temperature > 0")
-    parser.add_argument("--quant", default=None, choices=quantization.QUANT_TYPES,
-                        help="base quantization (default: the adapter's, as trained; without an adapter, a "
-                             "pre-quantized checkpoint's own, else none)")
-    parser.add_argument("--allow_other_base", action="store_true",
-                        help="apply --adapter to another base than the one it was trained on, on purpose")
-    parser.add_argument("--chat_template", default="", help="'chatml', a Jinja template, or a file holding one: for "
-                                                            "a model whose tokenizer has none, as train.py takes it")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with sample()'s defaults; a length or temperature that sampling cannot take is refused here."""
+    parser = flags()
+    parser.set_defaults(**{k: p.default for k, p in inspect.signature(sample).parameters.items()
+                           if k in ("max_new_tokens", "temperature", "seed")})
     args = parser.parse_args(argv)
     if args.max_new_tokens <= 0:
-        parser.error(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+        raise cli.Refusal(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     if not 0 <= args.temperature < math.inf:  # NaN fails this too
-        parser.error(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+        raise cli.Refusal(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    return args
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    """Load, sample every prompt, print each as rendered with its completion; the completions."""
     tokenizer, recorded = load_tokenizer(args.model, args.adapter, args.chat_template)
     rendered = [tokenizer.decode(prompt_ids(p, tokenizer, **recorded)) for p in args.prompt]  # before the model loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,5 +290,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     return completions
 
 
+def main(argv: list[str] | None = None) -> list[str]:
+    return run(parse_args(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(parse_args, run))

@@ -13,17 +13,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.utils import skip_init
 
+import cli
 import model_loading
 import quantization
+from settings import ALL_LINEAR, EXPERTS
 
-ALL_LINEAR = "all-linear"  # --lora_targets' default, PEFT's keyword: every linear of every decoder layer
 PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
 FACTORS = ("lora_A", "lora_B")
-# --lora_targets' keyword for the MoE experts' 3-D tensors, alone or beside the linears ("all-linear,experts"). Not
-# part of "all-linear", which takes linears only (PEFT 0.21's own "all-linear" also takes the experts and routers of
-# Mixtral, Qwen3-MoE and OLMoE, linears in transformers 4). The saved adapter names the linears and the experts'
-# tensors (target_parameters), never "all-linear", so PEFT loads exactly what was trained.
-EXPERTS = "experts"
+
+
+class AdapterError(cli.Refusal):
+    """An adapter, or a --lora_targets, that does not fit the model; the message says why and what to pass instead."""
 
 
 class LoRAFactor(nn.Linear):
@@ -313,11 +313,12 @@ def parse_targets(targets: str | list[str]) -> list[str]:
         try:
             re.compile(target)
         except re.error as e:
-            raise ValueError(f"--lora_targets: {target!r} is not a valid regular expression ({e}); a name matches as "
-                             r"it is, a pattern is a Python regex (.*_proj, not the glob *_proj; \. for a dot)") from e
+            raise AdapterError(f"--lora_targets: {target!r} is not a valid regular expression ({e}); a name "
+                               r"matches as it is, a pattern is a Python regex (.*_proj, not the glob *_proj; \. for "
+                               "a dot)") from e
     if ALL_LINEAR in found and set(found) - {ALL_LINEAR, EXPERTS}:
-        raise ValueError(f"--lora_targets: {ALL_LINEAR!r} already selects every linear of the decoder layers; give it "
-                         f"alone (or with {EXPERTS!r}), or name the linears instead of it")
+        raise AdapterError(f"--lora_targets: {ALL_LINEAR!r} already selects every linear of the decoder layers; give "
+                           f"it alone (or with {EXPERTS!r}), or name the linears instead of it")
     return found
 
 
@@ -384,14 +385,14 @@ def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r
     experts = EXPERTS in targets
     targets = [t for t in targets if t != EXPERTS]
     if experts and not expert_tensors(model, within):
-        raise ValueError(f"--lora_targets {EXPERTS!r}: this model has no MoE experts in its decoder layers")
+        raise AdapterError(f"--lora_targets {EXPERTS!r}: this model has no MoE experts in its decoder layers")
     if experts and dropout > 0:
-        raise ValueError(f"--lora_targets {EXPERTS!r} needs --lora_dropout 0: dropout applies to a layer's input, "
-                         "which an update of the experts' weights cannot (PEFT refuses such adapters too)")
+        raise AdapterError(f"--lora_targets {EXPERTS!r} needs --lora_dropout 0: dropout applies to a layer's input, "
+                           "which an update of the experts' weights cannot (PEFT refuses such adapters too)")
     found = matching_modules(model, targets, within) if targets else {}
     have = kinds(linears)  # what the decoder layers have; lm_head is not among them
     if targets and not found:
-        raise ValueError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {have}")
+        raise AdapterError(f"--lora_targets {targets} match no linear layer in the decoder layers; they have {have}")
     layers = [name for name, m in model.named_modules() if isinstance(m, within)]
     for target in targets:
         missed = [layer for layer in layers if not any(_matches(target, n) for n in found if n.startswith(layer + "."))]
@@ -476,14 +477,19 @@ VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 BASE_FINGERPRINT = "base_fingerprint"  # the adapter file's metadata key for its base (save_adapter)
 
 
+def vllm_max_lora_rank(r: int) -> int | None:
+    """The --max-lora-rank vLLM serves an adapter of rank r with: the smallest it takes that holds r; None above all."""
+    return next((v for v in VLLM_MAX_RANKS if v >= r), None)
+
+
 def vllm_rank_warning(r: int) -> str | None:
     """Why vLLM will not serve an adapter of rank r as one of its own ranks, or None when it will."""
-    if r in VLLM_MAX_RANKS:
+    up = vllm_max_lora_rank(r)
+    if up == r:
         return None
-    if r > VLLM_MAX_RANKS[-1]:
+    if up is None:
         return (f"--lora_rank {r} is above {VLLM_MAX_RANKS[-1]}, the largest rank vLLM serves: serve this adapter "
                 "merged into its base (merge.py) instead")
-    up = next(v for v in VLLM_MAX_RANKS if v > r)
     return (f"--lora_rank {r} is not a rank vLLM's --max-lora-rank takes ({', '.join(map(str, VLLM_MAX_RANKS))}): "
             f"vLLM serves this adapter with --max-lora-rank {up}, in slots of that rank (zeros after row {r})")
 
@@ -528,12 +534,12 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
     wanted = {names[k]: weight for k, weight in weights.items()}
     if set(tensors) != set(wanted):
         missing, unexpected = sorted(wanted.keys() - tensors.keys()), sorted(tensors.keys() - wanted.keys())
-        raise ValueError(f"adapter in {adapter_dir} does not fit this model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]} (different base model, rank or targets?)")
+        raise AdapterError(f"adapter in {adapter_dir} does not fit this model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]} (different base model, rank or targets?)")
     with torch.no_grad():
         for key, dst in wanted.items():
             if tensors[key].shape != dst.shape:
-                raise ValueError(f"{key} has shape {list(tensors[key].shape)} in the adapter, {list(dst.shape)} here")
+                raise AdapterError(f"{key} has shape {list(tensors[key].shape)} in the adapter, {list(dst.shape)} here")
             dst.copy_(tensors[key])
 
 
@@ -542,15 +548,15 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     adapter_dir = Path(adapter_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (adapter_dir / name).is_file():
-            raise FileNotFoundError(f"no {name} in {adapter_dir}: pass --adapter the output_dir of a training run "
-                                    "(or one of its checkpoint-N folders)")
+            raise AdapterError(f"no {name} in {adapter_dir}: pass --adapter the output_dir of a training run "
+                               "(or one of its checkpoint-N folders)")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     unsupported = {"peft_type": config.get("peft_type") != "LORA", "use_dora": config.get("use_dora"),
                    "fan_in_fan_out": config.get("fan_in_fan_out"), "modules_to_save": config.get("modules_to_save"),
                    "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
     if any(unsupported.values()):
-        raise ValueError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
-                         "only plain LoRA adapters (as train.py saves them) are supported")
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
+                           "only plain LoRA adapters (as train.py saves them) are supported")
     _check_rank(adapter_dir, config)
     return config
 
@@ -568,9 +574,9 @@ def _check_rank(adapter_dir: Path, config: dict) -> None:
                 continue
             shape = f.get_slice(key).get_shape()
             if shape[0] != config["r"]:
-                raise ValueError(f"{adapter_dir / 'adapter_config.json'} says r={config['r']}, but the adapter's "
-                                 f"tensors have rank {shape[0]} ({key} is {shape}): the config belongs to another "
-                                 f"adapter. Put the adapter's own config beside it, or write r={shape[0]} in it")
+                raise AdapterError(f"{adapter_dir / 'adapter_config.json'} says r={config['r']}, but the adapter's "
+                                   f"tensors have rank {shape[0]} ({key} is {shape}): the config belongs to another "
+                                   f"adapter. Put the adapter's own config beside it, or write r={shape[0]} in it")
 
 
 def adapter_scaling(config: dict) -> float:
@@ -584,11 +590,11 @@ def _check_fits(model: nn.Module, layer_cls: type[nn.Module], targets: list[str]
     than inject_lora's words about a --lora_targets nobody gave."""
     another = (f"it was trained on another base ({config.get('base_model_name_or_path')!r}); apply it to that one")
     if config.get("target_parameters") and not expert_tensors(model, layer_cls):
-        raise ValueError(f"the adapter in {adapter_dir} adapts MoE experts (target_parameters "
-                         f"{config['target_parameters']}), and this model has none: {another}")
+        raise AdapterError(f"the adapter in {adapter_dir} adapts MoE experts (target_parameters "
+                           f"{config['target_parameters']}), and this model has none: {another}")
     if targets and not matching_modules(model, targets, layer_cls):
-        raise ValueError(f"the adapter in {adapter_dir} adapts {targets} (target_modules), which match no linear "
-                         f"layer of this model: {another}")
+        raise AdapterError(f"the adapter in {adapter_dir} adapts {targets} (target_modules), which match no linear "
+                           f"layer of this model: {another}")
 
 
 def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:

@@ -39,29 +39,58 @@ import json
 import math
 import shutil
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from tqdm import tqdm
-from transformers import AutoConfig, PretrainedConfig
+import cli
 
-import builtin
-import conversions
-import lora
-import model_loading
-import quantization
-import run_folder
-from model_loading import SAFETENSORS_DTYPES, TensorEntry
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # --dtype; DTYPES maps them to torch's
 SEMANTICS = ("bf16", "dequantized")
+
+
+def flags() -> argparse.ArgumentParser:
+    """merge.py's command line; parse_args adds the defaults, written once in merge()."""
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the base the adapter was trained on: folder, Hub id or 'tiny'")
+    parser.add_argument("--adapter", required=True, help="a training output_dir (or its checkpoint-N) with "
+                                                          "adapter_model.safetensors and adapter_config.json")
+    parser.add_argument("--out", required=True, help="folder for the merged checkpoint")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="of the merged weights")
+    parser.add_argument("--semantics", choices=SEMANTICS,
+                        help="merge into the original base weights (bf16) or the 4-bit dequantized ones; see above")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction,
+                        help="compare logits with the model as trained; loads the model twice, so --no-verify for "
+                             "models that do not fit in memory")
+    parser.add_argument("--shard_size_mb", type=int, help="size of each output file (memory use does not depend on it)")
+    parser.add_argument("--allow_other_base", action="store_true",
+                        help="merge an adapter into another base than the one it was trained on, on purpose")
+    return parser
+
+
+if __name__ == "__main__":  # --help, and a flag argparse refuses, are answered before the libraries below load
+    cli.check_flags(flags())
+
+import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import AutoConfig, PretrainedConfig  # noqa: E402
+
+import builtin  # noqa: E402
+import conversions  # noqa: E402
+import lora  # noqa: E402
+import model_loading  # noqa: E402
+import quantization  # noqa: E402
+import run_folder  # noqa: E402
+from model_loading import SAFETENSORS_DTYPES, TensorEntry  # noqa: E402
+
+DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-class MergeError(ValueError):
+class MergeError(cli.Refusal):
     """An adapter, base or output folder the merge cannot use; the message says what is wrong and how to fix it."""
 
 
@@ -426,26 +455,17 @@ def write_model_card(out_dir: Path, title: str, base: str, adapter_dir: Path, ad
     (out_dir / "README.md").write_text("\n".join(lines))
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with merge()'s defaults."""
+    parser = flags()
+    parser.set_defaults(**{k: p.default for k, p in inspect.signature(merge).parameters.items()
+                           if k in ("dtype", "semantics", "verify", "shard_size_mb")})
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    defaults = {k: p.default for k, p in inspect.signature(merge).parameters.items()}  # written once, in merge()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the base the adapter was trained on: folder, Hub id or 'tiny'")
-    parser.add_argument("--adapter", required=True, help="a training output_dir (or its checkpoint-N) with "
-                                                          "adapter_model.safetensors and adapter_config.json")
-    parser.add_argument("--out", required=True, help="folder for the merged checkpoint")
-    parser.add_argument("--dtype", default=defaults["dtype"], choices=list(DTYPES), help="of the merged weights")
-    parser.add_argument("--semantics", default=defaults["semantics"], choices=SEMANTICS,
-                        help="merge into the original base weights (bf16) or the 4-bit dequantized ones; see above")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--verify", default=defaults["verify"], action=argparse.BooleanOptionalAction,
-                        help="compare logits with the model as trained; loads the model twice, so --no-verify for "
-                             "models that do not fit in memory")
-    parser.add_argument("--shard_size_mb", type=int, default=defaults["shard_size_mb"],
-                        help="size of each output file (memory use does not depend on it)")
-    parser.add_argument("--allow_other_base", action="store_true",
-                        help="merge an adapter into another base than the one it was trained on, on purpose")
-    merge(**vars(parser.parse_args(argv)))
+    merge(**vars(parse_args(argv)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(parse_args, lambda args: merge(**vars(args))))

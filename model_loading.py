@@ -44,6 +44,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+import cli
 import conversions
 import quantization
 
@@ -58,7 +59,7 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
                       "BOOL": torch.bool}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(cli.Refusal):
     """A model folder or checkpoint that cannot be loaded; the message says what is wrong and how to fix it."""
 
 

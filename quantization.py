@@ -9,17 +9,26 @@ its packed bytes under the weight's own name, beside the quant_state's tensors u
 `quant_map`, with double quantization `nested_absmax` and `nested_quant_map`, and `quant_state.bitsandbytes__<type>`,
 a JSON of the rest (shape, dtype, block sizes, offset). from_prequantized and serialize turn one into the other.
 """
+import logging
 import math
 import types
 
-import bitsandbytes as bnb
 import torch
 import torch.nn as nn
-from bitsandbytes.functional import QuantState, dequantize_4bit
 
-QUANT_TYPES = ("nf4", "fp4", "none")  # none: the base stays bf16 (plain LoRA)
-DEFAULT = "nf4"  # the QLoRA paper's choice: quantiles of a normal distribution, which weights roughly follow
-AUTO = "auto"  # a pre-quantized checkpoint's own type, else DEFAULT (model_loading.resolve_quant)
+from settings import AUTO, QUANT_TYPES
+from settings import DEFAULT_QUANT as DEFAULT
+
+# On a CPU with AVX512-BF16 and without the optional `kernels` package, importing bitsandbytes logs that it "Failed
+# to load CPU gemm_4bit_forward ... pip install kernels", once per process. That kernel serves only the repacked CPU
+# layout, which every 4-bit layer here turns off (linear4bit_shell), so nothing is missing: the message is dropped,
+# and every other of bitsandbytes' messages kept.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"))
+
+import bitsandbytes as bnb  # noqa: E402
+from bitsandbytes.functional import QuantState, dequantize_4bit  # noqa: E402
+
 # The quant_state's entries in a checkpoint, after "<weight>.": every 4-bit weight has the first two and one
 # STATE_KEY + its type; double quantization adds NESTED. (bitsandbytes' own names: QuantState.as_dict(packed=True).)
 STATS = ("absmax", "quant_map")

@@ -26,25 +26,47 @@ import argparse
 import copy
 import inspect
 import json
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-from safetensors.torch import save_file
-from tqdm import tqdm
-from transformers import BitsAndBytesConfig, PretrainedConfig
-
-import builtin
-import conversions
-import model_loading
-import quantization
+import cli
 
 QUANTS = ("nf4", "fp4")
 
 
-class QuantizeError(ValueError):
+def flags() -> argparse.ArgumentParser:
+    """quantize.py's command line; parse_args adds the defaults, written once in quantize_checkpoint()."""
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the 16-bit checkpoint: folder, Hub id or 'tiny'")
+    parser.add_argument("--out", required=True, help="folder for the 4-bit checkpoint")
+    parser.add_argument("--quant", choices=QUANTS, help="4-bit type")
+    parser.add_argument("--device", help="where to quantize (default: cuda if there is a GPU, else cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds a model")
+    parser.add_argument("--shard_size_mb", type=int, help="size of each output file; memory use is about one of them")
+    parser.add_argument("--quantize_experts", action="store_true",
+                        help="an MoE's experts in 4 bits too: ~4x smaller, loads in train.py, merge.py and generate.py "
+                             "but not in transformers' from_pretrained (which expects them in 16 bits)")
+    return parser
+
+
+if __name__ == "__main__":  # --help, and a flag argparse refuses, are answered before the libraries below load
+    cli.check_flags(flags())
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import BitsAndBytesConfig, PretrainedConfig  # noqa: E402
+
+import builtin  # noqa: E402
+import conversions  # noqa: E402
+import model_loading  # noqa: E402
+import quantization  # noqa: E402
+
+
+class QuantizeError(cli.Refusal):
     """A source or output folder quantize.py cannot use; the message says what is wrong and how to fix it."""
 
 
@@ -187,22 +209,17 @@ def _write_shards(stored: Iterable[dict[str, torch.Tensor]], out_dir: Path, shar
     return len(files), total
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with quantize_checkpoint()'s defaults."""
+    parser = flags()
+    parser.set_defaults(**{k: p.default for k, p in inspect.signature(quantize_checkpoint).parameters.items()
+                           if k in ("quant", "device", "shard_size_mb")})
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    defaults = {k: p.default for k, p in inspect.signature(quantize_checkpoint).parameters.items()}  # written once
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the 16-bit checkpoint: folder, Hub id or 'tiny'")
-    parser.add_argument("--out", required=True, help="folder for the 4-bit checkpoint")
-    parser.add_argument("--quant", default=defaults["quant"], choices=QUANTS, help="4-bit type")
-    parser.add_argument("--device", default=defaults["device"], help="where to quantize (default: cuda if there is "
-                                                                     "a GPU, else cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds a model")
-    parser.add_argument("--shard_size_mb", type=int, default=defaults["shard_size_mb"],
-                        help="size of each output file; memory use is about one of them")
-    parser.add_argument("--quantize_experts", action="store_true",
-                        help="an MoE's experts in 4 bits too: ~4x smaller, loads in train.py, merge.py and generate.py "
-                             "but not in transformers' from_pretrained (which expects them in 16 bits)")
-    quantize_checkpoint(**vars(parser.parse_args(argv)))
+    quantize_checkpoint(**vars(parse_args(argv)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.main(parse_args, lambda args: quantize_checkpoint(**vars(args))))

@@ -68,7 +68,9 @@ class WandB:
         self.wandb, run_id = wandb, state.get("wandb_run_id")
         self.run = wandb.init(project=config["wandb_project"] or None, name=config["wandb_name"] or None,
                               id=run_id, resume="allow" if run_id else None, dir=str(out_dir), config=config)
-        self.skip_through = logged_through if run_id else 0  # the steps that this run already has (module docstring)
+        # the steps that this run already has (module docstring); a new run has none, not even step 0 (the eval
+        # loss before training)
+        self.skip_through = logged_through if run_id else -1
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if step > self.skip_through:

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
 import lora
 import model_loading
 import quantization
@@ -42,7 +43,7 @@ TRAIN_CONFIG = "train_config.json"
 LOCK = ".lock"
 
 
-class FolderError(ValueError):
+class FolderError(cli.Refusal):
     """An output_dir that cannot be used for this run; the message says why and what to do."""
 
 
@@ -60,7 +61,7 @@ def lock_output_dir(out_dir: Path):
                 pass
             handle = open(out_dir / LOCK, "a+")
         except OSError as e:
-            error[0] = PermissionError(f"--output_dir {out_dir} is not writable: {e.strerror or e}")
+            error[0] = FolderError(f"--output_dir {out_dir} is not writable: {e.strerror or e}")
         else:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

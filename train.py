@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -20,23 +21,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-import builtin
-import checkpointing
+import cli
 import config_file
-import data
-import fsdp_wrap
-import fused
-import generate
-import lora
-import model_loading
-import offload
-import quantization
-import reporting
-import run_folder
+import settings
 
 # The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern: at batch 8 on an
 # 8B model they reserved 8.6 GiB more than was ever allocated. Segments that grow in place keep reserved near allocated
@@ -50,14 +37,15 @@ SCHEDULE = ("the LR schedule is laid over the planned steps, so another count ma
 
 
 @dataclass
-class Config(data.DataConfig):
-    """Every flag of train.py (the data flags come from data.DataConfig), each written once with its default and help.
+class Config(settings.DataConfig):
+    """Every flag of train.py (the data flags come from settings.DataConfig), each written once with its default and
+    help. A run on the built-in model takes its own defaults from settings.BUILTIN_CONFIG (parse_config).
 
     On resume, a setting must be as it was in the checkpoint's run unless its metadata says "may_change", with why
     that is safe (checkpointing.check_resumable). "path": the value may name a file or folder, where ~ is the home.
     """
     # what to train
-    model: str = field(default=builtin.MODEL, metadata={"path": True, "help": "local folder, Hub repo id, or 'tiny'", "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, is fine"})
+    model: str = field(default=settings.BUILTIN_MODEL, metadata={"path": True, "help": "local folder, Hub repo id, or 'tiny' (the built-in model, whose runs take configs/builtin.yaml's settings as their defaults)", "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, is fine"})
     output_dir: str = field(default="out", metadata={"path": True, "help": "adapters, metrics.jsonl and checkpoints go here", "may_change": "the run folder may have moved"})
     eval_every: int = field(default=0, metadata={"help": "steps between eval losses; 0: only at the end, if there is eval data", "may_change": "what is evaluated, not what is trained"})
     show: int = field(default=0, metadata={"help": "print this many tokenized rows, trained spans marked, and the data's statistics; then exit without training", "may_change": "it trains nothing"})
@@ -67,21 +55,21 @@ class Config(data.DataConfig):
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 means run --epochs", "must_match": SCHEDULE})
     epochs: int = field(default=1, metadata={"help": "passes over the data, when --max_steps is 0", "must_match": SCHEDULE})
     # optimization
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate of AdamW on the LoRA weights"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of AdamW on the LoRA weights; 2e-4, the QLoRA paper's for 7B and 13B models (1e-4 for 33B and 65B)"})
     lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"], "help": "decay after warmup"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup: step k <= N trains at lr * k / (N + 1)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm; 0 disables"})
     # LoRA
-    lora_rank: int = field(default=16, metadata={"help": "rank r of each update"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "the update is scaled by alpha / r"})
+    lora_rank: int = field(default=64, metadata={"help": "rank r of each update; 64, the QLoRA paper's (Dettmers et al. 2023) for every model size with LoRA on all linears, where it found r matters little (PEFT's LoraConfig defaults to 8); vLLM serves it with --max-lora-rank 64"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / r; 16, the QLoRA paper's with r=64, and PEFT's FSDP-QLoRA example's"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=lora.ALL_LINEAR, metadata={"help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but MoE routers; add 'experts' for LoRA on the MoE experts' tensors too (PEFT's target_parameters; needs --lora_dropout 0)", "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
+    lora_targets: str = field(default=settings.ALL_LINEAR, metadata={"help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but MoE routers; add 'experts' for LoRA on the MoE experts' tensors too (PEFT's target_parameters; needs --lora_dropout 0)", "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
     # memory and sharding
-    quant: str = field(default=quantization.AUTO, metadata={"choices": [quantization.AUTO, *quantization.QUANT_TYPES], "help": f"4-bit type of the base, or none (plain LoRA); {quantization.AUTO}: a pre-quantized checkpoint's own type, else {quantization.DEFAULT}"})
-    sharding: str = field(default="full_shard", metadata={"choices": list(fsdp_wrap.SHARDING), "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
+    quant: str = field(default=settings.AUTO, metadata={"choices": [settings.AUTO, *settings.QUANT_TYPES], "help": f"4-bit type of the base, or none (plain LoRA); {settings.AUTO}: a pre-quantized checkpoint's own type, else {settings.DEFAULT_QUANT}"})
+    sharding: str = field(default="full_shard", metadata={"choices": settings.SHARDING, "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
     cpu_offload: bool = field(default=False, metadata={"help": "keep parameter shards in CPU memory (GPU only)", "may_change": SAME_MATH})
-    grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": list(fsdp_wrap.CHECKPOINTING), "help": "activation checkpointing of decoder layers", "may_change": SAME_MATH})
+    grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": settings.CHECKPOINTING, "help": "activation checkpointing of decoder layers", "may_change": SAME_MATH})
     offload_activations: bool = field(default=False, metadata={"help": "keep each checkpointed decoder layer's input in pinned CPU memory between forward and backward, copied on side streams (long sequences; 70B)", "may_change": SAME_MATH})
     tiled_mlp: int = field(default=0, metadata={"help": "run each decoder layer's MLP over tiles of this many tokens, each recomputed in backward, so that no (tokens x intermediate size) tensor of the whole batch exists (long sequences, e.g. 8192); 0: untiled", "may_change": SAME_MATH})
     compile: bool = field(default=True, metadata={"help": "torch.compile the norms, rotary embedding and MLP activation of each decoder layer, and the loss (GPU only)", "may_change": SAME_MATH})
@@ -101,12 +89,11 @@ class Config(data.DataConfig):
     config: str = field(default="", metadata={"path": True, "help": "YAML file whose keys are flag names (configs/ has examples); flags given as well override it", "may_change": "the settings it resolves to are compared, not the file"})
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
+def flag_parser() -> argparse.ArgumentParser:
     """argparse generated from Config, so each flag, default and help is written once. Underscores or dashes.
-    --config's values become the defaults (config_file.read), so the flags on the command line override them.
-    A path setting's ~ is expanded here, for the file's values and the flags alike: argparse passes a string
-    default through the flag's `type` as it does a value from the command line."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    A path setting's ~ is expanded by the flag's `type`, which argparse applies to a string default (a --config
+    file's value) as it does to a value from the command line."""
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         kwargs = {"default": f.default, "help": f.metadata["help"] + " (default: %(default)s)"}
@@ -115,9 +102,18 @@ def parse_config(argv: list[str] | None = None) -> Config:
         else:
             kind = os.path.expanduser if f.metadata.get("path") else f.type
             parser.add_argument(*flags, type=kind, choices=f.metadata.get("choices"), **kwargs)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """The settings of a run, validated. Each comes from the first of: the command line, the --config file
+    (config_file.read), the built-in model's own settings when --model is it (settings.BUILTIN_CONFIG), Config."""
+    parser, fields = flag_parser(), dataclasses.fields(Config)
     file = parser.parse_known_args(argv)[0].config
-    if file:
-        parser.set_defaults(**config_file.read(Path(file), dataclasses.fields(Config)))
+    from_file = config_file.read(Path(file), fields) if file else {}
+    parser.set_defaults(**from_file)
+    if parser.parse_known_args(argv)[0].model == settings.BUILTIN_MODEL:
+        parser.set_defaults(**{**config_file.read(settings.BUILTIN_CONFIG, fields), **from_file})
     cfg = Config(**vars(parser.parse_args(argv)))
     validate(cfg)
     return cfg
@@ -173,6 +169,30 @@ def validate(cfg: Config) -> None:
     generate.load_prompts(cfg.sample_prompts, cfg.dataset)  # a missing file, not after minutes of loading a 70B
 
 
+if __name__ == "__main__":  # --help, and a flag argparse refuses, are answered before the libraries below load
+    cli.check_flags(flag_parser())
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The libraries, imported once the command line is read: torch, transformers and bitsandbytes take seconds to load.
+# (validate above uses them too: it runs after they are loaded, in parse_config.)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import builtin  # noqa: E402
+import checkpointing  # noqa: E402
+import data  # noqa: E402
+import fsdp_wrap  # noqa: E402
+import fused  # noqa: E402
+import generate  # noqa: E402
+import lora  # noqa: E402
+import model_loading  # noqa: E402
+import offload  # noqa: E402
+import quantization  # noqa: E402
+import reporting  # noqa: E402
+import run_folder  # noqa: E402
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Distributed setup
 
@@ -198,7 +218,7 @@ def init_distributed(timeout_s: int) -> tuple[int, int, int, torch.device]:
     if torch.cuda.is_available():
         local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)), torch.cuda.device_count()
         if local_world > gpus and not share:  # else rank `gpus` dies in set_device with "invalid device ordinal"
-            raise ValueError(f"{local_world} ranks on this node but {gpus} GPU(s): lower --nproc_per_node to {gpus}, "
+            raise cli.Refusal(f"{local_world} ranks on this node but {gpus} GPU(s): lower --nproc_per_node to {gpus}, "
                              f"or set {SHARE_GPU}=1 to run them all on GPU 0 through gloo (slow; for tests)")
         device = torch.device("cuda", 0 if share else local_rank)
         torch.cuda.set_device(device)
@@ -395,17 +415,17 @@ def prepare_batches(cfg: Config, tokenizer, vocab: int, device: torch.device) ->
     train_ds, eval_ds = data.prepare(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", 0)), log=print0)
     top_id = max(max(x) for x in train_ds["input_ids"])
     if top_id >= vocab:
-        raise ValueError(f"the tokenizer produced token id {top_id}, but the model has only {vocab} embeddings: the "
-                         "tokenizer does not belong to this model")
+        raise model_loading.CheckpointError(f"the tokenizer produced token id {top_id}, but the model has only {vocab} "
+                                            "embeddings: the tokenizer does not belong to this model")
     block_mask = data.packed_attention(device) == "sdpa"
     loader = data.build_loader(train_ds, cfg.batch_size, tokenizer.pad_token_id, rank, world, cfg.seed,
                                cfg.group_by_length, block_mask)
     evals = None if eval_ds is None else data.eval_batches(eval_ds, cfg.batch_size, tokenizer.pad_token_id, rank,
                                                            world, block_mask)
     if len(loader) < cfg.grad_accum and not cfg.show:  # --show inspects the rows and takes no step
-        raise ValueError(f"{len(train_ds)} rows cannot fill one step of {cfg.batch_size * cfg.grad_accum * world} "
-                         f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} ranks): lower them or "
-                         "add data")
+        raise data.DataError(f"{len(train_ds)} rows cannot fill one step of {cfg.batch_size * cfg.grad_accum * world} "
+                             f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} ranks): lower them "
+                             "or add data")
     first = {k: v[:256] for k, v in train_ds[0].items()}  # short: the check's own logits are materialised whole
     probe = data.collate([{**first, "labels": first["input_ids"]}], tokenizer.pad_token_id, block_mask)
     return Batches(loader, evals, len(loader) // cfg.grad_accum, len(train_ds), data.fingerprint(train_ds), probe)
@@ -424,9 +444,9 @@ def find_resume(cfg: Config, out_dir: Path, run: dict,
 
 
 class StepLog:
-    """Rank 0's record of each step: the progress line, metrics.jsonl (one JSON object per step), --report_to's
-    backends, and the history train() returns. A resumed run's metrics.jsonl and samples.jsonl keep the lines up to
-    the checkpoint's step.
+    """Rank 0's record of each step: the progress line, metrics.jsonl (one JSON object per step, and a step 0 with
+    the eval loss before training), --report_to's backends, and the history train() returns. A resumed run's
+    metrics.jsonl and samples.jsonl keep the lines up to the checkpoint's step.
 
     A line that cannot be written (a full disk) is cut off the file, kept, and `error` set: the run then saves and
     stops (run_steps), and the line is tried once more after the save (raise_unwritten)."""
@@ -437,6 +457,7 @@ class StepLog:
         self.rank0 = dist.get_rank() == 0
         self.bar = tqdm(total=total_steps, initial=step, desc="training", disable=not self.rank0)
         self.path, self.file, self.unwritten, self.error = out_dir / "metrics.jsonl", None, "", None
+        self.eval_before = None
         if self.rank0:
             run_folder.cut_back(out_dir / "samples.jsonl", step)
             self.file = run_folder.open_metrics(self.path, step)
@@ -454,6 +475,17 @@ class StepLog:
             self.bar.set_postfix_str(f"loss {m['loss']:.4f} lr {m['lr']:.2e} gnorm {m['grad_norm']:.3f} "
                                      f"tok/s {m['tokens_per_s']:,.0f} mem {m['peak_mem_gib']:.2f}GiB"
                                      + (f" eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
+
+    def record_eval_before(self, eval_loss: float) -> None:
+        """The eval loss before the first step: metrics.jsonl's step 0, where the eval curve starts."""
+        self.eval_before = eval_loss
+        if self.rank0:
+            self._append(json.dumps({"step": 0, "eval_loss": eval_loss}) + "\n", 0)
+            self.report.step({"step": 0, "eval_loss": eval_loss})
+
+    def end_progress(self) -> None:
+        """Close the progress bar before the lines that end the run: tqdm draws an open bar again under each line."""
+        self.bar.close()
 
     def _append(self, lines: str, step: int) -> None:
         self.unwritten += lines
@@ -551,6 +583,7 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
             if unwritten:
                 log.raise_unwritten(bad.last_saved)
             if stopping:
+                log.end_progress()
                 abandoned = f" evaluation at step {step} abandoned;" if evaluating and eval_loss is None else ""
                 print0(f"got {stop.signal or 'a signal on another rank'}:{abandoned} saved {bad.last_saved}; continue "
                        "with --resume auto")
@@ -561,8 +594,50 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
     return False
 
 
+def summary(cfg: Config, model_dir: Path, log: StepLog, wall_s: float, training_s: float, prompts: list[str]) -> str:
+    """What rank 0 prints when a run ends: time and throughput, the losses, the files, and the commands to go on
+    with. The train loss is a mean over the last tenth of the steps: one batch's loss is mostly its batch."""
+    steps, out = log.history, Path(cfg.output_dir)
+    tokens = sum(m["tokens"] for m in steps)
+    finite = [m["loss"] for m in steps if not m["skipped"]]
+    last = finite[-max(1, len(finite) // 10):]
+    over = f"mean of the last {len(last)} steps" if len(last) > 1 else "the last step"
+    counted = f"{len(steps)} steps" + (f" ({steps[0]['step']} to {steps[-1]['step']})" if steps[0]["step"] > 1 else "")
+    evals = [m["eval_loss"] for m in steps if "eval_loss" in m]
+    if not evals:
+        evaluated = "no eval data (hold some out with --eval_fraction 0.05, or give --eval_split)"
+    elif log.eval_before is None:
+        evaluated = f"eval loss {evals[-1]:.4f}"
+    else:
+        evaluated = f"eval loss {log.eval_before:.4f} before training, {evals[-1]:.4f} after"
+    files = ["adapter_model.safetensors and adapter_config.json (PEFT's format)", run_folder.TRAIN_CONFIG,
+             "metrics.jsonl"] + ["samples.jsonl"] * bool(prompts) + ["tensorboard/"] * ("tensorboard" in cfg.report_to)
+    base, merged = cfg.model, f"{out}-merged"
+    served_rank = lora.vllm_max_lora_rank(cfg.lora_rank)
+    commands = [
+        ["python", "merge.py", "--model", base, "--adapter", str(out), "--out", merged],
+        ["python", "generate.py", "--model", base, "--adapter", str(out), "--prompt", (prompts or ["Hello"])[0]],
+        ["vllm", "serve", str(model_dir) if base == settings.BUILTIN_MODEL else base, "--enable-lora", "--lora-modules",
+         f"{out.name}={out}", "--max-lora-rank", str(served_rank)] if served_rank else ["vllm", "serve", merged]]
+    return "\n".join([f"done in {duration(wall_s)}: {counted}, {tokens:,} tokens, {tokens / training_s:,.0f} tokens/s "
+                      f"over {duration(training_s)} of training",
+                      f"train loss {sum(last) / len(last):.4f} ({over}); {evaluated}",
+                      f"saved in {out}/: {', '.join(files)}",
+                      "next: merge the adapter into a standalone checkpoint, sample from it, or serve it with vLLM:",
+                      *(f"  {shlex.join(c)}" for c in commands)])
+
+
+def duration(seconds: float) -> str:
+    """45.2 s, 2 min 45 s, 3 h 05 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def train(cfg: Config) -> list[dict]:
     """The whole run, as an outline; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
+    started = time.perf_counter()
     rank, _, world, device = init_distributed(cfg.dist_timeout)
     stop, lock, log, report = checkpointing.StopOnSignal(), None, None, None
     try:
@@ -630,18 +705,23 @@ def train(cfg: Config) -> list[dict]:
 
         log = StepLog(cfg, out_dir, total_steps, position[0], load_s, report)
         bad = BadSteps(cfg.max_bad_steps, resume_from)
+        if batches.evals and position[0] == 0:  # where the eval loss starts, for the summary to compare with
+            if (eval_loss := evaluate(model, batches.evals, device, stop)) is not None:
+                log.record_eval_before(eval_loss)
         stop.begin_training()  # from here a signal lets the step finish and saves it
+        training = time.perf_counter()
         try:
             if run_steps(cfg, model, optimizer, scheduler, batches, total_steps, position, save, sample, log, bad, stop):
                 return log.history  # stopped by a signal, checkpoint saved
         except torch.cuda.OutOfMemoryError as e:
             raise torch.cuda.OutOfMemoryError(out_of_memory(cfg, config, position[0] + len(log.history) + 1)) from e
+        training = time.perf_counter() - training
+        log.end_progress()
         bad.check_last(log.history)
         checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg), run["base_fingerprint"], tokenizer)
         sample(total_steps)
         if log.history:  # empty when a finished run is resumed
-            print0(f"done: loss {log.history[0]['loss']:.4f} -> {log.history[-1]['loss']:.4f}; adapter saved to "
-                   f"{out_dir}")
+            print0(summary(cfg, model_dir, log, time.perf_counter() - started, training, prompts))
         return log.history
     except checkpointing.Interrupted:  # a signal before training: the handler said so, and there is nothing to save
         return []
@@ -661,9 +741,9 @@ def train(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    train(parse_config())
+    status = cli.main(parse_config, train)  # 0, or a refusal's; a bug raises, with its traceback
     # Leave without the interpreter's teardown: gloo's worker threads can abort a finished process while Python
     # destroys the objects they still reference (pytorch/pytorch#179291). Everything is saved and closed by now.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

@@ -223,7 +223,8 @@ def run_inprocess(args: list[str]) -> list[dict]:
 
 
 def run_torchrun(args: list[str], nproc: int, env: dict[str, str] | None = None) -> list[dict]:
-    """`torchrun --nproc_per_node NPROC train.py ARGS` in a subprocess; its metrics.jsonl, one dict per step."""
+    """`torchrun --nproc_per_node NPROC train.py ARGS` in a subprocess; its metrics.jsonl, one dict per step trained
+    (as train() returns them: not the eval loss before training, its step 0)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *args]
     inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -232,7 +233,7 @@ def run_torchrun(args: list[str], nproc: int, env: dict[str, str] | None = None)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out_dir = args[args.index("--output_dir") + 1]
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [m for m in map(json.loads, f) if m["step"] > 0]
 
 
 def common(path, out, steps=3):

@@ -283,6 +283,22 @@ def test_sigterm_to_one_rank_saves_and_both_exit_cleanly(small_run, tmp_path):
     assert "got a signal on another rank: saved" in (tmp_path / "log").read_text()
 
 
+def test_ctrl_c_saves_and_exits_0_with_nothing_after_its_message(small_run, tmp_path):
+    """`python train.py` and Ctrl-C (SIGINT) in training: a checkpoint is saved, the exit status is 0, and the last
+    line says where to resume from: no traceback, and no progress bar drawn again after it."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # the lines in the order written
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *small_run(out, 500)], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env=env)
+    wait_until(lambda: metrics(out), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    [saved] = list_checkpoints(out)
+    text = log.read_text()
+    assert text.endswith(f"got SIGINT: saved {saved}; continue with --resume auto\n"), text[-3000:]
+    assert "Traceback" not in text
+
+
 def test_first_signal_is_noted_and_second_exits_at_once():
     code = ("import os, signal, time, checkpointing; stop = checkpointing.StopOnSignal(); stop.begin_training(); "
             "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.1); print(stop.signal, flush=True); "
@@ -345,14 +361,14 @@ def test_sigterm_during_evaluation_abandons_it_at_the_next_batch_and_saves(small
     def loss_sum(model, batch, device):
         if not model.training:
             evals.append(batch)
-            if len(evals) == 2:
+            if len(evals) == 6 + 2:  # after the 6 of the evaluation before training
                 os.kill(os.getpid(), signal.SIGTERM)
         return real(model, batch, device)
 
     monkeypatch.setattr(train, "loss_sum", loss_sum)
     out = tmp_path / "run"
     history = run_inprocess(small_run(out, 4, "--eval_fraction", "0.5", "--eval_every", "2", "--batch_size", "1"))
-    assert len(evals) == 2
+    assert len(evals) == 6 + 2
     assert [h["step"] for h in history] == [1, 2] and "eval_loss" not in metrics(out)[-1]
     assert list_checkpoints(out) == [out / "checkpoint-2"]
     assert f"got SIGTERM: evaluation at step 2 abandoned; saved {out / 'checkpoint-2'}" in capsys.readouterr().out

@@ -33,6 +33,21 @@ def test_shipped_config_loads_with_its_values_and_its_measured_figure(path, monk
     assert any(line.startswith("# measured: ") for line in text.splitlines())
 
 
+def test_real_models_get_qlora_defaults_and_the_builtin_model_its_own(tmp_path):
+    """A real model trains at QLoRA's usual lr 2e-4, r 64, alpha 16; the built-in one at configs/builtin.yaml's values,
+    which --config and the flags override."""
+    shape = ("lr", "lora_rank", "lora_alpha")
+    real = train.parse_config(["--model", "org/name"])
+    assert [getattr(real, k) for k in shape] == [2e-4, 64, 16.0]
+    assert [getattr(train.parse_config([]), k) for k in shape] == [2e-3, 16, 32.0]
+    assert [getattr(train.parse_config(["--model", "tiny", "--lora_rank", "8"]), k) for k in shape] == [2e-3, 8, 32.0]
+    file = tmp_path / "run.yaml"
+    file.write_text("lr: 1.0e-3\n")
+    assert [getattr(train.parse_config(["--config", str(file)]), k) for k in shape] == [1e-3, 16, 32.0]
+    file.write_text("model: org/name\n")  # a file naming a real model gets a real model's defaults
+    assert [getattr(train.parse_config(["--config", str(file)]), k) for k in shape] == [2e-4, 64, 16.0]
+
+
 def test_builtin_config_is_what_train_py_runs_without_flags():
     cfg = dataclasses.asdict(train.parse_config(["--config", str(ROOT / "configs" / "builtin.yaml")]))
     assert {**cfg, "config": ""} == dataclasses.asdict(train.parse_config([]))

@@ -8,6 +8,7 @@ from conftest import (ARCHS, DEVICE, common, hf_greedy, losses, make_adapter, re
                       refused_before_loading, run_inprocess, run_torchrun)
 from transformers import AutoTokenizer
 
+import cli
 import generate
 import lora
 import merge
@@ -207,13 +208,12 @@ def test_missing_sample_prompts_file_is_refused_before_anything_loads(checkpoint
     (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0: greedy), got -1.0"),
     (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0: greedy), got nan"),
 ])
-def test_generate_refuses_a_negative_length_or_temperature_before_loading(monkeypatch, capsys, flags, message):
+def test_generate_refuses_a_negative_length_or_temperature_before_loading(monkeypatch, flags, message):
     """generate.py refuses a length below 1 or a temperature below 0, naming the flag, before the model loads (#31)."""
     monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded the model before refusing"))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(cli.Refusal) as e:
         generate.main(["--model", "tiny", "--prompt", "hello", *flags])
-    assert e.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert str(e.value) == message
 
 
 def test_train_refuses_a_sample_length_below_one():

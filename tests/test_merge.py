@@ -243,10 +243,10 @@ def test_missing_adapter(checkpoints, tmp_path):
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "adapter_config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match=r"no adapter_model.safetensors in .*run: pass --adapter"):
+    with pytest.raises(lora.AdapterError, match=r"no adapter_model.safetensors in .*run: pass --adapter"):
         merge.main(["--model", str(checkpoints("llama")), "--adapter", str(tmp_path / "run"),
                     "--out", str(tmp_path / "o")])
-    with pytest.raises(FileNotFoundError, match=r"no adapter_config.json in .*nowhere"):
+    with pytest.raises(lora.AdapterError, match=r"no adapter_config.json in .*nowhere"):
         generate.main(["--model", str(checkpoints("llama")), "--adapter", str(tmp_path / "nowhere"), "--prompt", "hi"])
 
 

@@ -121,7 +121,8 @@ def test_backends_hold_the_numbers_of_metrics_jsonl(reported_run):
     """Per step and curve, TensorBoard's scalar is metrics.jsonl's number in float32 and W&B's is the number itself;
     both hold samples.jsonl's samples at their steps."""
     want = metrics(reported_run)
-    assert [m["step"] for m in want] == [1, 2, 3, 4] and "eval_loss" in want[1] and "eval_loss" in want[3]
+    assert [m["step"] for m in want] == [0, 1, 2, 3, 4] and "eval_loss" in want[2] and "eval_loss" in want[4]
+    assert set(want[0]) == {"step", "eval_loss"}  # the eval loss before training
     curves, texts = tensorboard_events(reported_run)
     assert set(curves) == set(reporting.SCALARS.values())
     for key, tag in reporting.SCALARS.items():
