@@ -193,6 +193,12 @@ def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[s
 
 def check_output_dir(out_dir: Path, resume: str, overwrite: bool, dataset: str) -> None:
     """Refuse an output_dir the other flags contradict; on every rank, before the folder is made or read."""
+    if resume not in ("", "auto") and Path(resume).expanduser().resolve() == Path(out_dir).resolve():
+        newest = list_checkpoints(out_dir)[-1:]
+        raise ResumeError(f"--resume {resume} is the run folder itself (--output_dir), not a checkpoint: pass --resume "
+                          "auto to continue from its newest checkpoint"
+                          + (f", {newest[0]}, or --resume one of its checkpoint-N" if newest else
+                             " (it holds none yet, so the run starts from step 0)"))
     if overwrite and resume and not _foreign(resume, out_dir):
         raise ResumeError(f"--resume {resume} continues the run in {out_dir} and --overwrite deletes it: pass one of "
                           "them")
@@ -275,7 +281,9 @@ def save_checkpoint(out_dir: Path, state: TrainerState, model, optimizer, schedu
         for old in list_checkpoints(out_dir)[:-keep_last] if keep_last else []:
             shutil.rmtree(old, ignore_errors=True)
 
-    _on_rank0(write, final, "the earlier checkpoints are intact")
+    earlier = list_checkpoints(out_dir)  # what a failed save leaves to resume from
+    _on_rank0(write, final, f"the earlier checkpoints are intact (newest: {earlier[-1].name})" if earlier else
+              "no earlier checkpoint exists")
     return final
 
 

@@ -4,7 +4,8 @@
 
 train.parse_config makes the file's values the parser's defaults, so every flag on the command line still wins, and
 the run folder's train_config.json holds the settings as resolved. Keys take underscores or dashes, as the flags do.
-An unknown key is refused with the nearest flag name, a value of another type with the type its flag takes.
+An unknown key is refused with the nearest flag name, a value of another type with the type its flag takes, and a
+file with no settings at all (empty, or only comments) as such.
 """
 import dataclasses
 import difflib
@@ -67,8 +68,9 @@ def read(path: Path, fields: tuple[dataclasses.Field, ...]) -> dict:
         raise ValueError(f"--config {path}: {e}") from None
     except yaml.YAMLError as e:
         raise ValueError(f"--config {path} is not valid YAML: {e}") from None
-    if loaded is None:  # empty, or only comments
-        return {}
+    if loaded is None or loaded == {}:  # empty, only comments, or {}: the run would be the defaults, unasked
+        raise ValueError(f"--config {path} holds no settings: write the flags to set in it, one per line (e.g. "
+                         "'lr: 2.0e-4'), or leave --config out")
     if not isinstance(loaded, dict):
         raise ValueError(f"--config {path} must be a mapping of flag names to values (e.g. 'lr: 2.0e-4'), not "
                          f"{_described(loaded)}")

@@ -80,6 +80,7 @@ from transformers import AutoConfig, PretrainedConfig  # noqa: E402
 
 import builtin  # noqa: E402
 import conversions  # noqa: E402
+import fused  # noqa: E402
 import lora  # noqa: E402
 import model_loading  # noqa: E402
 import quantization  # noqa: E402
@@ -110,7 +111,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     quant = run_folder.trained_quant(adapter_dir)
     if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
         raise MergeError(f"--out {out_dir} is the base model or adapter folder; write the merge somewhere else")
-    model_loading.check_out_folder(out_dir, overwrite, MergeError)
+    checked = model_loading.check_out_folder(out_dir, overwrite, MergeError)
 
     # Everything is checked from the headers before a byte is written: base against its config, adapter against base.
     base = read_base(base_dir, semantics)
@@ -120,7 +121,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     round_trip = quant if semantics == "dequantized" and quant != "none" and not base.stats else None
 
     # Written into a hidden sibling, renamed into place at the end: an interrupted merge never looks complete.
-    with model_loading.written_whole(out_dir) as tmp:
+    with model_loading.written_whole(out_dir, checked, MergeError) as tmp:
         t0 = time.perf_counter()
         n_shards, n_bytes = write_weights(base, updates, adapter_dir, lora.adapter_scaling(adapter_config), tmp,
                                           DTYPES[dtype], round_trip, shard_size_mb * 2**20, device, progress)
@@ -394,8 +395,10 @@ def write_weights(base: Base, updates: dict[str, Update], adapter_dir: Path, sca
                 if tuple(tensor.shape) != entries[name].shape:  # the header above is written: never a wrong size
                     raise RuntimeError(f"{name} was merged as {list(tensor.shape)}, the base holds "
                                        f"{list(entries[name].shape)}: transformers' split of the experts changed")
-                tensor = tensor.to("cpu", dtypes[name]).contiguous()
-                f.write(tensor.reshape(-1).view(torch.uint8).numpy())  # raw little-endian bytes, as the format says
+                written = tensor.to("cpu", dtypes[name]).contiguous()
+                if written.is_floating_point() and not written.isfinite().all():  # one pass: the cost of a copy
+                    raise MergeError(not_finite(base, name, tensor, adapter_dir, dtypes[name]))
+                f.write(written.reshape(-1).view(torch.uint8).numpy())  # raw little-endian bytes, as the format says
                 bar.update()
     bar.close()
     weight_map = {name: file for file, names in zip(files, shards) for name in names}
@@ -403,6 +406,20 @@ def write_weights(base: Base, updates: dict[str, Update], adapter_dir: Path, sca
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return len(shards), total
+
+
+def not_finite(base: Base, name: str, merged: torch.Tensor, adapter_dir: Path, dtype: torch.dtype) -> str:
+    """Why the tensor `name`, `merged` as it is about to be cast to `dtype` and written, is not finite there: the
+    base's own tensor (read again), the adapter's update of it, or the range of `dtype`."""
+    entry = base.entries[name]
+    if not read_tensor(base, name, torch.device("cpu")).isfinite().all():
+        how = "dequantizes to" if name in base.stats else "holds"
+        return f"{name} in {entry.file} {how} NaN or inf: the base is damaged; download or quantize it again"
+    if not merged.isfinite().all():
+        return (f"{name} plus the adapter's update of it is NaN or inf: the adapter in {adapter_dir} is damaged; "
+                "write it again")
+    return (f"{name}, merged, exceeds the range of {str(dtype).removeprefix('torch.')} (largest |value| "
+            f"{merged.abs().max().item():.4g}): merge with --dtype bf16")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -420,15 +437,30 @@ def max_logit_diffs(base_dir: Path, adapter_dir: Path, merged_dir: Path, quant: 
     trained = model_loading.load_model(base_dir, quant, device, progress=False).eval()
     lora.apply_adapter(trained, adapter_dir)
     with torch.no_grad():
-        as_trained = trained(tokens).logits.float()
+        as_trained = finite_logits(trained, tokens, "the model as trained (base + adapter)")
         for module in lora.lora_modules(trained).values():
             module.scaling = 0.0  # the base alone
-        base = trained(tokens).logits.float()
+        base = finite_logits(trained, tokens, "the base alone")
     del trained
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
     with torch.no_grad():
         logits = merged(tokens).logits.float()
+    if not logits.isfinite().all():  # its weights were checked as they were written (not_finite)
+        name = {v: k for k, v in DTYPES.items()}[dtype]
+        raise MergeError("the merged model's logits are not finite (NaN or inf) on the check's 32 tokens, where the "
+                         f"model as trained gives finite ones: its weights are finite, so its activations overflow "
+                         f"--dtype {name}" + ("; merge with --dtype bf16, the range of the model as trained"
+                                              if dtype == torch.float16 else ""))
     return (logits - as_trained).abs().max().item(), (as_trained - base).abs().max().item()
+
+
+def finite_logits(model: torch.nn.Module, tokens: torch.Tensor, which: str) -> torch.Tensor:
+    """The model's logits in fp32, or a MergeError naming `which` model and its first module whose output is not
+    finite, as train.py and generate.py refuse such a model (fused.nonfinite_logits)."""
+    logits = model(tokens).logits.float()
+    if not logits.isfinite().all():
+        raise MergeError(f"{which}: {fused.nonfinite_logits(model, lambda: model(tokens))}")
+    return logits
 
 
 def quant_name(quant: str) -> str:

@@ -187,44 +187,90 @@ def load_tokenizer(model_dir: Path):
 # Writing a model folder (merge.py, quantize.py)
 
 
-def check_out_folder(out: Path, overwrite: bool, error: type[Exception] = CheckpointError) -> None:
+def check_out_folder(out: Path, overwrite: bool, error: type[Exception] = CheckpointError) -> tuple[int, int] | None:
     """An --out that may be written: new or empty, or replaced with --overwrite when it holds a model (config.json);
-    a folder of something else is never deleted."""
+    a folder of something else is never deleted. Returns the folder's identity (device, inode; None if there is
+    none), which written_whole finds again before it replaces anything."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
+        return _identity(out)
     if not overwrite:
         raise error(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
     if not (out / "config.json").is_file():
         raise error(f"--out {out} exists and is not a model folder (no config.json); refusing to delete it, even "
                     "with --overwrite")
+    return _identity(out)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 @contextmanager
-def written_whole(out: Path) -> Iterator[Path]:
+def written_whole(out: Path, checked: tuple[int, int] | None, error: type[Exception] = CheckpointError
+                  ) -> Iterator[Path]:
     """A temporary sibling of `out` to write a model folder into, renamed to `out` (replacing it) once the block
     ends: an interrupted write never looks finished, and the folder it replaces is kept until then.
+
+    One writer at a time: each holds a lock on .NAME.lock beside `out` for the whole write (_lock_file), so a second
+    one is refused at once. `out` must still be the folder check_out_folder found (`checked`): a writer that finished
+    between this one's check and its start is refused too, never replaced unseen.
 
     The writer holds a lock on its temporary folder; the kernel drops it when the process dies. So the temporary
     folders of killed writers (SIGKILL runs no cleanup: up to a whole model's size) are the unlocked ones, removed
     here, while a writer still running keeps its own. A full disk is said as such, with the folder."""
-    for old in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-        with suppress(FileNotFoundError), _locked(old, wait=False) as free:  # (or removed by another writer meanwhile)
-            if free:
-                shutil.rmtree(old, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _lock_file(out.parent / f".{out.name}.lock") as free:
+        if not free:
+            raise error(f"--out {out} is being written by another merge.py or quantize.py: wait for it to end, or "
+                        "choose another --out")
+        if _identity(out) != checked:
+            raise error(f"--out {out} was written by another merge.py or quantize.py after this one checked it: "
+                        "choose another --out, or run again (with --overwrite to replace it)")
+        for old in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+            with suppress(FileNotFoundError), _locked(old, wait=False) as unheld:  # (or removed by another meanwhile)
+                if unheld:
+                    shutil.rmtree(old, ignore_errors=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            with _locked(tmp, wait=True):
+                yield tmp
+                if out.exists():
+                    shutil.rmtree(out)  # --overwrite, checked by check_out_folder
+                tmp.rename(out)
+        except BaseException as e:
+            full = disk_full(e, tmp)  # before the removal frees the space
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise OSError(f"writing {out} failed ({full})") from None
+            raise
+
+
+@contextmanager
+def _lock_file(path: Path) -> Iterator[bool]:
+    """An exclusive lock on the file `path`, made for the block and removed after it; whether it was taken (not while
+    another process holds it). A file opened just before its holder removed it is not the lock any more: such a
+    lock, once taken, is dropped for the file now at `path`."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        if _identity(path) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            break
+        os.close(fd)
     try:
-        with _locked(tmp, wait=True):
-            yield tmp
-            if out.exists():
-                shutil.rmtree(out)  # --overwrite, checked by check_out_folder
-            tmp.rename(out)
-    except BaseException as e:
-        full = disk_full(e, tmp)  # before the removal frees the space
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise OSError(f"writing {out} failed ({full})") from None
-        raise
+        yield True
+    finally:
+        path.unlink(missing_ok=True)  # while still held: whoever opens the path next makes a new lock
+        os.close(fd)
 
 
 @contextmanager

@@ -126,7 +126,7 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
     takes its name.
     """
     out, device = Path(out), torch.device(device)
-    model_loading.check_out_folder(out, overwrite, QuantizeError)
+    checked = model_loading.check_out_folder(out, overwrite, QuantizeError)
     if shard_size_mb < 0:
         raise QuantizeError(f"--shard_size_mb must be >= 0 (0: a shard per tensor), got {shard_size_mb}")
     skeleton = model_loading.build_skeleton(config, quant)
@@ -134,7 +134,7 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
     experts = shells & quantization.packed_shells(skeleton).keys()
     tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {})  # saved once, as the embedding
     t0, written = time.perf_counter(), set()
-    with model_loading.written_whole(out) as tmp:
+    with model_loading.written_whole(out, checked, QuantizeError) as tmp:
         bar = tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress)
         stored = (_stored(name, tensor, name in shells, quant, device, written) for name, tensor in tensors
                   if name not in tied)

@@ -501,13 +501,16 @@ class StepLog:
             self.close_file()
             os.truncate(self.path, size)  # no torn line
 
-    def raise_unwritten(self, saved: Path) -> None:
-        """After a failed write and the save that followed it: every rank raises rank 0's error; a collective."""
-        if self.rank0:  # the checkpoint went in, so the lines may too
+    def raise_unwritten(self, saved: Path | OSError) -> None:
+        """After a failed write and the save that followed it: every rank raises rank 0's error, then what the save
+        did (the checkpoint it wrote, or its own error, which names the checkpoints left); a collective."""
+        if self.rank0 and isinstance(saved, Path):  # the checkpoint went in, so the lines may too
             self._append("", self.history[-1]["step"])
         error = [self.error]
         dist.broadcast_object_list(error, src=0)
-        raise OSError(f"{error[0]}; saved {saved}: continue with --resume auto")
+        then = (f"saved {saved}: continue with --resume auto" if isinstance(saved, Path) else
+                f"the checkpoint could not be saved either: {saved}")
+        raise OSError(f"{error[0]}; {then}") from None
 
     def close_file(self) -> None:
         try:
@@ -579,7 +582,12 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
             saving = bool(cfg.save_every) and step % cfg.save_every == 0
             if stopping or saving:
                 done = in_epoch + 1 < batches.steps_per_epoch
-                bad.last_saved = save(step, (epoch, in_epoch + 1) if done else (epoch + 1, 0))
+                try:
+                    bad.last_saved = save(step, (epoch, in_epoch + 1) if done else (epoch + 1, 0))
+                except OSError as e:
+                    if unwritten:  # the line failed first (a full disk): that is the news, the save's failure follows
+                        log.raise_unwritten(e)
+                    raise
             if unwritten:
                 log.raise_unwritten(bad.last_saved)
             if stopping:
@@ -673,6 +681,13 @@ def train(cfg: Config) -> list[dict]:
                    base_fingerprint=model_loading.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
                    config=dataclasses.asdict(cfg))
         resume_from, resumed = find_resume(cfg, out_dir, run, config)
+        # The last step's checkpoint, and the final adapter whole (write_final puts adapter_config.json in last): a run
+        # with nothing left to do, whose files a resume must leave as they are
+        if resumed and resumed.step == total_steps and (out_dir / "adapter_config.json").is_file():
+            print0(f"{out_dir} holds a finished run: {resume_from.name} is its last step, {total_steps}, and its "
+                   "adapter is saved; nothing to do (to train longer, start a new run in another --output_dir: another "
+                   "--max_steps or --epochs is refused on resume)")
+            return []
         report = reporting.open_reporters(  # a backend that cannot start fails here, before the model loads
             reporting.parse(cfg.report_to), out_dir, dataclasses.asdict(cfg), resumed.step if resumed else 0,
             resumed.reporting if resumed else {}, run_folder.last_metrics_step(out_dir / "metrics.jsonl"))

@@ -179,18 +179,16 @@ def test_full_disk_says_so_with_the_path(small_run, tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_full_disk_while_logging_a_step_saves_and_stops(small_run, tmp_path, monkeypatch):
-    """(17) metrics.jsonl's write fails at step 3 (no space left on device, half the line written): the run saves
-    checkpoint-3 and stops with one error naming the folder; the file holds steps 1-3 whole, and --resume auto
-    continues with each step once."""
-    out, real_open = tmp_path / "run", run_folder.open_metrics
+def metrics_disk_full_at(step: int):
+    """run_folder.open_metrics whose file takes 20 bytes of step `step`'s line, then fails as a full disk does."""
+    real_open = run_folder.open_metrics
 
-    def open_metrics(path, step):
-        file = real_open(path, step)
+    def open_metrics(path, resumed_step):
+        file = real_open(path, resumed_step)
         write = file.write
 
         def fill_up(line):
-            if json.loads(line)["step"] == 3:
+            if json.loads(line)["step"] == step:
                 write(line[:20])
                 file.flush()
                 raise OSError(errno.ENOSPC, "No space left on device")
@@ -199,8 +197,16 @@ def test_full_disk_while_logging_a_step_saves_and_stops(small_run, tmp_path, mon
         file.write = fill_up
         return file
 
+    return open_metrics
+
+
+def test_full_disk_while_logging_a_step_saves_and_stops(small_run, tmp_path, monkeypatch):
+    """(17) metrics.jsonl's write fails at step 3 (no space left on device, half the line written): the run saves
+    checkpoint-3 and stops with one error naming the folder; the file holds steps 1-3 whole, and --resume auto
+    continues with each step once."""
+    out = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(run_folder, "open_metrics", open_metrics)
+        m.setattr(run_folder, "open_metrics", metrics_disk_full_at(3))
         with pytest.raises(OSError, match=rf"^writing {out}/metrics.jsonl failed at step 3 \(no space left on device: "
                                           rf"[\d.]+ MiB free in {out}; free some space\); saved {out}/checkpoint-3: "
                                           "continue with --resume auto$") as failed:
@@ -209,6 +215,33 @@ def test_full_disk_while_logging_a_step_saves_and_stops(small_run, tmp_path, mon
     assert list_checkpoints(out) == [out / "checkpoint-3"] and [m["step"] for m in metrics(out)] == [1, 2, 3]
     assert [h["step"] for h in run_inprocess(small_run(out, 4, "--save_every", "4", "--resume", "auto"))] == [4]
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_full_disk_while_logging_with_no_checkpoint_says_what_failed_first(small_run, tmp_path, monkeypatch):
+    """(5) With --save_every 0, metrics.jsonl's write fails at step 3 and the checkpoint saved then fails too: one
+    error names metrics.jsonl at step 3 first, then the checkpoint that could not be saved either, and that no
+    checkpoint exists; with an earlier checkpoint, it names that one."""
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "checkpoint-3" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    full = r"\(no space left on device: [\d.]+ MiB free in {out}; free some space\)"
+    for flags, left in [(("--save_every", "0"), "no earlier checkpoint exists"),
+                        (("--save_every", "2"), r"the earlier checkpoints are intact \(newest: checkpoint-2\)")]:
+        out = tmp_path / f"run{flags[1]}"
+        with monkeypatch.context() as m:
+            m.setattr(run_folder, "open_metrics", metrics_disk_full_at(3))
+            m.setattr(torch, "save", save)
+            with pytest.raises(OSError, match=rf"^writing {out}/metrics.jsonl failed at step 3 {full.format(out=out)}; "
+                                              rf"the checkpoint could not be saved either: saving {out}/checkpoint-3 "
+                                              rf"failed {full.format(out=out)}; {left}$") as failed:
+                run_inprocess(small_run(out, 4, *flags))
+        assert failed.value.__context__ is None or failed.value.__suppress_context__
+        assert [p.name for p in list_checkpoints(out)] == (["checkpoint-2"] if flags[1] == "2" else [])
+        assert not list(out.glob("*.tmp-*")) and [m["step"] for m in metrics(out)] == [1, 2]
 
 
 def test_resumed_run_has_each_sample_once(small_run, tmp_path):
@@ -606,7 +639,7 @@ def test_targets_are_compared_by_the_linears_they_select(small_run, saved_run, t
     """A run saved with other targets resumes when they select the same linears, as Llama's by name and the default
     "all-linear" do (runs from before that default); where they select others (Phi-3 fuses q/k/v and gate/up) the
     refusal says to pass the checkpoint's value."""
-    shutil.copytree(saved_run, tmp_path / "run")  # resuming a finished run writes its final adapter again
+    shutil.copytree(saved_run, tmp_path / "run")  # the shared run stays as it was, whatever happens here
     resumed = run_inprocess(small_run(tmp_path / "run", 2, "--resume", "auto", "--lora_targets", LLAMA_LINEARS))
     assert resumed == []  # it was finished: nothing left to train
     path = list_checkpoints(saved_run)[-1]
@@ -676,3 +709,35 @@ def test_output_dir_inside_the_dataset_folder_is_refused(checkpoints, small_run,
             refused_before_loading(monkeypatch, tmp_path, checkpoints("llama"), tokenizes=False,
                                    args=("--dataset", str(folder), "--output_dir", str(out)))
     assert sorted(p.name for p in folder.iterdir()) == ["d.jsonl"]
+
+
+def test_resume_names_the_run_folder_itself_as_such(small_run, saved_run, monkeypatch):
+    """(6) --resume OUTPUT_DIR (the run folder, not a checkpoint of it) is refused before the data is tokenized,
+    saying it is the run folder and naming --resume auto and its newest checkpoint."""
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("tokenized the data before refusing"))
+    with pytest.raises(ResumeError) as refusal:
+        run_inprocess(small_run(saved_run, 2, "--resume", str(saved_run)))
+    assert str(refusal.value) == (f"--resume {saved_run} is the run folder itself (--output_dir), not a checkpoint: "
+                                  f"pass --resume auto to continue from its newest checkpoint, "
+                                  f"{saved_run / 'checkpoint-2'}, or --resume one of its checkpoint-N")
+
+
+def test_resume_auto_of_a_finished_run_changes_nothing(small_run, tmp_path, capsys):
+    """(11) --resume auto on a run that reached its last step says so and leaves every file in the folder
+    byte-identical (the lock file aside: it names its holder), samples and final adapter included."""
+    out, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    prompts.write_text("red\n")
+    args = small_run(out, 2, "--save_every", "2", "--sample_prompts", str(prompts), "--sample_tokens", "2")
+
+    def files():
+        return {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    run_inprocess(args)
+    before = files()
+    capsys.readouterr()
+    assert run_inprocess([*args, "--resume", "auto"]) == []
+    assert files() == before
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{out} holds a finished run: checkpoint-2 is its last step, 2, and its adapter is saved; nothing to do (to "
+        "train longer, start a new run in another --output_dir: another --max_steps or --epochs is refused on resume)")

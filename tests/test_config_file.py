@@ -151,3 +151,14 @@ def test_yaml_1_1_readings_are_strings(tmp_path, text, message):
     with pytest.raises(ValueError) as e:
         train.parse_config(["--config", str(file)])
     assert str(e.value) == f"--config {file}: {message}"
+
+
+@pytest.mark.parametrize("text", ["", "# lr: 2.0e-4\n\n# (only comments)\n", "{}\n"])
+def test_config_file_without_settings_is_refused(tmp_path, text):
+    """An empty --config file, one of comments only, or an empty mapping is refused, never run on the defaults."""
+    file = tmp_path / "run.yaml"
+    file.write_text(text)
+    with pytest.raises(ValueError) as e:
+        train.parse_config(["--config", str(file)])
+    assert str(e.value) == (f"--config {file} holds no settings: write the flags to set in it, one per line (e.g. "
+                            "'lr: 2.0e-4'), or leave --config out")

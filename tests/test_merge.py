@@ -1,6 +1,7 @@
 """Merging: the merged checkpoint is the model as trained (or PEFT's merge), written in bounded memory."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -355,3 +356,93 @@ def test_the_prompt_format_travels(checkpoints, own_template, tmp_path, capsys, 
     assert capsys.readouterr().out.count(f"### prompt\n{tokenizer.decode(prompt)}\n### completion") == 2
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [samples[-1]["step"], samples[-1]["completion"]] == [2, completions[0][0]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A merge that cannot be right writes nothing
+
+
+def test_nan_in_a_4bit_base_is_refused_naming_the_weight_and_nothing_is_written(checkpoints, tmp_path):
+    """A quantize.py base whose nested_absmax is NaN is refused, with or without --verify, naming the weight that
+    dequantizes to NaN and its file; --out is never created."""
+    import quantize
+    from conftest import editable_copy
+
+    base = checkpoints("llama")
+    adapter = make_adapter(base, tmp_path / "run")
+    quantize.quantize_checkpoint(str(base), tmp_path / "q", progress=False)
+    qnan, edit = editable_copy(tmp_path / "q", tmp_path / "Qnan")
+    name = "model.layers.0.mlp.down_proj.weight"
+    edit(f"{name}.nested_absmax", lambda tensor: torch.full_like(tensor, float("nan")))
+    shard = index_checkpoint(qnan)[name].file
+    for verify in (True, False):
+        with pytest.raises(merge.MergeError) as refusal:
+            merge.merge(str(qnan), adapter, tmp_path / "mgnan", verify=verify, progress=False)
+        assert str(refusal.value) == (f"{name} in {shard} dequantizes to NaN or inf: the base is damaged; download or "
+                                      "quantize it again")
+        assert not (tmp_path / "mgnan").exists() and not list(tmp_path.glob(".mgnan.tmp-*"))
+
+
+@pytest.mark.parametrize("norm, dtype, message", [
+    (6e4, "fp16", "the merged model's logits are not finite (NaN or inf) on the check's 32 tokens, where the model as "
+                  "trained gives finite ones: its weights are finite, so its activations overflow --dtype fp16; merge "
+                  "with --dtype bf16, the range of the model as trained"),
+    (3e38, "bf16", "the model as trained (base + adapter): the logits are not finite (NaN or inf): the first module "
+                   "whose output is not finite is model.norm. A weight is damaged, in --model's checkpoint or in the "
+                   "adapter: download or write it again"),
+], ids=["merged fp16", "as trained bf16"])
+def test_logits_that_are_not_finite_are_a_failure_not_a_figure(checkpoints, tmp_path, norm, dtype, message):
+    """Finite weights whose logits are not finite: a final norm of 6 * 10^4 overflows the merged model in fp16 (not
+    the model as trained), one of 3 * 10^38 overflows bf16 in the model as trained. The check refuses, naming the
+    cause, never reporting a NaN difference; --out is never created."""
+    from conftest import editable_copy
+
+    base, edit = editable_copy(checkpoints("llama"), tmp_path / "loud")
+    edit("model.norm.weight", lambda tensor: torch.full_like(tensor, norm))
+    adapter = make_adapter(base, tmp_path / "run")
+    with pytest.raises(merge.MergeError) as refusal:
+        merge.merge(str(base), adapter, tmp_path / "out", dtype=dtype, progress=False)
+    assert str(refusal.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_writer_into_the_same_out_is_refused(merged, tmp_path, monkeypatch):
+    """Two merges into one new --out: the one that starts while the other writes is refused at once, and one whose
+    check passed before the other finished is refused at its start; --out holds the first merge, unchanged."""
+    from safetensors.torch import save_file
+
+    base, adapter, _, _ = merged("llama", "bf16")
+    other = tmp_path / "other"
+    shutil.copytree(adapter, other)
+    factors = load_file(other / "adapter_model.safetensors")  # another adapter: B doubled
+    save_file({k: v * 2 if ".lora_B." in k else v for k, v in factors.items()}, other / "adapter_model.safetensors",
+              metadata={"format": "pt", lora.BASE_FINGERPRINT: lora.trained_fingerprint(adapter)})
+    race = tmp_path / "race"
+    real_write = merge.write_weights
+
+    def second_merge_while_writing(*args, **kwargs):  # merge.py in another process, into the same --out
+        proc = subprocess.run([sys.executable, str(ROOT / "merge.py"), "--model", str(base), "--adapter", str(other),
+                               "--out", str(race), "--no-verify"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "saved to" not in proc.stdout
+        assert (f"--out {race} is being written by another merge.py or quantize.py: wait for it to end, or choose "
+                "another --out") in proc.stderr, proc.stderr[-3000:]
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(merge, "write_weights", second_merge_while_writing)
+    merge.merge(str(base), adapter, race, verify=False, progress=False)
+    first = merged_state(race)
+    real_read = merge.read_base
+
+    def finished_meanwhile(*args, **kwargs):  # this merge's check of --out passed; another finishes before it writes
+        monkeypatch.setattr(merge, "read_base", real_read)
+        merge.merge(str(base), adapter, race, verify=False, progress=False)
+        return real_read(*args, **kwargs)
+
+    shutil.rmtree(race)
+    monkeypatch.setattr(merge, "read_base", finished_meanwhile)
+    with pytest.raises(merge.MergeError) as refusal:
+        merge.merge(str(base), other, race, verify=False, progress=False)
+    assert str(refusal.value) == (f"--out {race} was written by another merge.py or quantize.py after this one "
+                                  "checked it: choose another --out, or run again (with --overwrite to replace it)")
+    assert merged_state(race).keys() == first.keys()
+    assert all(torch.equal(merged_state(race)[k], v) for k, v in first.items())
