@@ -91,3 +91,38 @@ def test_lora_on_real_text_lowers_the_loss_on_held_out_problems(real_model, ours
     # A real model: chance is ln(49152) = 10.8. On the CPU 1.610 here (train.evaluate at LoRA's init: 1.608), then 1.390
     assert 1.5 < before < 1.7
     assert after < 0.9 * before, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Its chat format: training rows
+
+
+def rows_of(records: list[dict], dataset, tokenizer, **settings) -> list[dict]:
+    """The training rows train.py tokenizes from `records`, written to the .jsonl file `dataset`, with the data
+    settings `settings`."""
+    dataset.write_text("".join(json.dumps(record) + "\n" for record in records))
+    rows, _ = data.prepare(data.DataConfig(dataset=str(dataset), **settings), tokenizer, log=lambda *_: None)
+    return list(rows)
+
+
+def test_no_row_holds_a_bos_the_template_did_not_write(real_model, tmp_path):
+    """SmolLM2's BOS is ChatML's turn opener, <|im_start|>: a chat row holds it only where the template opens a turn,
+    and an alpaca-format row and a text row begin with their own text, as the model's tokenizer encodes them."""
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    assert tokenizer.bos_token == "<|im_start|>" and tokenizer("Hi").input_ids == tokenizer.encode("Hi") == [26843]
+
+    def ids(kind: str, record: dict, **settings) -> list[int]:  # a fresh tokenizer, as each run loads its own
+        [row] = rows_of([record], tmp_path / f"{kind}.jsonl", AutoTokenizer.from_pretrained(real_model), seq_len=96,
+                        **settings)
+        return row["input_ids"]
+
+    messages = [{"role": "user", "content": "Name the capital of Peru."}, {"role": "assistant", "content": "Lima"}]
+    chat = ids("chat", {"messages": messages})
+    assert chat == tokenizer.apply_chat_template(messages).input_ids
+    assert chat.count(tokenizer.bos_token_id) == 3  # system, user, assistant
+    alpaca = ids("alpaca", {"instruction": "Name the capital.", "input": "Peru", "output": "Lima"},
+                 prompt_format="alpaca")
+    assert tokenizer.decode(alpaca) == ("### Instruction:\nName the capital.\n\n### Input:\nPeru\n\n### Response:\n"
+                                        "Lima<|im_end|>")
+    text = "The capital of Peru is Lima."
+    assert ids("text", {"text": text}) == tokenizer.encode(text) + [tokenizer.eos_token_id]
