@@ -536,9 +536,11 @@ def tokenize_batch(batch: dict, indices: list[int], tokenizer, seq_len: int, fmt
 def prepare(cfg: DataConfig, tokenizer, local_rank: int = 0, log=print):
     """(train, eval or None) tokenized datasets for `cfg`. Rank 0 of each node tokenizes and fills the datasets
     cache; the other ranks wait for it (FirstOnNode), then read that cache instead of repeating the work. The
-    tokenizer is left with its pad token and the chat template that rendered the training rows."""
+    tokenizer is left with its pad token, the chat template that rendered the training rows, and no BOS where its BOS
+    opens the template's turns (drop_turn_opener_bos)."""
     ensure_pad_token(tokenizer)
     cfg = dataclasses.replace(cfg, prompt_format=resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.chat_template))
+    drop_turn_opener_bos(tokenizer)
     distributed = dist.is_available() and dist.is_initialized()
     eval_file = bool(cfg.eval_split) and Path(cfg.eval_split).expanduser().exists()
     if cfg.eval_split and not eval_file and (cfg.dataset == BUILTIN_DATASET or Path(cfg.dataset).expanduser().exists()):
@@ -674,6 +676,17 @@ def ensure_pad_token(tokenizer) -> None:
     """Many base models ship no pad token; padding is masked out of attention and loss, so EOS can serve."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+
+def drop_turn_opener_bos(tokenizer) -> None:
+    """No BOS where the tokenizer's is the token its chat template opens every turn with (SmolLM2 names ChatML's
+    <|im_start|> its BOS, and encodes no text with it): before an alpaca-format or a text row it would open a turn
+    with no role. The run folders save the tokenizer without it, so generate.py renders their prompts alike."""
+    if tokenizer.bos_token is None or not tokenizer.chat_template:
+        return
+    turns = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    if tokenizer.apply_chat_template(turns, tokenize=False).count(tokenizer.bos_token) >= len(turns):
+        tokenizer.bos_token = None
 
 
 def fingerprint(ds) -> str:
