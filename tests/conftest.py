@@ -1,6 +1,7 @@
 """Shared fixtures and helpers of the tests: tiny random checkpoints of real architectures (written once per test
 session, as save_pretrained writes them), a real small instruct model and real text, runs of train.py, adapters, and
 transformers' reference model."""
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -329,6 +330,19 @@ def refused_before_loading(monkeypatch, tmp_path, model_dir, *, tokenizes: bool,
     if not tokenizes:
         monkeypatch.setattr(data, "prepare", lambda *a, **k: pytest.fail("tokenized the data before refusing"))
     run_inprocess(["--model", str(model_dir), "--output_dir", str(tmp_path / "out"), *args])
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str):
+    """A tmpfs of `size` (e.g. "64k") mounted at `folder` for the with-block: a real full disk. Skips without root."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
 
 
 def editable_copy(src: Path, dst: Path):

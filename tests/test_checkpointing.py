@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (DEVICE, LLAMA_LINEARS, ROOT, losses, refused_before_loading, run_inprocess, run_torchrun,
-                      tiny_config)
+                      small_disk, tiny_config)
 from safetensors.torch import load_file
 
 import checkpointing
@@ -95,6 +95,16 @@ def wait_until(condition, launcher: subprocess.Popen, timeout: float = 120) -> N
         time.sleep(0.05)
 
 
+def killed_after_a_checkpoint(args: list[str], out: Path, log: Path, timeout: float = 120) -> int:
+    """Launch `args` on 2 ranks, SIGKILL both once `out` holds a checkpoint; the step of the newest one."""
+    proc = launch(args, log)
+    wait_until(lambda: list_checkpoints(out), proc, timeout)
+    for pid in worker_pids(proc).values():
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0
+    return read_state(list_checkpoints(out)[-1]).step
+
+
 def metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
@@ -109,14 +119,9 @@ def test_sigkill_then_resume_auto_continues_bit_for_bit(small_run, tmp_path):
     """Both ranks SIGKILLed mid-run, then relaunched with --resume auto: steps k+1..n have the uninterrupted run's
     losses, grad norms and final adapter exactly (same data order, dropout RNG, AdamW moments and LR schedule)."""
     ref = run_torchrun(small_run(tmp_path / "ref", 10), nproc=2)
-    out, log = tmp_path / "killed", tmp_path / "killed.log"
+    out = tmp_path / "killed"
     args = small_run(out, 10, "--save_every", "2", "--resume", "auto")  # the same command for launch and relaunch
-    proc = launch(args, log)
-    wait_until(lambda: list_checkpoints(out), proc)
-    for pid in worker_pids(proc).values():
-        os.kill(pid, signal.SIGKILL)
-    assert proc.wait(timeout=60) != 0
-    k = read_state(list_checkpoints(out)[-1]).step
+    k = killed_after_a_checkpoint(args, out, tmp_path / "killed.log")
     assert 0 < k < 10
 
     resumed = run_torchrun(args, nproc=2)
@@ -166,17 +171,11 @@ def test_failed_save_keeps_previous_checkpoint(small_run, tmp_path, monkeypatch)
 def test_full_disk_says_so_with_the_path(small_run, tmp_path):
     """A real full disk (a 96 KiB tmpfs) in a checkpoint save: "no space left on device" with the folder, not torch's
     "unexpected pos", and no half-written checkpoint left."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    with small_disk(tmp_path / "disk", "96k") as disk:
         with pytest.raises(OSError, match=rf"saving {disk}/run/checkpoint-2 failed \(no space left on device: "
                                           rf"[\d.]+ MiB free in {disk}/run"):
             run_inprocess(small_run(disk / "run", 2, "--save_every", "2"))
         assert list_checkpoints(disk / "run") == [] and not list((disk / "run").glob("*tmp*"))
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def metrics_disk_full_at(step: int):

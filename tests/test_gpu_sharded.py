@@ -1,7 +1,6 @@
 """The sharded CUDA path on one GPU: 2 ranks share GPU 0 through gloo (RANKS_SHARE_GPU=1), each checked against 1
 rank. Real numerics, NCCL aside; slow, so a few steps each. Skipped without CUDA."""
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -63,8 +62,7 @@ def test_moe_with_lora_on_its_experts_on_two_ranks(checkpoints, tmp_path):
 def test_sigkill_then_resume_auto_on_two_ranks_sharing_a_gpu(checkpoints, tmp_path, monkeypatch):
     """Both ranks SIGKILLed mid-run, then relaunched with --resume auto: the later steps' losses and grad norms are
     the uninterrupted run's."""
-    from checkpointing import list_checkpoints, read_state
-    from test_checkpointing import launch, wait_until, worker_pids
+    from test_checkpointing import killed_after_a_checkpoint
 
     monkeypatch.setenv("RANKS_SHARE_GPU", "1")  # for every launch below
     args = common(checkpoints("llama"), tmp_path / "ref", steps=8) + ["--batch_size", "2", "--no-compile"]
@@ -72,12 +70,7 @@ def test_sigkill_then_resume_auto_on_two_ranks_sharing_a_gpu(checkpoints, tmp_pa
     out = tmp_path / "killed"
     args[args.index("--output_dir") + 1] = str(out)
     args += ["--save_every", "2", "--resume", "auto"]  # the same command for launch and relaunch
-    proc = launch(args, tmp_path / "killed.log")
-    wait_until(lambda: list_checkpoints(out), proc, timeout=300)
-    for pid in worker_pids(proc).values():
-        os.kill(pid, signal.SIGKILL)
-    assert proc.wait(timeout=60) != 0
-    k = read_state(list_checkpoints(out)[-1]).step
+    k = killed_after_a_checkpoint(args, out, tmp_path / "killed.log", timeout=300)
     assert 0 < k < 8
     resumed = run_torchrun(args, nproc=2)
     assert [h["step"] for h in resumed] == list(range(1, 9))

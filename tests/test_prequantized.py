@@ -3,12 +3,11 @@ quantize.py writes that format, and training, merging and sampling work from suc
 import fcntl
 import json
 import os
-import subprocess
 
 import pytest
 import torch
 from conftest import (DEVICE, TOKENS, common, editable_copy, hf_greedy, make_adapter, reference_model,
-                      refused_before_loading, run_inprocess)
+                      refused_before_loading, run_inprocess, small_disk)
 from safetensors.torch import load_file, save_file
 
 import generate
@@ -221,17 +220,11 @@ def test_leftovers_of_killed_writers_are_removed_by_the_next(checkpoints, tmp_pa
 def test_quantize_on_a_full_disk_says_so(checkpoints, tmp_path):
     """(21) quantize.py onto a full disk (a 64 KiB tmpfs): "no space left on device" with the folder, not safetensors'
     raw SafetensorError, and nothing left on the disk."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    with small_disk(tmp_path / "disk", "64k") as disk:
         with pytest.raises(OSError, match=rf"^writing {disk}/q failed \(no space left on device: [\d.]+ MiB free in "
                                           rf"{disk}; free some space\)$"):
             quantize.quantize_checkpoint(str(checkpoints("llama")), disk / "q", progress=False)
         assert list(disk.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
