@@ -133,7 +133,7 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     try:
         build(tmp)
         if not _is_complete(tmp):
-            raise model_loading.CheckpointError(f"building {target.name} in {tmp} left an incomplete folder")
+            raise model_loading.ModelFolderError(f"building {target.name} in {tmp} left an incomplete folder")
         for file in tmp.iterdir():  # on disk before the name appears: a power cut leaves no empty shards behind it
             with file.open("rb") as f:
                 os.fsync(f.fileno())
@@ -156,7 +156,7 @@ def _is_complete(folder: Path) -> bool:
         return False
     try:
         AutoConfig.from_pretrained(folder)  # no model_type: ValueError
-        model_loading.index_checkpoint(folder)  # no index, a missing or truncated shard: CheckpointError (a ValueError)
+        model_loading.index_weights(folder)  # no index, a missing or truncated shard: ModelFolderError (a ValueError)
         AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError):
         return False

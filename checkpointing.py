@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import fsdp_wrap
 import lora
-import model_loading
+import out_folder
 import run_folder
 from run_folder import COMPLETE, TRAIN_CONFIG
 
@@ -243,7 +243,7 @@ def prepare_output_dir(out_dir: Path, resume: str, overwrite: bool) -> None:
         # (check_output_dir refused --overwrite with a resume of this folder's own run)
         # The tokenizer's files too: a chat_template.jinja the new run does not write would be read with its tokenizer
         replaced = existing + [out_dir / f for f in (*FINAL_FILES, "tensorboard")] + [
-            f for pattern in model_loading.BESIDE_WEIGHTS for f in out_dir.glob(pattern)] if overwrite else []
+            f for pattern in out_folder.BESIDE_WEIGHTS for f in out_dir.glob(pattern)] if overwrite else []
         for path in leftovers + replaced:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     dist.barrier()  # nobody looks at the folder before it is clean
@@ -301,7 +301,7 @@ def _on_rank0(write: Callable[[], None], path: Path, intact: str) -> None:
         try:
             write()
         except Exception as e:  # OSError, or torch.save's RuntimeError on a full disk: every rank must hear of it
-            error[0] = f"saving {path} failed ({model_loading.disk_full(e, path) or e}); {intact}"
+            error[0] = f"saving {path} failed ({out_folder.disk_full(e, path) or e}); {intact}"
     dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise OSError(error[0])

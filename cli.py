@@ -5,10 +5,10 @@ libraries load, and a refusal said in one line.
     error: --lr must be positive, got -1.0        # once, exit status 2, and in torchrun's failure summary
 
 A refusal is a `Refusal`, the base of the project's error classes (data.DataError, run_folder.FolderError and
-checkpointing.ResumeError, model_loading.CheckpointError, lora.AdapterError, merge.MergeError, quantize.QuantizeError),
-or any ValueError raised while the flags are read (argparse's, a --config file's, train.validate's): the input was
-refused, the message says what to change, and a traceback would only bury it. Any other exception is a bug, and keeps
-its traceback.
+checkpointing.ResumeError, model_loading.ModelFolderError, lora.AdapterError, merge.MergeError,
+quantize.QuantizeError), or any ValueError raised while the flags are read (argparse's, a --config file's,
+train.validate's): the input was refused, the message says what to change, and a traceback would only bury it. Any
+other exception is a bug, and keeps its traceback.
 
 Under torchrun each rank that refuses writes its line into its error file, through torch's own `record`, and torchrun
 prints that file in its failure summary, where a bug's traceback goes too. On the screen the line is said once per

@@ -15,6 +15,7 @@ from torch.nn.utils import skip_init
 
 import cli
 import model_loading
+import out_folder
 import quantization
 from settings import ALL_LINEAR, EXPERTS
 
@@ -505,7 +506,7 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
     tensors = {names[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     base = {BASE_FINGERPRINT: base_fingerprint} if base_fingerprint else {}
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt", **base})
-    model_loading.readable(out_dir / "adapter_model.safetensors")
+    out_folder.readable(out_dir / "adapter_model.safetensors")
     linears = [k for k in state if ".lora_experts." not in k]
     targets = kinds(k.split(".lora_")[0] for k in linears)  # the layers adapted, never "all-linear": PEFT, vLLM read it
     config = {

@@ -83,6 +83,7 @@ import conversions  # noqa: E402
 import fused  # noqa: E402
 import lora  # noqa: E402
 import model_loading  # noqa: E402
+import out_folder  # noqa: E402
 import quantization  # noqa: E402
 import run_folder  # noqa: E402
 from model_loading import SAFETENSORS_DTYPES, TensorEntry  # noqa: E402
@@ -111,7 +112,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     quant = run_folder.trained_quant(adapter_dir)
     if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
         raise MergeError(f"--out {out_dir} is the base model or adapter folder; write the merge somewhere else")
-    checked = model_loading.check_out_folder(out_dir, overwrite, MergeError)
+    checked = out_folder.check_out_folder(out_dir, overwrite, MergeError)
 
     # Everything is checked from the headers before a byte is written: base against its config, adapter against base.
     base = read_base(base_dir, semantics)
@@ -121,7 +122,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     round_trip = quant if semantics == "dequantized" and quant != "none" and not base.stats else None
 
     # Written into a hidden sibling, renamed into place at the end: an interrupted merge never looks complete.
-    with model_loading.written_whole(out_dir, checked, MergeError) as tmp:
+    with out_folder.written_whole(out_dir, checked, MergeError) as tmp:
         t0 = time.perf_counter()
         n_shards, n_bytes = write_weights(base, updates, adapter_dir, lora.adapter_scaling(adapter_config), tmp,
                                           DTYPES[dtype], round_trip, shard_size_mb * 2**20, device, progress)
@@ -151,8 +152,8 @@ def copy_tokenizer(base_dir: Path, adapter_dir: Path, out_dir: Path) -> list[str
     the chat template training rendered with (the base's may be another, or none), and the base's generation config;
     the base's tokenizer for an adapter whose folder holds none. Returns the names copied."""
     if not (adapter_dir / "tokenizer_config.json").is_file():
-        return model_loading.copy_beside(base_dir, out_dir)
-    copied = model_loading.copy_beside(adapter_dir, out_dir)
+        return out_folder.copy_beside(base_dir, out_dir)
+    copied = out_folder.copy_beside(adapter_dir, out_dir)
     for name, folder in [("generation_config.json", base_dir), (run_folder.TRAIN_CONFIG, adapter_dir)]:
         if (folder / name).is_file():
             copied.append(Path(shutil.copy(folder / name, out_dir)).name)
@@ -164,25 +165,24 @@ class Base:
     """The base model as the merge reads it, known from its config and safetensors headers alone."""
     config: PretrainedConfig
     entries: dict[str, TensorEntry]  # its tensors as the merged checkpoint holds them (dense_entries), in file order
-    stats: dict[str, dict[str, TensorEntry]]  # each 4-bit weight's quant_state entries (none in a 16-bit base)
+    stats: dict[str, dict[str, TensorEntry]]  # each 4-bit weight's quant_state entries by name (none in a 16-bit base)
     skeleton: torch.nn.Module  # the 16-bit model on meta: the names and shapes of the model's tensors
     sources: dict[str, list[str]]  # model tensor -> the base's tensors it is read from (itself, or one per expert)
 
 
 def read_base(base_dir: Path, semantics: str) -> Base:
-    """The base, checked against its config from the headers (model_loading.check_checkpoint)."""
+    """The base, checked against its config from the headers (model_loading.check_weights)."""
     config = model_loading.read_config(base_dir)
-    entries = model_loading.index_checkpoint(base_dir)
-    packed = model_loading.packed_weights(entries, model_loading.checkpoint_quant(config))
+    entries = model_loading.index_weights(base_dir)
+    packed = model_loading.packed_weights(entries, model_loading.weights_quant(config))
     skeleton = model_loading.build_skeleton(config, "none")
-    sources = model_loading.checkpoint_sources(entries, skeleton)
-    model_loading.check_checkpoint(entries, skeleton, packed, sources)
+    sources = model_loading.weights_sources(entries, skeleton)
+    model_loading.check_weights(entries, skeleton, packed, sources)
     if packed and semantics == "bf16":
         raise MergeError(f"--semantics bf16 adds the update to the 16-bit base weights, and {base_dir} is "
                          "pre-quantized to 4 bits: they are not in it. Leave --semantics at dequantized, or pass the "
                          "16-bit original as --model")
-    stats = {weight: {part.removeprefix(f"{weight}."): entries[part] for part in parts[1:]}
-             for weight, parts in packed.items()}
+    stats = {weight: {part: entries[part] for part in parts[1:]} for weight, parts in packed.items()}
     return Base(config, dense_entries(entries, stats, skeleton), stats, skeleton,
                 {name: list(names) for name, names in sources.items()})
 
@@ -283,7 +283,7 @@ def dense_entries(entries: dict[str, TensorEntry], stats: dict[str, dict[str, Te
     """The base's tensors as a 16-bit checkpoint holds them: a pre-quantized weight (`stats`: its quant_state
     entries) as its bf16 tensor ((out, in), or an experts tensor's (experts, out, in) that quantize.py
     --quantize_experts stores fused), its quant_state entries dropped; the rest as they are."""
-    quant_state = {f"{weight}.{key}" for weight, entries_of in stats.items() for key in entries_of}
+    quant_state = {name for entries_of in stats.values() for name in entries_of}
     dense = {}
     for name, entry in entries.items():
         if name in stats:  # the 16-bit skeleton's own tensor of that name gives the shape
@@ -315,8 +315,8 @@ def read_tensor(base: Base, name: str, device: torch.device) -> torch.Tensor:
     entry = base.entries[name]
     tensor = read(name, entry)
     if name in base.stats:
-        parts = {key: read(f"{name}.{key}", part).to(device) for key, part in base.stats[name].items()}
-        weight = model_loading.unpack_4bit(name, tensor.to(device), parts, entry.shape, entry.file)
+        stored = {name: tensor.to(device)} | {part: read(part, e).to(device) for part, e in base.stats[name].items()}
+        weight = model_loading.unpack_4bit(name, stored, entry.shape, entry.file)
         tensor = quantization.dequantize(weight)
     return tensor
 

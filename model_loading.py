@@ -1,38 +1,33 @@
-"""Load a causal LM from safetensors straight into 4-bit bitsandbytes layers, one tensor at a time.
+"""A model folder -> a 4-bit model on a device: a causal LM loaded from safetensors straight into 4-bit bitsandbytes
+layers, one tensor at a time.
 
 The path, top to bottom:
   resolve_model_dir   a local folder, or a Hub repo id downloaded into the huggingface_hub cache
   read_config         its config.json, refused unless transformers can build it as a causal LM from weights we can
                       read: 16-bit, or pre-quantized by bitsandbytes to 4 bits (resolve_quant: which --quant applies)
   load_tokenizer      the tokenizer saved beside it, or an error that names the folder
-  index_checkpoint    which file holds which tensor, validated against the model before any data is read
+  index_weights       which file holds which tensor, validated against the model before any data is read
   build_skeleton      the transformers model on the meta device (no memory), its decoder-layer linears swapped
-                      for Linear4bit shells and MoE experts for Packed4bit ones (in a pre-quantized checkpoint:
-                      those it stores in 4 bits)
+                      for Linear4bit shells and MoE experts for Packed4bit ones (in a pre-quantized model
+                      folder: those it stores in 4 bits)
   check_host_memory   with --cpu_offload: the loaded model's size in host memory, from the headers, against what
                       the machine has
   load_model          streams every tensor with safe_open, quantizes it on the rank's device, puts it in place;
-                      threads copy the next tensors to the GPU meanwhile. A pre-quantized weight arrives with its
-                      quant_state entries and goes in as its packed bytes are (dequantized only where the model
-                      keeps a linear in bf16: lm_head, or all of them with --quant none)
+                      threads copy the next tensors to the GPU meanwhile (shard_reader). A pre-quantized weight
+                      arrives with its quant_state entries and goes in as its packed bytes are (dequantized only
+                      where the model keeps a linear in bf16: lm_head, or all of them with --quant none)
 
 Every rank runs this and builds the identical model: FSDP is later told not to broadcast (sync_module_states=False),
 and quantization is deterministic, so the same files give the same packed bytes on every rank.
+
+What bitsandbytes' stored format means (quant_state entries, packed sizes) is quantization.py's to say; here the
+"weights" are a model folder's safetensors shards (not a training run's checkpoint-N).
 """
-import errno
-import fcntl
-import glob
 import hashlib
 import json
 import math
 import os
-import queue
 import re
-import shutil
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,20 +42,19 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import cli
 import conversions
 import quantization
+import shard_reader
 
 # A tokenizer's vocabulary is in one of these (tokenizer_config.json alone holds none): the fast tokenizers' file,
 # sentencepiece models, BPE's vocab.json (with merges.txt), WordPiece's vocab.txt, tiktoken and Mistral's tekken.
 TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken", "tekken.json")
-# Everything a tokenizer (and generation defaults) may need, copied as is by the tools that write a model folder
-BESIDE_WEIGHTS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-                  "*.tiktoken", "chat_template*", "generation_config.json")
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
 
 
-class CheckpointError(cli.Refusal):
-    """A model folder or checkpoint that cannot be loaded; the message says what is wrong and how to fix it."""
+class ModelFolderError(cli.Refusal):
+    """A model folder that cannot be loaded (its config, tokenizer or weights); the message says what is wrong and how
+    to fix it."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -72,16 +66,16 @@ def resolve_model_dir(model: str) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} has no config.json: point --model at a Hugging Face model folder")
+            raise ModelFolderError(f"{path} has no config.json: point --model at a Hugging Face model folder")
         return path
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
-        raise CheckpointError(f"--model {model!r}: no such folder, and not a Hub repo id of the form 'org/name'")
+        raise ModelFolderError(f"--model {model!r}: no such folder, and not a Hub repo id of the form 'org/name'")
     return _download(model)
 
 
 def _download(repo_id: str) -> Path:
-    # snapshot_download honours HF_HOME (cache location), HF_TOKEN (gated models) and HF_HUB_OFFLINE. Each rank calls it;
-    # huggingface_hub's file locks make concurrent downloads into one cache safe, so no rank waits at a barrier for it.
+    # snapshot_download honours HF_HOME (cache location), HF_TOKEN (gated models) and HF_HUB_OFFLINE. Each rank calls
+    # it; huggingface_hub's file locks make concurrent downloads into one cache safe, so no rank waits at a barrier.
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -89,11 +83,11 @@ def _download(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError as e:
-        raise CheckpointError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from e
+        raise ModelFolderError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from e
     except RepositoryNotFoundError as e:
-        raise CheckpointError(f"{repo_id} is not on the Hub (or is private: set HF_TOKEN)") from e
+        raise ModelFolderError(f"{repo_id} is not on the Hub (or is private: set HF_TOKEN)") from e
     except LocalEntryNotFoundError as e:
-        raise CheckpointError(
+        raise ModelFolderError(
             f"cannot download {repo_id}: the Hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it where there is network "
             f"(`hf download {repo_id}`) or pass a local folder to --model."
@@ -106,66 +100,48 @@ def read_config(model_dir: Path) -> PretrainedConfig:
     try:
         model_type = json.loads(file.read_text()).get("model_type")
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"cannot read {file}: {e}; it must be the model's config.json") from e
+        raise ModelFolderError(f"cannot read {file}: {e}; it must be the model's config.json") from e
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, KeyError, OSError) as e:  # an unknown model_type; a field this version cannot parse
         reason = str(e).partition("\n")[0].rstrip(".")
-        raise CheckpointError(
+        raise ModelFolderError(
             f"cannot read {file} (model_type {model_type!r}) with transformers {transformers.__version__}: {reason}. "
             "Upgrade transformers if the model is newer than it, or check model_type in config.json"
         ) from e
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise CheckpointError(f"{file}: model_type {config.model_type!r} is not a causal LM transformers can build "
-                              "(AutoModelForCausalLM has no class for it): --model needs a decoder-only language model")
-    _check_quantization(file, getattr(config, "quantization_config", None))
+        raise ModelFolderError(f"{file}: model_type {config.model_type!r} is not a causal LM transformers can build "
+                               "(AutoModelForCausalLM has no class for it): --model needs a decoder-only language "
+                               "model")
+    try:
+        quantization.stored_quant(getattr(config, "quantization_config", None))
+    except ValueError as e:  # quantized in a way we cannot read: every method but bitsandbytes 4-bit
+        raise ModelFolderError(f"{file}: {e}. point --model at the 16-bit original; `python quantize.py` writes a "
+                               "bitsandbytes 4-bit copy of it that loads here") from e
     return config
 
 
-def _check_quantization(file: Path, qc) -> None:
-    """Refuse weights quantized in a way we cannot read: every method but bitsandbytes 4-bit (GPTQ, AWQ, 8-bit, ...)."""
-    if qc is None:
-        return
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
-    method = getattr(qc.get("quant_method"), "value", qc.get("quant_method"))  # an enum in a BitsAndBytesConfig
-    fix = ("point --model at the 16-bit original; `python quantize.py` writes a bitsandbytes 4-bit copy of it that "
-           "loads here")
-    if method != "bitsandbytes":
-        raise CheckpointError(f"{file}: the weights are quantized with {method} (quantization_config.quant_method), "
-                              "which this loader cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints. "
-                              + fix)
-    if qc.get("load_in_8bit") or not qc.get("load_in_4bit"):
-        raise CheckpointError(f"{file}: the weights are bitsandbytes 8-bit (quantization_config.load_in_8bit), which "
-                              f"this loader cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints. {fix}")
-    if qc.get("bnb_4bit_quant_type") not in ("nf4", "fp4"):
-        raise CheckpointError(f"{file}: quantization_config.bnb_4bit_quant_type is "
-                              f"{qc.get('bnb_4bit_quant_type')!r}; bitsandbytes writes 'nf4' or 'fp4'. {fix}")
-
-
-def checkpoint_quant(config: PretrainedConfig) -> str | None:
-    """The 4-bit type ("nf4" or "fp4") a pre-quantized checkpoint stores; None for a 16-bit one (read_config has
-    refused every other quantization). Which linears are 4-bit, their block size and double quantization are read
-    from the weights' own quant_state entries, as transformers does; bnb_4bit_compute_dtype is a runtime choice, not
-    a property of the bytes, and ours is bf16."""
-    qc = getattr(config, "quantization_config", None)
-    return None if qc is None else (qc if isinstance(qc, dict) else qc.to_dict())["bnb_4bit_quant_type"]
+def weights_quant(config: PretrainedConfig) -> str | None:
+    """The 4-bit type ("nf4" or "fp4") of pre-quantized weights (quantization.stored_quant); None for 16-bit ones
+    (read_config has refused every other quantization)."""
+    return quantization.stored_quant(getattr(config, "quantization_config", None))
 
 
 def resolve_quant(config: PretrainedConfig, quant: str, default: str = quantization.DEFAULT, log=None) -> str:
-    """--quant as it applies to this checkpoint. auto: a pre-quantized checkpoint's own 4-bit type (said through
-    `log`), else `default`. A pre-quantized checkpoint also takes its own type, or none (its weights dequantized to
-    bf16); another 4-bit type is refused: the 16-bit weights it would be quantized from are not in the checkpoint."""
+    """--quant as it applies to this model folder. auto: pre-quantized weights' own 4-bit type (said through `log`),
+    else `default`. Pre-quantized weights also take their own type, or none (dequantized to bf16); another 4-bit type
+    is refused: the 16-bit weights it would be quantized from are not in the folder."""
     choices = (quantization.AUTO, *quantization.QUANT_TYPES)
     if quant not in choices:
-        raise CheckpointError(f"--quant {quant!r}: choose one of {choices}")
-    stored = checkpoint_quant(config)
+        raise ModelFolderError(f"--quant {quant!r}: choose one of {choices}")
+    stored = weights_quant(config)
     if stored is None:
         return default if quant == quantization.AUTO else quant
     where = f"{Path(config.name_or_path) / 'config.json'} says the checkpoint is pre-quantized to {stored}"
     if quant not in (quantization.AUTO, stored, "none"):
-        raise CheckpointError(f"--quant {quant}, but {where}: the 16-bit weights that {quant} would be quantized "
-                              f"from are not in it. Leave --quant at {quantization.AUTO} (or pass {stored}) to use its "
-                              f"own {stored} weights, or point --model at the 16-bit original")
+        raise ModelFolderError(f"--quant {quant}, but {where}: the 16-bit weights that {quant} would be quantized "
+                               f"from are not in it. Leave --quant at {quantization.AUTO} (or pass {stored}) to use "
+                               f"its own {stored} weights, or point --model at the 16-bit original")
     if log and quant != stored:
         log(f"{where}: " + ("its packed 4-bit weights are used as they are" if quant == quantization.AUTO else
                             "--quant none dequantizes them to bf16 (the 4-bit rounding stays in the weights)"))
@@ -173,146 +149,15 @@ def resolve_quant(config: PretrainedConfig, quant: str, default: str = quantizat
 
 
 def load_tokenizer(model_dir: Path):
-    """The tokenizer saved beside the model, or a CheckpointError naming the folder and the fix."""
+    """The tokenizer saved beside the model, or a ModelFolderError naming the folder and the fix."""
     fix = f"copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into {model_dir}"
     if not any(next(model_dir.glob(pattern), None) for pattern in TOKENIZER_FILES):
-        raise CheckpointError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {fix}")
+        raise ModelFolderError(f"{model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): {fix}")
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # transformers' and the Rust tokenizers' many types, often naming no file
-        raise CheckpointError(f"cannot load the tokenizer in {model_dir} ({e}); if its files are damaged, {fix}") from e
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Writing a model folder (merge.py, quantize.py)
-
-
-def check_out_folder(out: Path, overwrite: bool, error: type[Exception] = CheckpointError) -> tuple[int, int] | None:
-    """An --out that may be written: new or empty, or replaced with --overwrite when it holds a model (config.json);
-    a folder of something else is never deleted. Returns the folder's identity (device, inode; None if there is
-    none), which written_whole finds again before it replaces anything."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return _identity(out)
-    if not overwrite:
-        raise error(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
-    if not (out / "config.json").is_file():
-        raise error(f"--out {out} exists and is not a model folder (no config.json); refusing to delete it, even "
-                    "with --overwrite")
-    return _identity(out)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_dev, stat.st_ino
-
-
-@contextmanager
-def written_whole(out: Path, checked: tuple[int, int] | None, error: type[Exception] = CheckpointError
-                  ) -> Iterator[Path]:
-    """A temporary sibling of `out` to write a model folder into, renamed to `out` (replacing it) once the block
-    ends: an interrupted write never looks finished, and the folder it replaces is kept until then.
-
-    One writer at a time: each holds a lock on .NAME.lock beside `out` for the whole write (_lock_file), so a second
-    one is refused at once. `out` must still be the folder check_out_folder found (`checked`): a writer that finished
-    between this one's check and its start is refused too, never replaced unseen.
-
-    The writer holds a lock on its temporary folder; the kernel drops it when the process dies. So the temporary
-    folders of killed writers (SIGKILL runs no cleanup: up to a whole model's size) are the unlocked ones, removed
-    here, while a writer still running keeps its own. A full disk is said as such, with the folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with _lock_file(out.parent / f".{out.name}.lock") as free:
-        if not free:
-            raise error(f"--out {out} is being written by another merge.py or quantize.py: wait for it to end, or "
-                        "choose another --out")
-        if _identity(out) != checked:
-            raise error(f"--out {out} was written by another merge.py or quantize.py after this one checked it: "
-                        "choose another --out, or run again (with --overwrite to replace it)")
-        for old in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
-            with suppress(FileNotFoundError), _locked(old, wait=False) as unheld:  # (or removed by another meanwhile)
-                if unheld:
-                    shutil.rmtree(old, ignore_errors=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        tmp.mkdir()
-        try:
-            with _locked(tmp, wait=True):
-                yield tmp
-                if out.exists():
-                    shutil.rmtree(out)  # --overwrite, checked by check_out_folder
-                tmp.rename(out)
-        except BaseException as e:
-            full = disk_full(e, tmp)  # before the removal frees the space
-            shutil.rmtree(tmp, ignore_errors=True)
-            if full:
-                raise OSError(f"writing {out} failed ({full})") from None
-            raise
-
-
-@contextmanager
-def _lock_file(path: Path) -> Iterator[bool]:
-    """An exclusive lock on the file `path`, made for the block and removed after it; whether it was taken (not while
-    another process holds it). A file opened just before its holder removed it is not the lock any more: such a
-    lock, once taken, is dropped for the file now at `path`."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
-        if _identity(path) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
-            break
-        os.close(fd)
-    try:
-        yield True
-    finally:
-        path.unlink(missing_ok=True)  # while still held: whoever opens the path next makes a new lock
-        os.close(fd)
-
-
-@contextmanager
-def _locked(folder: Path, wait: bool) -> Iterator[bool]:
-    """An exclusive lock on a folder for the block; whether it was taken (without `wait`, not if another holds it)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-        else:
-            yield True
-    finally:
-        os.close(fd)
-
-
-def readable(path: Path) -> None:
-    """Give a file or folder the mode a new one gets (0644 / 0755 under the usual umask of 022). safetensors' save_file
-    and tempfile.mkdtemp make them private (0600 / 0700), which a server running as another user (a vLLM container)
-    cannot read."""
-    umask = os.umask(0)  # the only way to read it is to set it
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def disk_full(error: BaseException, path: Path) -> str | None:
-    """'no space left on device ...', with the free space beside `path`, when that is why writing `path` failed: the
-    errno says so, or the message (safetensors' errors have no errno), or torch.save's "unexpected pos N vs M", all it
-    says when its writes come up short, while little space is left."""
-    free = shutil.disk_usage(path if path.exists() else path.parent).free
-    errors = [error, error.__cause__, error.__context__]
-    if any(getattr(e, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(e) for e in errors) or (
-            "unexpected pos" in str(error) and free < 2**28):
-        return f"no space left on device: {free / 2**20:.1f} MiB free in {path.parent}; free some space"
-    return None
-
-
-def copy_beside(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer and generation files of the model folder `src` into `dst`; returns the names copied."""
-    files = [f for pattern in BESIDE_WEIGHTS for f in src.glob(pattern) if f.is_file()]
-    return [Path(shutil.copy(f, dst)).name for f in files]
+        raise ModelFolderError(f"cannot load the tokenizer in {model_dir} ({e}); if its files are damaged, "
+                               f"{fix}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -330,7 +175,7 @@ class TensorEntry:
         return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
-def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
+def index_weights(model_dir: Path) -> dict[str, TensorEntry]:
     """Tensor name -> file and shape, from the safetensors headers only (no tensor data is read)."""
     index_file, single_file = model_dir / "model.safetensors.index.json", model_dir / "model.safetensors"
     if index_file.is_file():
@@ -339,21 +184,21 @@ def index_checkpoint(model_dir: Path) -> dict[str, TensorEntry]:
     elif single_file.is_file():
         files = [single_file]
     else:
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{model_dir} holds neither model.safetensors.index.json nor model.safetensors; only safetensors "
             "checkpoints are supported (convert .bin weights with transformers' save_pretrained)"
         )
     entries: dict[str, TensorEntry] = {}
     for file in files:
         if not file.is_file():
-            raise CheckpointError(f"shard {file.name} is listed in {index_file.name} but missing from {model_dir}")
+            raise ModelFolderError(f"shard {file.name} is listed in {index_file.name} but missing from {model_dir}")
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     info = f.get_slice(name)
                     entries[name] = TensorEntry(file, tuple(info.get_shape()), info.get_dtype())
         except SafetensorError as e:
-            raise _corrupt(file, e) from e
+            raise shard_reader.corrupt(file, e, ModelFolderError) from e
     return entries
 
 
@@ -378,73 +223,55 @@ def fingerprint(model_dir: Path) -> str:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         h.update(json.dumps(json.loads(index.read_text())["weight_map"], sort_keys=True).encode())
-    for shard in sorted({e.file for e in index_checkpoint(model_dir).values()}):
+    for shard in sorted({e.file for e in index_weights(model_dir).values()}):
         with shard.open("rb") as f:
             header_len = int.from_bytes(f.read(8), "little")  # safetensors: u64 header size, JSON header, data
             h.update(shard.name.encode() + f.read(header_len + 2**16))
     return h.hexdigest()[:16]
 
 
-def _corrupt(file: Path, error: SafetensorError) -> CheckpointError:
-    return CheckpointError(f"{file} is truncated or corrupt ({error}); download it again")
-
-
 def packed_weights(entries: dict[str, TensorEntry], quant: str | None) -> dict[str, list[str]]:
-    """The 4-bit weights of a checkpoint pre-quantized to `quant` (None: a 16-bit checkpoint, which has none): each
-    weight's name -> the names of its entries, the packed bytes first, then its quant_state's. A weight is 4-bit when
-    the checkpoint has quant_state entries for it; one it lacks is named."""
-    if quant is None:
-        return {}
-    state = quantization.STATE_KEY + quant
-    found: dict[str, set[str]] = {}
-    for name in entries:
-        for suffix in (*quantization.STATS, *quantization.NESTED, state):
-            if name.endswith("." + suffix):
-                found.setdefault(name[: -len(suffix) - 1], set()).add(suffix)
-    packed = {}
-    for weight, have in sorted(found.items()):
-        need = [*quantization.STATS, state] + (list(quantization.NESTED) if have & set(quantization.NESTED) else [])
-        lost = [suffix for suffix in need if suffix not in have]
-        if lost:
-            raise CheckpointError(f"{weight}.{lost[0]} is missing from the checkpoint, which has the other quant_state "
-                                  f"entries of the 4-bit weight {weight}: the file is damaged or incomplete; download "
-                                  "it again")
-        packed[weight] = [weight] + [f"{weight}.{suffix}" for suffix in need]
-    return packed
+    """The 4-bit weights of a model folder pre-quantized to `quant` (None: 16-bit weights, none of them 4-bit):
+    each weight's name -> the names of its entries, the packed bytes first (quantization.prequantized_weights)."""
+    try:
+        return quantization.prequantized_weights(entries, quant)
+    except ValueError as e:
+        raise ModelFolderError(f"{e}: the file is damaged or incomplete; download it again") from e
 
 
-def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module, packed: dict[str, list[str]] | None = None,
-                     sources: dict[str, dict[str, tuple[int, ...]]] | None = None) -> dict[Path, list[str]]:
+def check_weights(entries: dict[str, TensorEntry], model: nn.Module, packed: dict[str, list[str]] | None = None,
+                  sources: dict[str, dict[str, tuple[int, ...]]] | None = None) -> dict[Path, list[str]]:
     """Every tensor the model needs is present with its shape, and nothing else: fail before reading any data.
-    `packed`: a pre-quantized checkpoint's 4-bit weights (packed_weights), checked for the bytes their shape packs
-    into; their quant_state entries go with them. A mixture-of-experts layer's experts may be stored fused, as the
-    model holds them, or one per expert, as save_pretrained writes them (`sources`: checkpoint_sources, found here if
-    not given).
+    `packed`: the 4-bit weights of a pre-quantized model folder (packed_weights), checked for the bytes their shape
+    packs into; their quant_state entries go with them. A mixture-of-experts layer's experts may be stored fused, as
+    the model holds them, or one per expert, as save_pretrained writes them (`sources`: weights_sources, found here
+    if not given).
 
     Returns the tensors to load, grouped by file; harmless extras (old rotary caches, transformers' own list of
     ignorable keys) are left out.
     """
     packed = packed or {}
     owner = _owners(packed)
-    sources = checkpoint_sources(entries, model) if sources is None else sources
-    expected = {name: shape for names in sources.values() for name, shape in names.items()}  # by checkpoint name
+    sources = weights_sources(entries, model) if sources is None else sources
+    expected = {name: shape for names in sources.values() for name, shape in names.items()}  # by stored name
     ignorable = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    ignorable.append(re.compile(r"rotary_emb\.inv_freq"))  # older checkpoints carry rotary caches; rebuilt anyway
+    ignorable.append(re.compile(r"rotary_emb\.inv_freq"))  # older model folders carry rotary caches; rebuilt anyway
     to_load: dict[Path, list[str]] = {}
     for name, entry in entries.items():
         weight = owner.get(name, name)  # a quant_state entry belongs to its weight
         if weight not in expected:
             if not any(p.search(name) for p in ignorable):
-                raise CheckpointError(f"unexpected tensor {name} in {entry.file.name}: the config does not describe it")
+                raise ModelFolderError(f"unexpected tensor {name} in {entry.file.name}: the config does not "
+                                       "describe it")
             continue
-        if name in packed and (entry.shape[1:] != (1,) or entry.nbytes != quantization.packed_bytes(expected[name])):
-            raise CheckpointError(
+        if name in packed and not quantization.holds_packed(entry.shape, entry.nbytes, expected[name]):
+            raise ModelFolderError(
                 f"tensor {name} in {entry.file.name} holds {list(entry.shape)} {entry.dtype} of packed 4-bit codes, "
                 f"but the config's {list(expected[name])} weight packs into "
                 f"({quantization.packed_bytes(expected[name])}, 1) bytes: the shard does not belong to this "
                 "config.json")
         if name not in owner and entry.shape != expected[name]:
-            raise CheckpointError(
+            raise ModelFolderError(
                 f"tensor {name} in {entry.file.name} has shape {list(entry.shape)}, "
                 f"but the config expects {list(expected[name])}: the shard does not belong to this config.json"
             )
@@ -452,9 +279,9 @@ def check_checkpoint(entries: dict[str, TensorEntry], model: nn.Module, packed: 
     return to_load
 
 
-def checkpoint_sources(entries: dict[str, TensorEntry], model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Model tensor -> {checkpoint name: shape} it is read from: itself, or the names save_pretrained gives it (a
-    layer's experts one by one, Mixtral's block_sparse_moe for mlp), whichever the checkpoint holds. A CheckpointError
+def weights_sources(entries: dict[str, TensorEntry], model: nn.Module) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Model tensor -> {stored name: shape} it is read from: itself, or the names save_pretrained gives it (a layer's
+    experts one by one, Mixtral's block_sparse_moe for mlp), whichever the model folder holds. A ModelFolderError
     names what is missing: a single expert when the others of its layer are there."""
     shapes = _expected_shapes(model)
     layout = conversions.saved_layout(model, shapes)
@@ -462,11 +289,11 @@ def checkpoint_sources(entries: dict[str, TensorEntry], model: nn.Module) -> dic
     chosen, missing, partial = conversions.sources(layout, entries, tied)
     if partial:
         source, name = partial[0]
-        raise CheckpointError(f"{source} is missing from the checkpoint, which has the other tensors that fuse into "
-                              f"{name} ({len(partial)} missing in all): the checkpoint is incomplete or damaged; "
-                              "download it again")
+        raise ModelFolderError(f"{source} is missing from the checkpoint, which has the other tensors that fuse into "
+                               f"{name} ({len(partial)} missing in all): the checkpoint is incomplete or damaged; "
+                               "download it again")
     if missing:
-        raise CheckpointError(f"{len(missing)} tensors are missing from the checkpoint, first: {missing[:5]}")
+        raise ModelFolderError(f"{len(missing)} tensors are missing from the checkpoint, first: {missing[:5]}")
     return {name: ({name: shapes[name]} if names == [name] else {n: layout[name][n] for n in names})
             for name, names in chosen.items()}
 
@@ -478,7 +305,7 @@ def _owners(packed: dict[str, list[str]]) -> dict[str, str]:
 
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    for name, module in model.named_modules():  # Linear4bit shells: the checkpoint holds the dense (out, in) weight
+    for name, module in model.named_modules():  # Linear4bit shells: the folder holds the dense (out, in) weight
         if quantization.is_4bit(module):
             shapes[f"{name}.weight"] = (module.out_features, module.in_features)
         if isinstance(module, quantization.Packed4bit):  # an MoE layer's experts: their dense 3-D tensor
@@ -496,7 +323,7 @@ def decoder_layer_class(model: nn.Module) -> type[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     if len(classes) != 1:
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{type(model).__name__} does not name exactly one decoder-layer class in _no_split_modules "
             f"(found {sorted(c.__name__ for c in classes)}); this architecture cannot be wrapped layer by layer"
         )
@@ -518,10 +345,11 @@ def moe_routers(model: nn.Module) -> set[str]:
 def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: str | None = None,
                    only: set[str] | None = None) -> nn.Module:
     """The model on the meta device, with every nn.Linear inside the decoder layers but the MoE routers replaced by a
-    Linear4bit shell, and the MoE experts' 3-D weights by Packed4bit ones; with `only` (a pre-quantized checkpoint's
-    4-bit weights, a linear's without ".weight"), what it names: what it keeps in 16 bits (llm_int8_skip_modules, and
-    the experts as transformers saves them) stays so, as transformers builds it. Experts that quantize.py
-    --quantize_experts wrote in 4 bits are named by their 3-D tensors (`...mlp.experts.gate_up_proj`)."""
+    Linear4bit shell, and the MoE experts' 3-D weights by Packed4bit ones; with `only` (the 4-bit weights of a
+    pre-quantized model folder, a linear's without ".weight"), what it names: what the folder keeps in 16 bits
+    (llm_int8_skip_modules, and the experts as transformers saves them) stays so, as transformers builds it. Experts
+    that quantize.py --quantize_experts wrote in 4 bits are named by their 3-D tensors
+    (`...mlp.experts.gate_up_proj`)."""
     with torch.device("meta"):  # `config` from read_config, which refuses what AutoModelForCausalLM cannot build
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attn_implementation)
     layer_cls = decoder_layer_class(model)
@@ -532,14 +360,14 @@ def build_skeleton(config: PretrainedConfig, quant: str, attn_implementation: st
                 path = f"{prefix}.{name}"
                 if type(module) is nn.Linear and (path in only if only is not None else path not in routers):
                     layer.set_submodule(name, quantization.linear4bit_shell(module, quant))
-                elif only is None or _packed_in_checkpoint(module, path, only):  # MoE experts' 3-D weights
+                elif only is None or _packed_in_weights(module, path, only):  # MoE experts' 3-D weights
                     quantization.pack_experts(module, quant)
     return model
 
 
-def _packed_in_checkpoint(module: nn.Module, path: str, only: set[str]) -> bool:
-    """Whether a pre-quantized checkpoint stores this module's 3-D (experts) tensors in 4 bits. transformers' own
-    bitsandbytes checkpoints store them in 16 bits, and so does quantize.py unless --quantize_experts; pack_experts
+def _packed_in_weights(module: nn.Module, path: str, only: set[str]) -> bool:
+    """Whether pre-quantized weights store this module's 3-D (experts) tensors in 4 bits. transformers' own
+    bitsandbytes model folders store them in 16 bits, and so does quantize.py unless --quantize_experts; pack_experts
     packs all of a module's, so one stored in 4 bits and another in 16 would be quantized at load."""
     return any(f"{path}.{name}" in only for name, p in module.named_parameters(recurse=False) if p.dim() == 3)
 
@@ -556,28 +384,28 @@ class LoadPlan:
     """What load_model will build and read, known from config.json and the safetensors headers alone."""
     model: nn.Module  # the skeleton, on meta
     entries: dict[str, TensorEntry]
-    by_file: dict[Path, list[str]]  # the tensors to read, file by file (check_checkpoint)
-    packed: dict[str, list[str]]  # a pre-quantized checkpoint's 4-bit weights -> their entries (packed_weights)
-    # model tensors read from other names -> those names (checkpoint_sources): experts one per expert, renamed blocks
+    by_file: dict[Path, list[str]]  # the tensors to read, file by file (check_weights)
+    packed: dict[str, list[str]]  # a pre-quantized folder's 4-bit weights -> their entries (packed_weights)
+    # model tensors read from other names -> those names (weights_sources): experts one per expert, renamed blocks
     sources: dict[str, list[str]]
 
 
 def plan_load(model_dir: Path, quant: str, attn_implementation: str | None = None) -> LoadPlan:
-    """The skeleton for `quant` (resolve_quant), checked against the checkpoint's headers; no tensor data is read."""
+    """The skeleton for `quant` (resolve_quant), checked against the safetensors headers; no tensor data is read."""
     config = read_config(model_dir)
-    quant, stored = resolve_quant(config, quant), checkpoint_quant(config)
-    entries = index_checkpoint(model_dir)
+    quant, stored = resolve_quant(config, quant), weights_quant(config)
+    entries = index_weights(model_dir)
     packed = packed_weights(entries, stored)
     only = None if stored is None else {weight.removesuffix(".weight") for weight in packed}
     model = build_skeleton(config, quant, attn_implementation, only)
-    sources = checkpoint_sources(entries, model)
-    by_file = check_checkpoint(entries, model, packed, sources)
+    sources = weights_sources(entries, model)
+    by_file = check_weights(entries, model, packed, sources)
     renamed = {name: list(names) for name, names in sources.items() if [*names] != [name]}
     return LoadPlan(model, entries, by_file, packed, renamed)
 
 
 def fused_into(plan: LoadPlan) -> dict[str, str]:
-    """Every checkpoint tensor read under another name (LoadPlan.sources) -> the model tensor it goes into."""
+    """Every stored tensor read under another name (LoadPlan.sources) -> the model tensor it goes into."""
     return {source: name for name, sources in plan.sources.items() for source in sources}
 
 
@@ -611,10 +439,10 @@ def check_host_memory(model_dir: Path, quant: str, available: int | None = None)
         meminfo = Path("/proc/meminfo").read_text()
         available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
     if need > available:
-        raise CheckpointError(f"--cpu_offload keeps the model in host memory: {model_dir} needs about "
-                              f"{need / 2**30:,.1f} GiB there as loaded (estimated from its safetensors headers), and "
-                              f"{available / 2**30:,.1f} GiB is available. Free host memory, use a machine with more, "
-                              "or train without --cpu_offload")
+        raise ModelFolderError(f"--cpu_offload keeps the model in host memory: {model_dir} needs about "
+                               f"{need / 2**30:,.1f} GiB there as loaded (estimated from its safetensors headers), and "
+                               f"{available / 2**30:,.1f} GiB is available. Free host memory, use a machine with more, "
+                               "or train without --cpu_offload")
     return need
 
 
@@ -623,8 +451,8 @@ def load_model(model_dir: Path, quant: str = quantization.AUTO, device: torch.de
                keep_on: torch.device | str | None = None) -> nn.Module:
     """Build the model from `model_dir`, streaming one tensor at a time onto `device`; all parameters frozen.
 
-    quant: nf4, fp4, none, or auto (resolve_quant). A pre-quantized checkpoint's 4-bit weights are not quantized
-    again: their stored bytes and quant_state go into the Linear4bit as they are.
+    quant: nf4, fp4, none, or auto (resolve_quant). Pre-quantized 4-bit weights are not quantized again: their
+    stored bytes and quant_state go into the Linear4bit as they are.
     attn_implementation: transformers' name ("sdpa", "flash_attention_2", ...); None lets transformers choose.
     keep_on: where the quantized tensors then wait (default: `device`). "cpu" keeps a model larger than one GPU off
     it: FSDP moves one unit at a time to the GPU as it wraps it, keeping only this rank's shard there.
@@ -646,104 +474,26 @@ def load_model(model_dir: Path, quant: str = quantization.AUTO, device: torch.de
         to_dequantize = weight in plan.packed and weight not in quantized
         where[name] = device if to_quantize or to_dequantize else keep_on
     bar = tqdm(total=len(where), desc="loading", unit="tensor", disable=not progress)
-    tensors = conversions.fuse(read_ahead(plan.by_file, where), plan.sources, model)
-    for name, tensor, stats in _assemble(tensors, plan.packed):
+    tensors = conversions.fuse(shard_reader.read_ahead(plan.by_file, where, error=ModelFolderError), plan.sources,
+                               model)
+    for name, tensor, stored in _assemble(tensors, plan.packed):
         read_as = plan.sources.get(name, [name])
-        _put(model, name, tensor, stats, device, keep_on, plan.entries[read_as[0]].file)
-        bar.update(len(read_as) + len(stats or {}))
+        _put(model, name, tensor, stored, device, keep_on, plan.entries[read_as[0]].file)
+        bar.update(len(stored) if stored else len(read_as))
     bar.close()
     model.tie_weights()  # tied lm_head (Gemma, small Qwen/Llama) points at the loaded embedding again
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
-        raise CheckpointError(f"these tensors were never loaded: {leftover[:5]}")
+        raise ModelFolderError(f"these tensors were never loaded: {leftover[:5]}")
     model.requires_grad_(False)
     model.config.use_cache = False  # training: no KV cache
     return model
 
 
-def read_ahead(by_file: dict[Path, list[str]], where: dict[str, torch.device], threads: int = 8,
-                chunk_bytes: int = 16 << 20):
-    """(name, tensor on where[name]) for every tensor of `by_file`, in order, read by `threads` threads up to
-    `threads` tensors ahead of the caller, who quantizes meanwhile. A tensor for the CPU is the file's own memory map.
-    """
-    gpu = next((d for d in where.values() if d.type == "cuda"), None)
-    with ExitStack() as files, ThreadPoolExecutor(threads) as pool:
-        handles = {file: files.enter_context(_open_shard(file)) for file in by_file}
-        copier = _PinnedCopier(gpu, threads, chunk_bytes) if gpu is not None else None
-
-        def read(file: Path, name: str) -> tuple[str, torch.Tensor, torch.cuda.Event | None]:
-            try:
-                tensor = handles[file].get_tensor(name)
-            except SafetensorError as e:
-                raise _corrupt(file, e) from e
-            return (name, *copier.copy(tensor)) if where[name].type == "cuda" else (name, tensor, None)
-
-        def arrived(name: str, tensor: torch.Tensor, event: torch.cuda.Event | None) -> tuple[str, torch.Tensor]:
-            if event is not None:  # the caller's stream waits for the copy, not the caller
-                torch.cuda.current_stream(tensor.device).wait_event(event)
-            return name, tensor
-
-        pending = deque()
-        for file, names in by_file.items():
-            for name in names:
-                pending.append(pool.submit(read, file, name))
-                if len(pending) > threads:
-                    yield arrived(*pending.popleft().result())
-        while pending:
-            yield arrived(*pending.popleft().result())
-
-
-def _open_shard(file: Path):
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except SafetensorError as e:
-        raise _corrupt(file, e) from e
-
-
-class _PinnedCopier:
-    """Copies CPU tensors to one GPU from several threads at once, through page-locked staging buffers.
-
-    From pageable memory (the file's memory map), a copy to the GPU ran at about 8 GB/s, and copies from several
-    threads did not overlap: an 8B model's 16 GB took 1.6-2.1 s with 1 to 16 threads. Through this class, 8 threads
-    moved the same 16 GB in 0.6-0.7 s (one H100 host, BENCHMARKS.md). Each thread takes a stream and two buffers,
-    filling one while the other is being copied from; the buffers, 2 x 16 MB per thread, are allocated once (and stay
-    in torch's page-locked memory cache).
-    """
-
-    def __init__(self, device: torch.device, threads: int, chunk_bytes: int):
-        self.device, self.chunk_bytes = device, chunk_bytes
-        self.consumer = torch.cuda.current_stream(device)  # the stream that will use the tensors
-        self.free = queue.SimpleQueue()
-        for _ in range(threads):
-            buffers = [(torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
-                       for _ in range(2)]
-            self.free.put((torch.cuda.Stream(device), buffers))
-
-    def copy(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """`tensor` on the GPU, and the event after which its copy is complete; from any thread."""
-        stream, buffers = self.free.get()
-        try:
-            out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
-            stream.wait_stream(self.consumer)  # `out` may reuse memory that queued work on the consumer still reads
-            src, dst = tensor.reshape(-1).view(torch.uint8), out.view(-1).view(torch.uint8)
-            for i, start in enumerate(range(0, src.numel(), self.chunk_bytes)):
-                buffer, copied = buffers[i % 2]
-                copied.synchronize()  # the buffer's previous copy to the GPU has finished
-                n = min(self.chunk_bytes, src.numel() - start)
-                buffer[:n].copy_(src[start:start + n])
-                with torch.cuda.stream(stream):
-                    dst[start:start + n].copy_(buffer[:n], non_blocking=True)
-                copied.record(stream)
-            done = torch.cuda.Event()
-            done.record(stream)
-            return out, done
-        finally:
-            self.free.put((stream, buffers))
-
-
 def _assemble(tensors, packed: dict[str, list[str]]):
-    """(name, tensor, None) for each tensor, but (weight, packed bytes, {stat: tensor}) for a pre-quantized weight,
-    once all its entries have arrived (they are neighbours in the files, so few wait at a time)."""
+    """(name, tensor, None) for each tensor, but (weight, packed bytes, {stored name: tensor} of all its entries) for
+    a pre-quantized weight, once all its entries have arrived (they are neighbours in the files, so few wait at a
+    time)."""
     owner, waiting = _owners(packed), {}
     for name, tensor in tensors:
         if name not in owner:
@@ -751,37 +501,37 @@ def _assemble(tensors, packed: dict[str, list[str]]):
             continue
         weight = owner[name]
         parts = waiting.setdefault(weight, {})
-        parts[name.removeprefix(weight).removeprefix(".")] = tensor  # "" for the packed bytes
+        parts[name] = tensor
         if len(parts) == len(packed[weight]):
             del waiting[weight]
-            yield weight, parts.pop(""), parts
+            yield weight, parts[weight], parts
 
 
-def unpack_4bit(name: str, packed: torch.Tensor, stats: dict[str, torch.Tensor], shape: tuple[int, ...], file: Path,
+def unpack_4bit(name: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...], file: Path,
                 module: nn.Module | None = None):
-    """A pre-quantized weight as a Params4bit, on the device its tensors are on (quantization.from_prequantized), or
-    a CheckpointError naming it."""
+    """The pre-quantized weight `name` from its stored entries (by their names, the packed bytes under `name`) as a
+    Params4bit, on the device its tensors are on (quantization.from_prequantized), or a ModelFolderError naming it."""
     try:
-        return quantization.from_prequantized(packed, stats, shape, packed.device, module)
+        return quantization.from_prequantized(name, stored, shape, stored[name].device, module)
     except ValueError as e:
-        raise CheckpointError(f"the 4-bit weight {name} in {file.name} cannot be used: {e}. The checkpoint is "
-                              "damaged or was not written by bitsandbytes; download it again") from e
+        raise ModelFolderError(f"the 4-bit weight {name} in {file.name} cannot be used: {e}. The checkpoint is "
+                               "damaged or was not written by bitsandbytes; download it again") from e
 
 
-def _put(model: nn.Module, name: str, tensor: torch.Tensor, stats: dict[str, torch.Tensor] | None,
+def _put(model: nn.Module, name: str, tensor: torch.Tensor, stored: dict[str, torch.Tensor] | None,
          device: torch.device, keep_on: torch.device, file: Path) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     packed = getattr(module, "packed", None)
     experts = packed[attr] if isinstance(packed, nn.ModuleDict) and attr in packed else None  # a Packed4bit
-    if stats is not None:  # pre-quantized: the packed bytes and quant_state as stored, read onto keep_on for a shell
+    if stored is not None:  # pre-quantized: the packed bytes and quant_state as stored, read onto keep_on for a shell
         if experts is not None:
             shell, shape = experts, experts.shape
         elif quantization.is_4bit(module):
             shell, shape = module, (module.out_features, module.in_features)
         else:  # a weight the model keeps in bf16: the shape of its tensor on meta
             shell, shape = None, tuple(getattr(module, attr).shape)
-        weight = unpack_4bit(name, tensor, stats, shape, file, shell)
+        weight = unpack_4bit(name, stored, shape, file, shell)
         if shell is not None:
             shell.weight = weight
             return
@@ -800,10 +550,11 @@ def _put(model: nn.Module, name: str, tensor: torch.Tensor, stats: dict[str, tor
 
 
 def _init_nonpersistent_buffers(model: nn.Module, device: torch.device) -> None:
-    """Buffers not in the checkpoint (rotary inv_freq, Gemma's embed_scale) are recomputed by transformers' own init.
+    """Buffers not in the model folder (rotary inv_freq, Gemma's embed_scale) are recomputed by transformers' own init.
 
     Runs while the parameters are still on meta, so the init that transformers also applies to them is a no-op.
-    inv_freq stays fp32 as transformers creates it: rounding it to bf16 shifts every rotary angle (logits moved by ~6e-3).
+    inv_freq stays fp32 as transformers creates it: rounding it to bf16 shifts every rotary angle (logits moved by
+    ~6e-3).
     """
     for owner in model.modules():
         names = [n for n in owner._non_persistent_buffers_set if owner._buffers.get(n) is not None]

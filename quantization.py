@@ -1,17 +1,21 @@
-"""The 4-bit base: bitsandbytes' NF4/FP4 layers, quantized and dequantized one way. The only module that imports it.
+"""The 4-bit base: bitsandbytes' NF4/FP4 layers, quantized and dequantized one way, and the format bitsandbytes stores
+them in. The only module that imports it: another 4-bit library would replace this module.
 
 A 4-bit weight is a Params4bit holding packed bytes (two 4-bit codes per byte) viewed as STORAGE, plus a quant_state
 (per-block scales, themselves 8-bit with double quantization). It lives in a Linear4bit, whose forward dequantizes
 block by block inside bitsandbytes' kernels.
 
-A pre-quantized checkpoint (transformers' save_pretrained of a bitsandbytes 4-bit model) stores each 4-bit weight as
-its packed bytes under the weight's own name, beside the quant_state's tensors under `<weight>.<stat>`: `absmax`,
-`quant_map`, with double quantization `nested_absmax` and `nested_quant_map`, and `quant_state.bitsandbytes__<type>`,
-a JSON of the rest (shape, dtype, block sizes, offset). from_prequantized and serialize turn one into the other.
+A pre-quantized model folder (transformers' save_pretrained of a bitsandbytes 4-bit model) says so in config.json's
+quantization_config (stored_quant; stored_config writes it), and stores each 4-bit weight as its packed bytes under
+the weight's own name, beside the quant_state's tensors under `<weight>.<stat>`: `absmax`, `quant_map`, with double
+quantization `nested_absmax` and `nested_quant_map`, and `quant_state.bitsandbytes__<type>`, a JSON of the rest (shape,
+dtype, block sizes, offset). prequantized_weights finds them among a folder's tensor names, holds_packed checks the
+bytes' size, and from_prequantized and serialize turn one into the other.
 """
 import logging
 import math
 import types
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -28,12 +32,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 
 import bitsandbytes as bnb  # noqa: E402
 from bitsandbytes.functional import QuantState, dequantize_4bit  # noqa: E402
+from transformers import BitsAndBytesConfig  # noqa: E402
 
-# The quant_state's entries in a checkpoint, after "<weight>.": every 4-bit weight has the first two and one
-# STATE_KEY + its type; double quantization adds NESTED. (bitsandbytes' own names: QuantState.as_dict(packed=True).)
-STATS = ("absmax", "quant_map")
-NESTED = ("nested_absmax", "nested_quant_map")
-STATE_KEY = "quant_state.bitsandbytes__"
 # The dtype the packed bytes are viewed as. FSDP flattens every parameter of a unit into one tensor of one dtype and
 # casts it to MixedPrecision's param_dtype: the packed bytes survive only a no-op cast, so STORAGE must be that
 # param_dtype (fsdp_wrap.py), and bf16 also lets them share a flat parameter with the layer's bf16 norms.
@@ -160,6 +160,71 @@ def state_tensors(module: nn.Module):
     yield from walk(getattr(module._parameters.get("weight"), "quant_state", None))  # the same object, as a rule
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The stored format
+
+# The quant_state's entries in a model folder, after "<weight>.": every 4-bit weight has the first two and one
+# STATE_KEY + its type; double quantization adds NESTED. (bitsandbytes' own names: QuantState.as_dict(packed=True).)
+STATS = ("absmax", "quant_map")
+NESTED = ("nested_absmax", "nested_quant_map")
+STATE_KEY = "quant_state.bitsandbytes__"
+
+
+def stored_quant(quantization_config: dict | BitsAndBytesConfig | None) -> str | None:
+    """The 4-bit type ("nf4" or "fp4") config.json's quantization_config (a dict, or transformers' config object)
+    says the weights are stored in; None for 16-bit weights (no quantization_config). ValueError, with the reason,
+    for any other quantization (GPTQ, AWQ, bitsandbytes 8-bit, ...).
+
+    Which linears are 4-bit, their block size and double quantization are read from the weights' own quant_state
+    entries, as transformers does; bnb_4bit_compute_dtype is a runtime choice, not a property of the bytes, and ours
+    is COMPUTE."""
+    if quantization_config is None:
+        return None
+    qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    method = getattr(qc.get("quant_method"), "value", qc.get("quant_method"))  # an enum in a BitsAndBytesConfig
+    if method != "bitsandbytes":
+        raise ValueError(f"the weights are quantized with {method} (quantization_config.quant_method), which this "
+                         "loader cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints")
+    if qc.get("load_in_8bit") or not qc.get("load_in_4bit"):
+        raise ValueError("the weights are bitsandbytes 8-bit (quantization_config.load_in_8bit), which this loader "
+                         "cannot read: it takes 16-bit and bitsandbytes 4-bit checkpoints")
+    if qc.get("bnb_4bit_quant_type") not in ("nf4", "fp4"):
+        raise ValueError(f"quantization_config.bnb_4bit_quant_type is {qc.get('bnb_4bit_quant_type')!r}; "
+                         "bitsandbytes writes 'nf4' or 'fp4'")
+    return qc["bnb_4bit_quant_type"]
+
+
+def stored_config(quant: str, skip: list[str]) -> BitsAndBytesConfig:
+    """config.json's quantization_config for weights quantize()d to `quant`, as transformers records a bitsandbytes
+    4-bit model, so that its from_pretrained loads them as 4-bit too. `skip`: the linears left in 16 bits."""
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=COMPUTE, bnb_4bit_quant_storage=STORAGE,
+                              llm_int8_skip_modules=skip)
+
+
+def prequantized_weights(names: Iterable[str], quant: str | None) -> dict[str, list[str]]:
+    """The 4-bit weights among the tensor names of a model folder pre-quantized to `quant` (None: 16-bit weights,
+    none of them 4-bit): each weight's name -> the names of its entries, the packed bytes first, then its
+    quant_state's. A weight is 4-bit when the folder has quant_state entries for it; ValueError naming one it lacks."""
+    if quant is None:
+        return {}
+    state = STATE_KEY + quant
+    found: dict[str, set[str]] = {}
+    for name in names:
+        for suffix in (*STATS, *NESTED, state):
+            if name.endswith("." + suffix):
+                found.setdefault(name[: -len(suffix) - 1], set()).add(suffix)
+    packed = {}
+    for weight, have in sorted(found.items()):
+        need = [*STATS, state] + (list(NESTED) if have & set(NESTED) else [])
+        lost = [suffix for suffix in need if suffix not in have]
+        if lost:
+            raise ValueError(f"{weight}.{lost[0]} is missing from the checkpoint, which has the other quant_state "
+                             f"entries of the 4-bit weight {weight}")
+        packed[weight] = [weight] + [f"{weight}.{suffix}" for suffix in need]
+    return packed
+
+
 def packed_bytes(shape: tuple[int, ...]) -> int:
     """Bytes of packed codes for a weight of `shape`: two 4-bit codes a byte, whatever dtype they are viewed as."""
     return (math.prod(shape) + 1) // 2
@@ -172,20 +237,28 @@ def quantized_bytes(shape: tuple[int, ...]) -> int:
     return packed_bytes(shape) + blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256)
 
 
-def from_prequantized(packed: torch.Tensor, stats: dict[str, torch.Tensor], shape: tuple[int, ...],
-                      device: torch.device, module: nn.Module | None = None):
-    """A checkpoint's packed bytes and quant_state entries (keys as after "<weight>.") as the Params4bit quantize()
-    would have made, the bytes reused as they are: no dequantize/requantize round trip.
+def holds_packed(stored_shape: tuple[int, ...], nbytes: int, shape: tuple[int, ...]) -> bool:
+    """Whether a stored tensor (its shape, its size in bytes) holds the packed codes of a weight of `shape`: a column
+    (n, 1) of packed_bytes(shape) bytes, viewed as uint8 (transformers' default quant_storage) or any other dtype."""
+    return tuple(stored_shape[1:]) == (1,) and nbytes == packed_bytes(shape)
 
-    Checkpoints store the bytes as uint8 (transformers' default quant_storage) or viewed as another dtype; they are
+
+def from_prequantized(name: str, stored: dict[str, torch.Tensor], shape: tuple[int, ...], device: torch.device,
+                      module: nn.Module | None = None):
+    """The 4-bit weight `name` from its stored entries (`stored`: each by its name in the model folder, the packed
+    bytes under `name` itself) as the Params4bit quantize() would have made, the bytes reused as they are: no
+    dequantize/requantize round trip.
+
+    Model folders store the bytes as uint8 (transformers' default quant_storage) or viewed as another dtype; they are
     viewed as STORAGE here, the dtype FSDP needs. The quant_state says which 4-bit type, block size and double
     quantization the bytes use. ValueError, with the reason, when the entries do not describe a weight of `shape`.
     """
-    raw = packed.reshape(-1).view(torch.uint8)
+    raw = stored[name].reshape(-1).view(torch.uint8)
+    stats = {key.removeprefix(f"{name}."): tensor for key, tensor in stored.items() if key != name}
     if raw.numel() % STORAGE.itemsize:
         raise ValueError(f"its {raw.numel()} packed bytes cannot be viewed as {STORAGE}")
     try:
-        weight = bnb.nn.Params4bit.from_prequantized(raw.view(STORAGE).reshape(-1, 1), dict(stats),
+        weight = bnb.nn.Params4bit.from_prequantized(raw.view(STORAGE).reshape(-1, 1), stats,
                                                      requires_grad=False, device=device, module=module)
     # bitsandbytes asserts on unknown keys, and looks the JSON's "dtype" up as an attribute of torch
     except (ValueError, KeyError, TypeError, AssertionError, AttributeError) as e:
@@ -194,13 +267,14 @@ def from_prequantized(packed: torch.Tensor, stats: dict[str, torch.Tensor], shap
     if tuple(state.shape) != tuple(shape) or state.absmax.numel() != math.ceil(math.prod(shape) / state.blocksize):
         raise ValueError(f"its quant_state describes a {list(state.shape)} weight with {state.absmax.numel()} blocks "
                          f"of {state.blocksize}, not the config's {list(shape)}")
-    # The dtype dequantization writes: a checkpoint quantized from fp16 weights says float16, and an fp16 matrix
-    # would then meet bf16 activations and LoRA factors. bf16 it is, as quantize() makes it.
+    # The dtype dequantization writes: weights quantized from fp16 say float16, and an fp16 matrix would then meet
+    # bf16 activations and LoRA factors. bf16 it is, as quantize() makes it.
     state.dtype = COMPUTE
     return weight
 
 
-def serialize(weight) -> dict[str, torch.Tensor]:
-    """A 4-bit weight as a checkpoint stores it: "" -> the packed bytes, then each quant_state entry by its key after
-    "<weight>." (what bitsandbytes' Linear4bit._save_to_state_dict and transformers' save_pretrained write)."""
-    return {"": weight.data, **weight.quant_state.as_dict(packed=True)}
+def serialize(name: str, weight) -> dict[str, torch.Tensor]:
+    """The 4-bit weight `name` as a model folder stores it, each entry by its name there: the packed bytes under
+    `name`, each quant_state entry under "<name>.<key>" (what bitsandbytes' Linear4bit._save_to_state_dict and
+    transformers' save_pretrained write)."""
+    return {name: weight.data, **{f"{name}.{key}": t for key, t in weight.quant_state.as_dict(packed=True).items()}}

@@ -58,12 +58,14 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import BitsAndBytesConfig, PretrainedConfig  # noqa: E402
+from transformers import PretrainedConfig  # noqa: E402
 
 import builtin  # noqa: E402
 import conversions  # noqa: E402
 import model_loading  # noqa: E402
+import out_folder  # noqa: E402
 import quantization  # noqa: E402
+import shard_reader  # noqa: E402
 
 
 class QuantizeError(cli.Refusal):
@@ -77,8 +79,8 @@ def quantize_checkpoint(model: str, out: str | Path, quant: str = "nf4", device:
     an MoE's experts too with `quantize_experts` (see the module docstring)."""
     model_dir, out = builtin.model_dir(model), Path(out)
     config = model_loading.read_config(model_dir)
-    if model_loading.checkpoint_quant(config) is not None:
-        raise QuantizeError(f"{model_dir} is already quantized to {model_loading.checkpoint_quant(config)}: train on "
+    if model_loading.weights_quant(config) is not None:
+        raise QuantizeError(f"{model_dir} is already quantized to {model_loading.weights_quant(config)}: train on "
                             "it as it is, or quantize its 16-bit original")
     if out.resolve() == model_dir.resolve():
         raise QuantizeError(f"--out {out} is the source folder; write the 4-bit checkpoint somewhere else")
@@ -92,7 +94,7 @@ def quantize_checkpoint(model: str, out: str | Path, quant: str = "nf4", device:
     target_of = model_loading.fused_into(plan)
     where = {name: device if target_of.get(name, name) in shells else torch.device("cpu")
              for names in plan.by_file.values() for name in names}
-    tensors, total = model_loading.read_ahead(plan.by_file, where), len(where)
+    tensors, total = shard_reader.read_ahead(plan.by_file, where, error=model_loading.ModelFolderError), len(where)
     if quantize_experts:  # each layer's experts fused as the model holds them, one layer at a time, under its names
         tensors = conversions.fuse(tensors, plan.sources, plan.model)
         total -= sum(len(sources) - 1 for sources in plan.sources.values())
@@ -126,7 +128,7 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
     takes its name.
     """
     out, device = Path(out), torch.device(device)
-    checked = model_loading.check_out_folder(out, overwrite, QuantizeError)
+    checked = out_folder.check_out_folder(out, overwrite, QuantizeError)
     if shard_size_mb < 0:
         raise QuantizeError(f"--shard_size_mb must be >= 0 (0: a shard per tensor), got {shard_size_mb}")
     skeleton = model_loading.build_skeleton(config, quant)
@@ -134,7 +136,7 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
     experts = shells & quantization.packed_shells(skeleton).keys()
     tied = set(getattr(skeleton, "all_tied_weights_keys", {}) or {})  # saved once, as the embedding
     t0, written = time.perf_counter(), set()
-    with model_loading.written_whole(out, checked, QuantizeError) as tmp:
+    with out_folder.written_whole(out, checked, QuantizeError) as tmp:
         bar = tqdm(total=total, desc="quantizing", unit="tensor", disable=not progress)
         stored = (_stored(name, tensor, name in shells, quant, device, written) for name, tensor in tensors
                   if name not in tied)
@@ -149,13 +151,11 @@ def write_4bit(config: PretrainedConfig, tensors: Iterable[tuple[str, torch.Tens
         config.dtype = torch.bfloat16  # of the tensors left in 16 bits
         # As transformers records a 4-bit model. The skip list names every linear left in 16 bits: with a list,
         # transformers quantizes all other linears, and without one it guesses (lm_head).
-        config.quantization_config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=quantization.COMPUTE, bnb_4bit_quant_storage=quantization.STORAGE,
-            llm_int8_skip_modules=sorted(n for n, m in skeleton.named_modules() if type(m) is nn.Linear))
+        config.quantization_config = quantization.stored_config(
+            quant, sorted(n for n, m in skeleton.named_modules() if type(m) is nn.Linear))
         config.save_pretrained(tmp)
         if beside is not None:
-            model_loading.copy_beside(beside, tmp)
+            out_folder.copy_beside(beside, tmp)
             source = {"model": str(beside), "fingerprint": model_loading.fingerprint(beside)}
             (tmp / model_loading.QUANTIZED_FROM).write_text(json.dumps(source, indent=2) + "\n")
         model_loading.plan_load(tmp, quant)  # the loader's own checks, on what was written
@@ -171,8 +171,7 @@ def _stored(name: str, tensor: torch.Tensor, quantize: bool, quant: str, device:
     are). An experts tensor (experts, out, in) is quantized whole, as the loader quantizes it: the same bytes."""
     if quantize:
         written.add(name)
-        parts = quantization.serialize(quantization.quantize(tensor.to(device), quant, device))
-        stored = {f"{name}.{key}" if key else name: t for key, t in parts.items()}
+        stored = quantization.serialize(name, quantization.quantize(tensor.to(device), quant, device))
     else:
         stored = {name: tensor.to(torch.bfloat16) if tensor.is_floating_point() else tensor}
     return {key: t.detach().to("cpu").contiguous() for key, t in stored.items()}
@@ -187,7 +186,7 @@ def _write_shards(stored: Iterable[dict[str, torch.Tensor]], out_dir: Path, shar
     def flush():
         files.append(out_dir / f"model-{len(files) + 1:05d}.safetensors")
         save_file(shard, files[-1], metadata={"format": "pt"})
-        model_loading.readable(files[-1])
+        out_folder.readable(files[-1])
         weight_map.update(dict.fromkeys(shard, files[-1]))
         shard.clear()
 

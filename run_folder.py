@@ -36,6 +36,7 @@ from tqdm import tqdm
 import cli
 import lora
 import model_loading
+import out_folder
 import quantization
 
 COMPLETE = "COMPLETE"
@@ -102,7 +103,7 @@ def write_checkpoint(final: Path, step: int, adapter: dict, config: dict, base_f
         files = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)} for name in names}
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
         _fsync(tmp / COMPLETE)
-        model_loading.readable(tmp)
+        out_folder.readable(tmp)
         _fsync(tmp)
         if final.exists():  # saved before by a run that fell back past it: set it aside, then replace it
             aside = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))

@@ -189,6 +189,7 @@ import generate  # noqa: E402
 import lora  # noqa: E402
 import model_loading  # noqa: E402
 import offload  # noqa: E402
+import out_folder  # noqa: E402
 import quantization  # noqa: E402
 import reporting  # noqa: E402
 import run_folder  # noqa: E402
@@ -415,8 +416,8 @@ def prepare_batches(cfg: Config, tokenizer, vocab: int, device: torch.device) ->
     train_ds, eval_ds = data.prepare(cfg, tokenizer, int(os.environ.get("LOCAL_RANK", 0)), log=print0)
     top_id = max(max(x) for x in train_ds["input_ids"])
     if top_id >= vocab:
-        raise model_loading.CheckpointError(f"the tokenizer produced token id {top_id}, but the model has only {vocab} "
-                                            "embeddings: the tokenizer does not belong to this model")
+        raise model_loading.ModelFolderError(f"the tokenizer produced token id {top_id}, but the model has only "
+                                             f"{vocab} embeddings: the tokenizer does not belong to this model")
     block_mask = data.packed_attention(device) == "sdpa"
     loader = data.build_loader(train_ds, cfg.batch_size, tokenizer.pad_token_id, rank, world, cfg.seed,
                                cfg.group_by_length, block_mask)
@@ -497,7 +498,7 @@ class StepLog:
             self.unwritten = ""
         except OSError as e:
             self.error = self.error or (f"writing {self.path} failed at step {step} "
-                                        f"({model_loading.disk_full(e, self.path) or e})")
+                                        f"({out_folder.disk_full(e, self.path) or e})")
             self.close_file()
             os.truncate(self.path, size)  # no torn line
 

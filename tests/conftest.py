@@ -102,7 +102,7 @@ def prequantized(checkpoints, tmp_path_factory):
     skip: its llm_int8_skip_modules."""
     from transformers import BitsAndBytesConfig
 
-    from model_loading import copy_beside
+    from out_folder import copy_beside
 
     made = {}
 

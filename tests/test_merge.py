@@ -17,7 +17,7 @@ import generate
 import lora
 import merge
 from builtin import write_random_checkpoint
-from model_loading import index_checkpoint, load_model
+from model_loading import index_weights, load_model
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_output_is_a_complete_hf_folder(merged):
     sizes = sum(f.stat().st_size for f in out.glob("model-*.safetensors"))
     assert set(index["weight_map"].values()) == {f.name for f in out.glob("model-*.safetensors")}
     assert 0 < index["metadata"]["total_size"] < sizes  # data plus one small header per shard
-    assert index_checkpoint(out).keys() == index_checkpoint(base).keys()
+    assert index_weights(out).keys() == index_weights(base).keys()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     tokenizer, reference = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(base)
     assert tokenizer("Name the capital.").input_ids == reference("Name the capital.").input_ids
@@ -374,7 +374,7 @@ def test_nan_in_a_4bit_base_is_refused_naming_the_weight_and_nothing_is_written(
     qnan, edit = editable_copy(tmp_path / "q", tmp_path / "Qnan")
     name = "model.layers.0.mlp.down_proj.weight"
     edit(f"{name}.nested_absmax", lambda tensor: torch.full_like(tensor, float("nan")))
-    shard = index_checkpoint(qnan)[name].file
+    shard = index_weights(qnan)[name].file
     for verify in (True, False):
         with pytest.raises(merge.MergeError) as refusal:
             merge.merge(str(qnan), adapter, tmp_path / "mgnan", verify=verify, progress=False)

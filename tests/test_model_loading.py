@@ -13,7 +13,7 @@ from conftest import (ARCHS, DEVICE, MOE, ROOT, SUPPORTED, TOKENS, reference_mod
 from safetensors.torch import load_file, save_file
 
 from builtin import tiny_checkpoint
-from model_loading import CheckpointError, load_model
+from model_loading import ModelFolderError, load_model
 
 
 def test_linear4bit_matches_dequantized_linear():
@@ -124,7 +124,7 @@ def shards(path):
 
 def test_missing_shard_file(broken):
     shards(broken)[1].unlink()
-    with pytest.raises(CheckpointError, match="missing from"):
+    with pytest.raises(ModelFolderError, match="missing from"):
         load_model(broken, progress=False)
 
 
@@ -133,7 +133,7 @@ def test_corrupt_shard(broken, damage):
     shard = shards(broken)[2]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
-    with pytest.raises(CheckpointError, match=rf"{shard.name} is truncated or corrupt"):
+    with pytest.raises(ModelFolderError, match=rf"{shard.name} is truncated or corrupt"):
         load_model(broken, progress=False)
 
 
@@ -143,7 +143,7 @@ def test_missing_tensor(broken):
     dropped = sorted(tensors)[0]
     del tensors[dropped]
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=rf"missing from the checkpoint.*{dropped}"):
+    with pytest.raises(ModelFolderError, match=rf"missing from the checkpoint.*{dropped}"):
         load_model(broken, progress=False)
 
 
@@ -152,7 +152,7 @@ def test_unexpected_tensor(broken):
     tensors = load_file(shard)
     tensors["model.layers.7.mlp.extra.weight"] = torch.zeros(2, 2)
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=rf"unexpected tensor model.layers.7.mlp.extra.weight in {shard.name}"):
+    with pytest.raises(ModelFolderError, match=rf"unexpected tensor model.layers.7.mlp.extra.weight in {shard.name}"):
         load_model(broken, progress=False)
 
 
@@ -160,7 +160,8 @@ def test_shape_mismatch_names_tensor_and_file(broken):
     config = json.loads((broken / "config.json").read_text())
     config["intermediate_size"] = 192
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.\d\.mlp\.\w+_proj\.weight in model-.* has shape"):
+    with pytest.raises(ModelFolderError, match=r"tensor model\.layers\.\d\.mlp\.\w+_proj\.weight in model-.* "
+                                               r"has shape"):
         load_model(broken, progress=False)
 
 
@@ -169,7 +170,7 @@ def test_unknown_or_unsupported_architecture(broken, model_type, message):
     config = json.loads((broken / "config.json").read_text())
     config["model_type"] = model_type
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(ModelFolderError, match=message):
         load_model(broken, progress=False)
 
 
@@ -183,7 +184,7 @@ def test_unknown_architecture_is_refused_before_the_data_is_tokenized(broken, tm
     """A model_type transformers lacks, or cannot build as a causal LM, fails before tokenizing, naming config.json."""
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(ModelFolderError, match=message):
         refused_before_loading(monkeypatch, tmp_path, broken, tokenizes=False)
 
 
@@ -192,19 +193,19 @@ def test_unknown_architecture_is_refused_before_the_data_is_tokenized(broken, tm
     ("truncate", r"cannot load the tokenizer in .*ckpt \(.*\); if its files are damaged, copy the base model's"),
 ])
 def test_folder_without_a_tokenizer_names_itself(broken, tmp_path, monkeypatch, damage, message):
-    """A model folder without its tokenizer files, or with a damaged one: a CheckpointError naming the folder."""
+    """A model folder without its tokenizer files, or with a damaged one: a ModelFolderError naming the folder."""
     for file in broken.glob("tokenizer*"):
         file.unlink() if damage == "remove" else file.write_text(file.read_text()[:100])
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(ModelFolderError, match=message):
         refused_before_loading(monkeypatch, tmp_path, broken, tokenizes=True)
 
 
 def test_folder_without_config_and_nonexistent_path(tmp_path):
     from model_loading import resolve_model_dir
 
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(ModelFolderError, match="no config.json"):
         resolve_model_dir(str(tmp_path))
-    with pytest.raises(CheckpointError, match="no such folder"):
+    with pytest.raises(ModelFolderError, match="no such folder"):
         resolve_model_dir(str(tmp_path / "nope"))
 
 
@@ -217,7 +218,7 @@ def test_offline_hub_download_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(ModelFolderError, match="HF_HUB_OFFLINE"):
         resolve_model_dir("some-org/some-model")
 
 
@@ -284,13 +285,14 @@ def test_tensors_copied_to_the_gpu_by_several_threads_are_the_files_bytes(checkp
     """Three threads, chunks of 1,000 bytes (every tensor in several, the two buffers of a thread in turn): every
     tensor arrives on the GPU bit for bit, in the files' order, with its dtype and shape."""
     import model_loading
+    import shard_reader
 
     path = checkpoints("gemma", "single")
-    entries = model_loading.index_checkpoint(path)
+    entries = model_loading.index_weights(path)
     by_file = {}
     for name, entry in entries.items():
         by_file.setdefault(entry.file, []).append(name)
-    arrived = list(model_loading.read_ahead(by_file, {name: DEVICE for name in entries}, threads=3, chunk_bytes=1000))
+    arrived = list(shard_reader.read_ahead(by_file, {name: DEVICE for name in entries}, threads=3, chunk_bytes=1000))
     assert [name for name, _ in arrived] == [name for names in by_file.values() for name in names]
     expected = load_file(next(iter(by_file)))
     assert max(t.numel() * t.element_size() for t in expected.values()) > 2 * 3 * 1000

@@ -17,10 +17,12 @@ import generate
 import lora
 import merge
 import model_loading
+import out_folder
 import quantization
 import quantize
+import shard_reader
 import train
-from model_loading import CheckpointError, load_model, quantized_weights
+from model_loading import ModelFolderError, load_model, quantized_weights
 
 
 
@@ -53,7 +55,7 @@ def test_moe_unquantized_logits_equal_from_pretrained(checkpoints, arch, layout)
     across 40KB shards or in one file: one per expert, or for GraniteMoE fused under its original names
     (input_linear, output_linear)."""
     path = checkpoints(arch, layout)
-    names = model_loading.index_checkpoint(path)
+    names = model_loading.index_weights(path)
     assert not any("gate_up_proj" in n for n in names)
     assert any(".experts.3." in n for n in names) or "model.layers.0.block_sparse_moe.input_linear.weight" in names
     assert_logits_equal_from_pretrained(path)
@@ -61,7 +63,7 @@ def test_moe_unquantized_logits_equal_from_pretrained(checkpoints, arch, layout)
 
 def test_fused_experts_load_too(fused_checkpoint):
     """Experts stored fused, as the model holds them, load into the same model."""
-    assert "model.layers.0.mlp.experts.gate_up_proj" in model_loading.index_checkpoint(fused_checkpoint)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in model_loading.index_weights(fused_checkpoint)
     assert_logits_equal_from_pretrained(fused_checkpoint)
 
 
@@ -69,7 +71,7 @@ def test_experts_are_fused_one_layer_at_a_time(checkpoints, monkeypatch):
     """Fusing holds no more than one layer's experts: its gate_up_proj and down_proj are made as soon as their last
     expert has been read, before the next layer's experts arrive."""
     path, events = checkpoints("qwen3_moe"), []
-    read = model_loading.read_ahead
+    read = shard_reader.read_ahead
 
     def recording(*args, **kwargs):
         for name, tensor in read(*args, **kwargs):
@@ -77,7 +79,7 @@ def test_experts_are_fused_one_layer_at_a_time(checkpoints, monkeypatch):
             yield name, tensor
 
     put = model_loading._put
-    monkeypatch.setattr(model_loading, "read_ahead", recording)
+    monkeypatch.setattr(shard_reader, "read_ahead", recording)
     monkeypatch.setattr(model_loading, "_put", lambda model, name, *a: (events.append(("put", name)),
                                                                          put(model, name, *a)))
     load_model(path, quant="none", device=DEVICE, progress=False)
@@ -107,9 +109,9 @@ def test_missing_expert_is_named_before_any_data_is_read(broken_moe, monkeypatch
     dropped = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
     del tensors[dropped]
     save_file(tensors, file, metadata={"format": "pt"})
-    monkeypatch.setattr(model_loading, "read_ahead", lambda *a, **k: pytest.fail("read tensor data"))
-    with pytest.raises(CheckpointError, match=rf"{dropped} is missing from the checkpoint.*layers\.1\.mlp\.experts"
-                                              r"\.down_proj"):
+    monkeypatch.setattr(shard_reader, "read_ahead", lambda *a, **k: pytest.fail("read tensor data"))
+    with pytest.raises(ModelFolderError, match=rf"{dropped} is missing from the checkpoint.*layers\.1\.mlp\.experts"
+                                               r"\.down_proj"):
         load_model(broken_moe, quant="none", progress=False)
 
 
@@ -182,7 +184,7 @@ def test_quantize_py_keeps_experts_bf16_as_transformers_does(checkpoints, tmp_pa
     own bitsandbytes quantization saves them; transformers loads the folder with the logits we load from it."""
     out = tmp_path / "q"
     quantize.main(["--model", str(checkpoints("mixtral")), "--out", str(out)])
-    stored = model_loading.index_checkpoint(out)
+    stored = model_loading.index_weights(out)
     assert stored["model.layers.0.block_sparse_moe.experts.3.w1.weight"].dtype == "BF16"
     assert "model.layers.0.self_attn.q_proj.weight.absmax" in stored
     ours = load_model(out, quantization.AUTO, DEVICE, progress=False).eval()
@@ -202,7 +204,7 @@ def test_transformers_4bit_moe_checkpoint_loads_as_saved(checkpoints, tmp_path):
                                 bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
     AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=torch.bfloat16,
                                          device_map="cpu").save_pretrained(tmp_path, max_shard_size="40KB")
-    model_loading.copy_beside(src, tmp_path)
+    out_folder.copy_beside(src, tmp_path)
     ours = load_model(tmp_path, quantization.AUTO, DEVICE, progress=False).eval()
     assert quantization.is_4bit(ours.model.layers[0].mlp.shared_expert_gate) and not quantization.packed_shells(ours)
     with torch.no_grad():
@@ -245,12 +247,12 @@ def test_quantize_experts_stores_the_bytes_the_loader_makes(checkpoints, experts
     what the loader quantizes from the 16-bit original, and the logits are equal exactly. The folder is smaller
     than without the flag, and the host-memory estimate from its headers covers what the model holds."""
     src, out = checkpoints(arch), experts_4bit(arch)
-    stored = model_loading.index_checkpoint(out)
+    stored = model_loading.index_weights(out)
     assert not any(".experts.0." in n or "block_sparse_moe" in n for n in stored)
     for stat in ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4"):
         assert f"model.layers.1.mlp.experts.gate_up_proj{stat}" in stored
     quantize.main(["--model", str(src), "--out", str(tmp_path / "bf16-experts")])
-    without = model_loading.index_checkpoint(tmp_path / "bf16-experts")
+    without = model_loading.index_weights(tmp_path / "bf16-experts")
     experts_bytes = [sum(e.nbytes for n, e in entries.items() if ".experts." in n) for entries in (stored, without)]
     assert experts_bytes[0] < 0.3 * experts_bytes[1]  # 4 bits and a byte of absmax per 64 weights, against 16 bits
     assert sum(e.nbytes for e in stored.values()) < sum(e.nbytes for e in without.values()) - experts_bytes[0]
@@ -345,7 +347,7 @@ def test_damaged_packed_experts_are_named(damaged_experts, name, change, message
     the tensor and, for the bytes, the shape they should pack."""
     path, edit = damaged_experts
     edit(name, change)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(ModelFolderError, match=message):
         load_model(path, progress=False)
 
 
@@ -469,7 +471,7 @@ def test_benchmark_writes_a_prequantized_moe_with_4bit_experts(monkeypatch, tmp_
     monkeypatch.setitem(benchmark.SHAPES, "tiny-mixtral", tiny)
     out = benchmark.synthetic_checkpoint("tiny-mixtral", 1, tmp_path, prequantized=True)
     assert out.name.endswith("-nf4-experts")
-    stored = model_loading.index_checkpoint(out)
+    stored = model_loading.index_weights(out)
     assert "model.layers.0.mlp.experts.gate_up_proj.absmax" in stored and not any(".experts.0." in n for n in stored)
     assert "model.layers.0.self_attn.q_proj.weight.absmax" in stored
     assert "model.layers.1.input_layernorm.weight" not in stored  # --layers 1

@@ -277,7 +277,7 @@ def test_merged_experts_equal_peft_merge_and_unload(checkpoints, experts_adapter
 
     base, adapter, out = checkpoints(arch), experts_adapter(arch), tmp_path / "merged"
     merge.merge(str(base), adapter, out, semantics="bf16", verify=False, progress=False)
-    assert model_loading.index_checkpoint(out).keys() == model_loading.index_checkpoint(base).keys()
+    assert model_loading.index_weights(out).keys() == model_loading.index_weights(base).keys()
     merged = reference_model(out)
     peft = PeftModel.from_pretrained(reference_model(base), adapter).merge_and_unload()
     original, ours, theirs = reference_model(base).state_dict(), merged.state_dict(), peft.state_dict()
@@ -324,8 +324,8 @@ def test_experts_merge_into_the_layout_of_the_base(checkpoints, fused_checkpoint
     for layout, base in (("fused", fused_checkpoint), ("per-expert", checkpoints("mixtral"))):
         merge.merge(str(base), adapter, tmp_path / layout, verify=False, progress=False,
                     allow_other_base=layout == "fused")
-    written = model_loading.index_checkpoint(tmp_path / "fused")
-    assert written.keys() == model_loading.index_checkpoint(fused_checkpoint).keys()
+    written = model_loading.index_weights(tmp_path / "fused")
+    assert written.keys() == model_loading.index_weights(fused_checkpoint).keys()
     assert "model.layers.0.mlp.experts.gate_up_proj" in written
     fused, per_expert = (reference_model(tmp_path / layout).state_dict() for layout in ("fused", "per-expert"))
     assert fused.keys() == per_expert.keys() and all(torch.equal(fused[k], per_expert[k]) for k in fused)

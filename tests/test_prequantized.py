@@ -16,7 +16,7 @@ import merge
 import model_loading
 import quantization
 import quantize
-from model_loading import CheckpointError, load_model
+from model_loading import ModelFolderError, load_model
 
 # (quant, double quantization, the dtype transformers stores the packed bytes as): its default storage is uint8;
 # bf16 storage is what FSDP needs and what quantize.py writes.
@@ -283,7 +283,7 @@ def test_missing_quant_state_entry_is_named(damaged, entry):
     path, edit = damaged
     name = f"model.layers.0.self_attn.q_proj.weight.{entry}"
     edit(name, lambda tensor: None)
-    with pytest.raises(CheckpointError, match=rf"{name} is missing from the checkpoint"):
+    with pytest.raises(ModelFolderError, match=rf"{name} is missing from the checkpoint"):
         load_model(path, progress=False)
 
 
@@ -291,11 +291,11 @@ def test_misshapen_packed_weight_and_damaged_quant_state_are_named(damaged):
     path, edit = damaged
     name = "model.layers.1.mlp.up_proj.weight"
     edit(f"{name}.quant_state.bitsandbytes__nf4", torch.zeros_like)  # its JSON all zero bytes
-    with pytest.raises(CheckpointError, match=rf"the 4-bit weight {name} in .* cannot be used: its quant_state"):
+    with pytest.raises(ModelFolderError, match=rf"the 4-bit weight {name} in .* cannot be used: its quant_state"):
         load_model(path, progress=False)
     edit(name, lambda tensor: tensor[:100])
-    with pytest.raises(CheckpointError, match=rf"tensor {name} in .* holds \[100, 1\] U8 of packed 4-bit codes, but "
-                                              r"the config's \[128, 64\] weight packs into \(4096, 1\) bytes"):
+    with pytest.raises(ModelFolderError, match=rf"tensor {name} in .* holds \[100, 1\] U8 of packed 4-bit codes, but "
+                                               r"the config's \[128, 64\] weight packs into \(4096, 1\) bytes"):
         load_model(path, progress=False)
 
 
@@ -309,8 +309,9 @@ def test_unknown_dtype_in_quant_state_is_named(damaged):
         return torch.tensor(list(json.dumps({**state, "dtype": "float99"}).encode()), dtype=torch.uint8)
 
     edit(f"{name}.quant_state.bitsandbytes__nf4", float99)
-    with pytest.raises(CheckpointError, match=rf"the 4-bit weight {name} in model-\d+-of-\d+\.safetensors cannot be "
-                                              r"used: its quant_state entries cannot be read \(AttributeError: .*float99"):
+    with pytest.raises(ModelFolderError, match=rf"the 4-bit weight {name} in model-\d+-of-\d+\.safetensors cannot be "
+                                               r"used: its quant_state entries cannot be read "
+                                               r"\(AttributeError: .*float99"):
         load_model(path, progress=False)
 
 
@@ -342,7 +343,7 @@ def test_quantizations_we_cannot_read_are_refused_before_tokenizing(damaged, tmp
     path, _ = damaged
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
-    with pytest.raises(CheckpointError, match=rf"config\.json: the weights are {message}.*quantize\.py"):
+    with pytest.raises(ModelFolderError, match=rf"config\.json: the weights are {message}.*quantize\.py"):
         refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False)
 
 
@@ -351,8 +352,8 @@ def test_conflicting_quant_is_refused_before_tokenizing(prequantized, tmp_path, 
     """--quant fp4 on an nf4 checkpoint, and --quant nf4 on an fp4 one: its 16-bit weights are not there to quantize."""
     path = prequantized("fp4" if quant == "nf4" else "nf4", True, torch.bfloat16)
     other = "fp4" if quant == "nf4" else "nf4"
-    with pytest.raises(CheckpointError, match=rf"--quant {quant}, but .*config\.json says the checkpoint is "
-                                              rf"pre-quantized to {other}.*Leave --quant at auto"):
+    with pytest.raises(ModelFolderError, match=rf"--quant {quant}, but .*config\.json says the checkpoint is "
+                                               rf"pre-quantized to {other}.*Leave --quant at auto"):
         refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False, args=("--quant", quant))
 
 
@@ -368,6 +369,6 @@ def test_host_memory_estimate_and_refusal(checkpoints, prequantized):
             held += state.absmax.nbytes + state.code.nbytes + state.state2.absmax.nbytes + state.state2.code.nbytes
         estimate = model_loading.host_bytes(model_loading.plan_load(path, quant))
         assert held <= estimate <= held + 14 * 200, (held, estimate)
-    with pytest.raises(CheckpointError, match=r"--cpu_offload keeps the model in host memory: .* needs about [\d.]+ "
-                                              r"GiB there as loaded .*, and 0\.0 GiB is available"):
+    with pytest.raises(ModelFolderError, match=r"--cpu_offload keeps the model in host memory: .* needs about [\d.]+ "
+                                               r"GiB there as loaded .*, and 0\.0 GiB is available"):
         model_loading.check_host_memory(path, "auto", available=1000)

@@ -18,7 +18,7 @@ import cli
 import fsdp_wrap
 import fused
 import train
-from model_loading import CheckpointError, load_model
+from model_loading import ModelFolderError, load_model
 from run_folder import FolderError
 
 
@@ -191,7 +191,7 @@ def test_rows_of_one_token_train_on_two_ranks(checkpoints, tmp_path):
 def test_unknown_quant_is_refused(checkpoints):
     with pytest.raises(cli.Refusal, match="argument --quant: invalid choice: 'int3'"):
         train.parse_config(["--quant", "int3"])
-    with pytest.raises(CheckpointError, match="--quant 'int3'"):
+    with pytest.raises(ModelFolderError, match="--quant 'int3'"):
         load_model(checkpoints("llama"), quant="int3")
 
 
@@ -287,7 +287,7 @@ def test_too_little_data_for_one_step(checkpoints, tmp_path):
 
 
 def test_missing_model_fails_before_loading(tmp_path):
-    with pytest.raises(CheckpointError, match="no such folder"):
+    with pytest.raises(ModelFolderError, match="no such folder"):
         run_inprocess(["--model", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "o")])
 
 
