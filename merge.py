@@ -12,7 +12,7 @@ output is sharded safetensors with model.safetensors.index.json, config.json, th
 and a model card (README.md) naming the base, the adapter and the training config.
 
 MoE experts (an adapter with target_parameters): each adapted experts tensor W (experts, out, in) becomes
-W_e + B_e @ A_e * alpha / r for every expert e, the update PEFT's ParamWrapper defines (lora.ExpertsLoRA).
+W_e + B_e @ A_e * alpha / r for every expert e, the update PEFT's ParamWrapper defines (moe_lora.ExpertsLoRA).
 transformers' model holds a layer's experts fused in that 3-D tensor, while save_pretrained writes one tensor per
 expert, and the merged checkpoint keeps the layout of the base: a layer's experts are read and fused as the loader
 fuses them, merged (for the dequantized semantics quantized whole first, as the loader quantizes them: the double
@@ -83,6 +83,8 @@ import conversions  # noqa: E402
 import fused  # noqa: E402
 import lora  # noqa: E402
 import model_loading  # noqa: E402
+import moe_lora  # noqa: E402
+import peft_format  # noqa: E402
 import quantization  # noqa: E402
 import run_folder  # noqa: E402
 from model_loading import SAFETENSORS_DTYPES, TensorEntry  # noqa: E402
@@ -105,7 +107,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     if shard_size_mb <= 0:
         raise MergeError(f"--shard_size_mb must be positive, got {shard_size_mb}")
     base_dir, adapter_dir, out_dir = builtin.model_dir(model), Path(adapter), Path(out)
-    adapter_config = lora.read_adapter_config(adapter_dir)
+    adapter_config = peft_format.read_adapter_config(adapter_dir)
     run_folder.check_base(adapter_dir, model, base_dir, allow_other_base, MergeError)
     train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
     quant = run_folder.trained_quant(adapter_dir)
@@ -123,7 +125,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     # Written into a hidden sibling, renamed into place at the end: an interrupted merge never looks complete.
     with model_loading.written_whole(out_dir, checked, MergeError) as tmp:
         t0 = time.perf_counter()
-        n_shards, n_bytes = write_weights(base, updates, adapter_dir, lora.adapter_scaling(adapter_config), tmp,
+        n_shards, n_bytes = write_weights(base, updates, adapter_dir, peft_format.adapter_scaling(adapter_config), tmp,
                                           DTYPES[dtype], round_trip, shard_size_mb * 2**20, device, progress)
         config = base.config
         config.dtype = DTYPES[dtype]  # saved as "dtype": from_pretrained(dtype="auto") picks it
@@ -213,7 +215,7 @@ def plan_updates(base: Base, adapter_dir: Path, config: dict) -> dict[str, Updat
     of_experts = {key for update in experts for key in update.factors}
     for key in (key for key in shapes if key not in of_experts):  # in the file's order: errors name the first
         # "base_model.model.<path>.lora_A.weight"
-        path, sep, rest = key.removeprefix(lora.PEFT_PREFIX).rpartition(".lora_")
+        path, sep, rest = key.removeprefix(peft_format.PEFT_PREFIX).rpartition(".lora_")
         if not sep or rest not in ("A.weight", "B.weight"):
             raise MergeError(f"unexpected tensor {key} in {source}: only lora_A and lora_B weights can be merged")
         factors.setdefault(path, set()).add(rest[0])
@@ -221,7 +223,7 @@ def plan_updates(base: Base, adapter_dir: Path, config: dict) -> dict[str, Updat
         if found != {"A", "B"}:
             raise MergeError(f"{path} has lora_{found.pop()} but not its partner in {source}; the file is incomplete")
         weight, r = f"{path}.weight", config["r"]
-        a, b = (shapes[lora.peft_key(f"{path}.{ab}.weight")] for ab in lora.FACTORS)
+        a, b = (shapes[peft_format.peft_key(f"{path}.{ab}.weight")] for ab in peft_format.FACTORS)
         if weight not in entries:
             raise MergeError(f"{source} adapts {path}, which this base model does not have: "
                              "merge it into the model it was trained on")
@@ -230,7 +232,8 @@ def plan_updates(base: Base, adapter_dir: Path, config: dict) -> dict[str, Updat
             raise MergeError(f"{source} does not fit {weight} of shape {list(entries[weight].shape)}: it has lora_A "
                              f"{list(a)} and lora_B {list(b)} (r={r}). It was trained on another base model; "
                              "merge it into that one")
-        updates[weight] = Update(weight, tuple(lora.peft_key(f"{path}.{ab}.weight") for ab in lora.FACTORS), [weight])
+        keys = tuple(peft_format.peft_key(f"{path}.{ab}.weight") for ab in peft_format.FACTORS)
+        updates[weight] = Update(weight, keys, [weight])
     return updates
 
 
@@ -238,7 +241,7 @@ def plan_experts(base: Base, shapes: dict[str, tuple[int, ...]], config: dict, s
     """The experts tensors the adapter's target_parameters name, as PEFT matches them (the tensor's full name, or a
     suffix of it after a dot), each with its factors found in the adapter and checked against its shape."""
     targets = config.get("target_parameters") or []
-    found = lora.expert_tensors(base.skeleton, model_loading.decoder_layer_class(base.skeleton))
+    found = moe_lora.expert_tensors(base.skeleton, model_loading.decoder_layer_class(base.skeleton))
     tensors = [name for name in found if any(name == t or name.endswith(f".{t}") for t in targets)]
     unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in tensors)]
     if unmatched:
@@ -246,7 +249,7 @@ def plan_experts(base: Base, shapes: dict[str, tuple[int, ...]], config: dict, s
                          f"MoE experts tensors: {sorted({n.rpartition('.')[2] for n in found}) or 'none'}): merge it "
                          "into the model it was trained on")
     updates, r = [], config["r"]
-    for tensor, (a_key, b_key) in lora.expert_peft_keys(tensors).items():
+    for tensor, (a_key, b_key) in peft_format.expert_peft_keys(tensors).items():
         lost = [key for key in (a_key, b_key) if key not in shapes]
         if lost:
             raise MergeError(f"{source} adapts {tensor} (target_parameters) but holds no {lost[0]}: the file is "
@@ -335,7 +338,7 @@ def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: fl
     w = w.to(device)
     if round_trip is not None:  # exactly as the loader quantizes
         w = quantization.dequantize(quantization.quantize(w, round_trip, device))
-    add = lora.add_experts_update if w.dim() == 3 else lora.add_update
+    add = moe_lora.add_experts_update if w.dim() == 3 else lora.add_update
     return add(w.float(), a.to(device, torch.float32), b.to(device, torch.float32), scaling)
 
 
@@ -435,7 +438,7 @@ def max_logit_diffs(base_dir: Path, adapter_dir: Path, merged_dir: Path, quant: 
     vocab = AutoConfig.from_pretrained(merged_dir).vocab_size
     tokens = torch.randint(vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     trained = model_loading.load_model(base_dir, quant, device, progress=False).eval()
-    lora.apply_adapter(trained, adapter_dir)
+    peft_format.apply_adapter(trained, adapter_dir)
     with torch.no_grad():
         as_trained = finite_logits(trained, tokens, "the model as trained (base + adapter)")
         for module in lora.lora_modules(trained).values():

@@ -188,7 +188,9 @@ import fused  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
 import model_loading  # noqa: E402
+import moe_lora  # noqa: E402
 import offload  # noqa: E402
+import peft_format  # noqa: E402
 import quantization  # noqa: E402
 import reporting  # noqa: E402
 import run_folder  # noqa: E402
@@ -256,13 +258,16 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
                                                                if experts else ""))
     layer_cls = model_loading.decoder_layer_class(model)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
-    targets = lora.parse_targets(cfg.lora_targets)
+    linears, experts = lora.split_targets(cfg.lora_targets)
     # LoRA goes straight to the GPU even where the base waits in CPU memory: it is small (168M parameters for an 8B
     # model at r=64), its init there is one kernel per matrix instead of about a second of CPU time, and every world
     # size then draws the same A from the same generator. FSDP moves the CPU-resident rest unit by unit as it wraps.
-    names = lora.inject_lora(model, targets, layer_cls, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, device)
+    lora_args = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, device)
+    names = lora.inject_lora(model, linears, layer_cls, *lora_args) if linears else []
+    if experts:  # the MoE experts' 3-D tensors too
+        names += moe_lora.inject_experts_lora(model, layer_cls, *lora_args)
     if adapter_dir is not None:  # resuming: the full weights go in before FSDP shards them
-        lora.load_adapter(model, adapter_dir)
+        peft_format.load_adapter(model, adapter_dir)
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kinds = collections.Counter(name.split(".")[-1] for name in names)
@@ -621,7 +626,7 @@ def summary(cfg: Config, model_dir: Path, log: StepLog, wall_s: float, training_
     files = ["adapter_model.safetensors and adapter_config.json (PEFT's format)", run_folder.TRAIN_CONFIG,
              "metrics.jsonl"] + ["samples.jsonl"] * bool(prompts) + ["tensorboard/"] * ("tensorboard" in cfg.report_to)
     base, merged = cfg.model, f"{out}-merged"
-    served_rank = lora.vllm_max_lora_rank(cfg.lora_rank)
+    served_rank = peft_format.vllm_max_lora_rank(cfg.lora_rank)
     commands = [
         ["python", "merge.py", "--model", base, "--adapter", str(out), "--out", merged],
         ["python", "generate.py", "--model", base, "--adapter", str(out), "--prompt", (prompts or ["Hello"])[0]],
@@ -649,7 +654,7 @@ def train(cfg: Config) -> list[dict]:
     rank, _, world, device = init_distributed(cfg.dist_timeout)
     stop, lock, log, report = checkpointing.StopOnSignal(), None, None, None
     try:
-        if (warning := lora.vllm_rank_warning(cfg.lora_rank)) is not None:
+        if (warning := peft_format.vllm_rank_warning(cfg.lora_rank)) is not None:
             print0(f"warning: {warning}")
         out_dir = Path(cfg.output_dir)
         if not cfg.show:  # --show only reads

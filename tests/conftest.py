@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 import fsdp_wrap  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
+import moe_lora  # noqa: E402
+import peft_format  # noqa: E402
 import quantization  # noqa: E402
 import train  # noqa: E402
 from builtin import cached_checkpoint, make_tokenizer, write_random_checkpoint  # noqa: E402
@@ -286,8 +288,16 @@ def exactly_as_plain(path, **wrap):
 def adapted(path, quant="none", r=4, alpha=8.0, targets=(lora.ALL_LINEAR,)):
     """Our LoRA injected into the loaded model (eval mode), and the adapted module names."""
     model = load_model(path, quant=quant, device=DEVICE, progress=False)
-    names = lora.inject_lora(model, list(targets), decoder_layer_class(model), r, alpha, 0.0, DEVICE)
-    return model.eval(), names
+    return model.eval(), inject(model, list(targets), r, alpha)
+
+
+def inject(model, targets, r=4, alpha=8.0, dropout=0.0):
+    """LoRA on the linears `targets` select, and on the MoE experts where they hold "experts", as train.py adds it;
+    the adapted names."""
+    linears, experts = lora.split_targets(targets)
+    layer_cls = decoder_layer_class(model)
+    names = lora.inject_lora(model, linears, layer_cls, r, alpha, dropout, DEVICE) if linears else []
+    return names + (moe_lora.inject_experts_lora(model, layer_cls, r, alpha, dropout, DEVICE) if experts else [])
 
 
 def randomize_b(model):
@@ -301,7 +311,7 @@ def make_adapter(base, out, quant="nf4", targets=(lora.ALL_LINEAR,)):
     """A trained-looking adapter for `base` (our LoRA, r=4, with random B), saved as train.py saves it."""
     model, _ = adapted(base, targets=targets)
     randomize_b(model)
-    lora.save_adapter(lora.factor_weights(lora.lora_modules(model)), out, r=4, alpha=8.0, dropout=0.0,
+    peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(model)), out, r=4, alpha=8.0, dropout=0.0,
                       base_model=str(base), base_fingerprint=fingerprint(base))
     (out / "train_config.json").write_text(json.dumps({"model": str(base), "quant": quant, "lora_rank": 4}))
     return out
