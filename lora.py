@@ -68,10 +68,10 @@ class LoRALinear(Adapter):
         """Whether to add the update to the weight instead of to the output.
 
         Only without dropout, which applies to the update's input alone. Then always in training: one GEMM and one
-        autograd node instead of four, forward and backward. On one H100, batch 1 x 2048 tokens of an 8B model went
-        from 2,703 to 3,764 tokens/s in one run and from 2,509 to 2,932 in another, although the weight (out x in)
-        is larger than the output there. Without gradients, only when the weight is smaller than the output (more
-        rows than input features): not in generation, where bitsandbytes multiplies by the 4-bit weight directly.
+        autograd node instead of four, forward and backward, which paid even at batch 1, where the weight (out x in)
+        is larger than the output (BENCHMARKS.md, "What each change bought"). Without gradients, only when the
+        weight is smaller than the output (more rows than input features): not in generation, where bitsandbytes
+        multiplies by the 4-bit weight directly.
         """
         if self.training and not isinstance(self.dropout, nn.Identity):
             return False
@@ -96,8 +96,8 @@ class LoRALinear(Adapter):
 def factors(inp: int, rank: int, out: int, device: torch.device | str) -> tuple[LoRAFactor, LoRAFactor]:
     """A (inp -> rank) Kaiming-uniform, as nn.Linear and PEFT initialise it, and B (rank -> out) zero, both fp32.
 
-    skip_init: nn.Linear's own init would draw a random A and B, both overwritten here. Skipping it takes adding LoRA
-    to an 8B model (224 adapters, 168M parameters at r=64) from about 1.3 to 1.0 s on a 2-core CPU."""
+    skip_init: nn.Linear's own init would draw a random A and B, both overwritten here, a cost that grows with the
+    model (168M parameters for an 8B model at r=64)."""
     a = skip_init(LoRAFactor, inp, rank, bias=False, dtype=torch.float32, device=device)
     b = skip_init(LoRAFactor, rank, out, bias=False, dtype=torch.float32, device=device)
     nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -113,10 +113,15 @@ def add_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
 
 
 
-def _merged_weight(base: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   scaling: float) -> torch.Tensor:
+def dense_weight(base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The (out, in) matrix a base linear's `weight` stands for: dequantized from 4 bits, or the weight itself."""
+    return quantization.dequantize(weight, base) if quantization.is_4bit(base) else weight
+
+
+def merged_weight(base: nn.Module, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  scaling: float) -> torch.Tensor:
     """W + scaling * B @ A as a new bf16 (out, in) matrix, W dequantized from 4 bits or taken as it is."""
-    return add_update(quantization.dequantize(weight, base) if quantization.is_4bit(base) else weight, a, b, scaling)
+    return add_update(dense_weight(base, weight), a, b, scaling)
 
 
 class _MergedLoRA(torch.autograd.Function):
@@ -133,13 +138,13 @@ class _MergedLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, a, b, bias, base, scaling):
         ctx.save_for_backward(x, weight, a, b)
         ctx.base, ctx.scaling = base, scaling
-        return F.linear(x, _merged_weight(base, weight, a, b, scaling), bias)
+        return F.linear(x, merged_weight(base, weight, a, b, scaling), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, a, b = ctx.saved_tensors
         s, needs = ctx.scaling, ctx.needs_input_grad
-        grad_x = grad_out @ _merged_weight(ctx.base, weight, a, b, s) if needs[0] else None
+        grad_x = grad_out @ merged_weight(ctx.base, weight, a, b, s) if needs[0] else None
         grad_a = (grad_out @ b * s).t() @ x if needs[2] else None  # (r, in)
         grad_b = grad_out.t() @ (x @ a.t() * s) if needs[3] else None  # (out, r): A(x) recomputed, r wide
         return grad_x, None, grad_a, grad_b, None, None, None

@@ -13,6 +13,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import dora
 import lora
 import model_loading
 import moe_lora
@@ -24,8 +25,9 @@ FACTORS = ("lora_A", "lora_B")  # an adapted tensor's weights in the file, "<pat
 
 
 def peft_key(key: str) -> str:
-    """"<path>.lora_A.weight" as PEFT's adapter file names it: after the path of the model inside PEFT's wrappers."""
-    return PEFT_PREFIX + key
+    """"<path>.lora_A.weight" as PEFT's adapter file names it: after the path of the model inside PEFT's wrappers.
+    DoRA's magnitude, a parameter of PEFT's layer and not a module's weight, is "<path>.lora_magnitude_vector"."""
+    return PEFT_PREFIX + (key.removesuffix(".weight") if key.endswith(f".{dora.MAGNITUDE}.weight") else key)
 
 
 def peft_keys(keys) -> dict[str, str]:
@@ -96,7 +98,8 @@ def vllm_rank_warning(r: int) -> str | None:
 
 def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: float, dropout: float,
                  base_model: str, base_fingerprint: str | None = None) -> None:
-    """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" to full (unsharded) tensors. The base's
+    """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" (and DoRA's "<path>.lora_magnitude_vector.weight")
+    to full (unsharded) tensors, lora.adapter_weights' keys. The base's
     model_loading.fingerprint goes into the weights file's metadata (BASE_FINGERPRINT), where PEFT and vLLM do not
     look and from which it never parts: merge.py and generate.py compare it with the base they are given."""
     out_dir = Path(out_dir)
@@ -111,7 +114,8 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
-        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": any(k.endswith(f".{dora.MAGNITUDE}.weight") for k in state),
         "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
     }
     if expert_targets(state):  # MoE experts' tensors (ExpertsLoRA), loaded by PEFT 0.21's ParamWrapper
@@ -151,12 +155,13 @@ def read_adapter_config(adapter_dir: Path) -> dict:
             raise AdapterError(f"no {name} in {adapter_dir}: pass --adapter the output_dir of a training run "
                                "(or one of its checkpoint-N folders)")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    unsupported = {"peft_type": config.get("peft_type") != "LORA", "use_dora": config.get("use_dora"),
+    unsupported = {"peft_type": config.get("peft_type") != "LORA",
+                   "use_dora with target_parameters": config.get("use_dora") and config.get("target_parameters"),
                    "fan_in_fan_out": config.get("fan_in_fan_out"), "modules_to_save": config.get("modules_to_save"),
                    "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
     if any(unsupported.values()):
         raise AdapterError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
-                           "only plain LoRA adapters (as train.py saves them) are supported")
+                           "only LoRA and DoRA adapters as train.py saves them are supported")
     _check_rank(adapter_dir, config)
     return config
 
@@ -206,8 +211,9 @@ def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
     layer_cls = model_loading.decoder_layer_class(model)
     _check_fits(model, layer_cls, targets, adapter_dir, config)
     device, dropout = next(model.parameters()).device, config.get("lora_dropout", 0.0)
+    adapter = dora.DoRALinear if config.get("use_dora") else lora.LoRALinear
     if targets:
-        lora.inject_lora(model, targets, layer_cls, config["r"], config["lora_alpha"], dropout, device)
+        lora.inject_lora(model, targets, layer_cls, config["r"], config["lora_alpha"], dropout, device, adapter)
     if config.get("target_parameters"):  # every experts tensor, as train.py adapts them; load_adapter checks the keys
         moe_lora.inject_experts_lora(model, layer_cls, config["r"], config["lora_alpha"], dropout, device)
     for module in lora.lora_modules(model).values():
