@@ -60,6 +60,7 @@ from torch._C._distributed_c10d import _create_work_from_future
 ORIGINAL_ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # before train.py sets its default
 
 import lora  # noqa: E402
+import moe_lora  # noqa: E402
 import train  # noqa: E402
 from builtin import make_tokenizer, write_random_checkpoint
 from data import tokenize
@@ -130,7 +131,7 @@ def has_experts(config) -> bool:
     import model_loading
 
     skeleton = model_loading.build_skeleton(config, "none")
-    return bool(lora.expert_tensors(skeleton, model_loading.decoder_layer_class(skeleton)))
+    return bool(moe_lora.expert_tensors(skeleton, model_loading.decoder_layer_class(skeleton)))
 
 
 def lora_targets(config) -> str:
@@ -142,7 +143,7 @@ def reference_lora_targets(config) -> dict:
     """LoraConfig's targets that make PEFT adapt what train.py adapts (lora_targets): the linears by name (PEFT's own
     "all-linear" would also take an MoE's routers that are linears) and the experts' 3-D tensors as
     target_parameters, "experts.gate_up_proj", which PEFT matches as a suffix of each tensor's name."""
-    selected = lora.targets_on(config, lora_targets(config))
+    selected = moe_lora.targets_on(config, lora_targets(config))
     linears = {name for name, module in selected.items() if hasattr(module, "in_features")}
     experts = sorted({".".join(name.split(".")[-2:]) for name in selected.keys() - linears})
     return dict(target_modules=lora.kinds(linears), **({"target_parameters": experts} if experts else {}))
@@ -163,7 +164,7 @@ def linear_params(config) -> int:
 
     skeleton = model_loading.build_skeleton(config, "none")
     linear = sum(m.weight.numel() for m in skeleton.modules() if isinstance(m, torch.nn.Linear))
-    experts = lora.expert_tensors(skeleton, model_loading.decoder_layer_class(skeleton))
+    experts = moe_lora.expert_tensors(skeleton, model_loading.decoder_layer_class(skeleton))
     active = sum(math.prod(shape[1:]) * config.num_experts_per_tok for _, _, shape in experts.values())
     return linear + active
 

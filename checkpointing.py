@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from tqdm import tqdm
 
 import fsdp_wrap
-import lora
+import moe_lora
 import out_folder
 import run_folder
 from run_folder import COMPLETE, TRAIN_CONFIG
@@ -168,8 +168,8 @@ def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[s
     skip = {k for k, meta in settings.items() if "may_change" in meta} | ({"dataset"} if by_rows else set())
     differ = [k for k in config if k in saved and saved[k] != config[k]]  # keys a checkpoint predates: unknowable
     if "lora_targets" in differ and model_config is not None and (
-            lora.targets_on(model_config, saved["lora_targets"]).keys()
-            == lora.targets_on(model_config, config["lora_targets"]).keys()):
+            moe_lora.targets_on(model_config, saved["lora_targets"]).keys()
+            == moe_lora.targets_on(model_config, config["lora_targets"]).keys()):
         differ.remove("lora_targets")
     why = {k: f" ({meta['must_match']})" for k, meta in settings.items() if "must_match" in meta}
     problems = [f"--{k} is {config[k]!r}, the checkpoint's run used {saved[k]!r}{why.get(k, '')}"
@@ -309,7 +309,7 @@ def _on_rank0(write: Callable[[], None], path: Path, intact: str) -> None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> None:
     """Optimizer, scheduler and this rank's RNG states from `path`; a collective. The LoRA weights are loaded
-    earlier, into the unwrapped model (lora.load_adapter), before FSDP shards it."""
+    earlier, into the unwrapped model (peft_format.load_adapter), before FSDP shards it."""
     optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

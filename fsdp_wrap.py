@@ -31,7 +31,7 @@ import fused
 import offload
 import quantization
 import settings
-from lora import ADAPTERS, ExpertsLoRA, LoRALinear, factor_weights
+from lora import Adapter, adapter_weights, lora_modules
 
 # full_shard: params, grads and optimizer state split over all ranks (ZeRO-3); shard_grad_op: params kept whole
 # between forward and backward (ZeRO-2); hybrid_shard: full_shard inside a node, replicated across nodes; no_shard:
@@ -45,11 +45,6 @@ def clean_name(name: str) -> str:
     """A module path without the wrappers' own attributes: FSDP, activation checkpointing, torch.compile, and
     LayerAdapters; what the path is in the unwrapped model, and in the adapter file."""
     return re.sub(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod|_adapters_wrapped_module)\.", "", name)
-
-
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear | ExpertsLoRA]:
-    """Every LoRALinear and ExpertsLoRA of a wrapped (or unwrapped) model by its path in the unwrapped model."""
-    return {clean_name(n): m for n, m in model.named_modules() if isinstance(m, ADAPTERS)}
 
 
 class LayerAdapters(nn.Module):
@@ -69,11 +64,11 @@ class LayerAdapters(nn.Module):
         self._adapters_wrapped_module = layer  # clean_name drops this attribute from paths
         self.adapters = nn.ModuleDict()
         for name, module in layer.named_modules():
-            if isinstance(module, ADAPTERS):  # an MoE layer's ExpertsLoRA too: its A and B join the same unit
-                for ab in ("lora_A", "lora_B"):
-                    factor = module._modules.pop(ab)
-                    object.__setattr__(module, ab, factor)  # module.lora_A still works; it is no longer a child
-                    self.adapters[f"{name}.{ab}".replace(".", "-")] = factor
+            if isinstance(module, Adapter):  # an MoE layer's ExpertsLoRA too: its weights join the same unit
+                for part in module.adapter_params():
+                    weights = module._modules.pop(part)
+                    object.__setattr__(module, part, weights)  # module.lora_A still works; it is no longer a child
+                    self.adapters[f"{name}.{part}".replace(".", "-")] = weights
 
     def forward(self, *args, **kwargs):
         return self._adapters_wrapped_module(*args, **kwargs)
@@ -102,7 +97,7 @@ def group_adapters(model: nn.Module, layer_cls: type[nn.Module]) -> None:
     """Put every decoder layer that holds LoRA inside a LayerAdapters, in place."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, layer_cls)]
     for name, layer in layers:
-        if any(isinstance(m, ADAPTERS) for m in layer.modules()):
+        if any(isinstance(m, Adapter) for m in layer.modules()):
             model.set_submodule(name, LayerAdapters(layer))
 
 
@@ -169,12 +164,12 @@ def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state dict of the root would gather the whole base model; on CPU its offload_to_cpu path also crashes.)
     """
     hf_model = next(m for m in model.modules() if isinstance(m, PreTrainedModel))  # names as PEFT sees them
-    names = {id(m): name for name, m in lora_modules(hf_model).items()}
+    names = {id(m): clean_name(name) for name, m in lora_modules(hf_model).items()}
     state = {}
     for unit in FSDP.fsdp_modules(model):
         if not isinstance(unit.module, LayerAdapters):
             continue
         with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-            modules = {names[id(m)]: m for m in unit.module.modules() if isinstance(m, ADAPTERS)}
-            state.update({k: w.detach().to("cpu", copy=True) for k, w in factor_weights(modules).items()})
+            modules = {names[id(m)]: m for m in unit.module.modules() if isinstance(m, Adapter)}
+            state.update({k: w.detach().to("cpu", copy=True) for k, w in adapter_weights(modules).items()})
     return state

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
-import lora
+import moe_lora
 
 
 def head_transforms(config) -> tuple[float, float | None]:
@@ -183,15 +183,15 @@ COMPILED_FROM_ROWS = 131_072
 
 
 def _routed_by_size(compiled, hidden_states: torch.Tensor, top_k_index: torch.Tensor, *args, **kwargs):
-    """lora.routed_experts compiled from COMPILED_FROM_ROWS routed rows on, eager below: the same computation."""
-    routed = compiled if top_k_index.numel() >= COMPILED_FROM_ROWS else lora.routed_experts
+    """moe_lora.routed_experts compiled from COMPILED_FROM_ROWS routed rows on, eager below: the same computation."""
+    routed = compiled if top_k_index.numel() >= COMPILED_FROM_ROWS else moe_lora.routed_experts
     return routed(hidden_states, top_k_index, *args, **kwargs)
 
 
 def _experts_gate(experts: nn.Module):
     """The fused gate that computes exactly what an experts module's _apply_gate does, when routed_experts can be
     compiled for it: LoRA on it, a gate, no biases, no norm after the experts; else None."""
-    if not (lora.groups_by_expert(experts) and hasattr(experts, "lora_experts") and experts.has_gate
+    if not (moe_lora.groups_by_expert(experts) and hasattr(experts, "lora_experts") and experts.has_gate
             and not experts.has_bias and not experts.has_post_expert_norm):
         return None
     fn = _activation_variant(experts.act_fn)
@@ -213,7 +213,7 @@ def compile_elementwise(model: nn.Module, layer_cls: type[nn.Module], backend: s
         its module's globals. Each attention module of this model gets its own copy of that forward, reading a
         private copy of those globals with the compiled function in it (_with_global): the library is untouched.
       - MoE experts with LoRA, on enough tokens (COMPILED_FROM_ROWS): everything between their dequantization and
-        the layer's output (lora.routed_experts: the sort by expert, gathers, grouped matmuls, LoRA, gate, routing
+        the layer's output (moe_lora.routed_experts: the sort by expert, gathers, grouped matmuls, LoRA, gate, routing
         weights, the sum over the k experts), one graph for all layers. Eagerly its elementwise work reads and
         writes (tokens x k) x hidden tensors several times over.
     The compiled functions take tensors only: compiling the modules themselves fused less on the GPU (the multiply
@@ -232,7 +232,7 @@ def compile_elementwise(model: nn.Module, layer_cls: type[nn.Module], backend: s
                     module.forward = functools.partial(_fused_mlp, module, fused[fn])
             elif (fn := _experts_gate(module)) is not None:
                 if fn not in routed:  # one compiled function and one gate object per activation: one graph
-                    routed[fn] = (torch.compile(lora.routed_experts, backend=backend), functools.partial(_halves, fn))
+                    routed[fn] = (torch.compile(moe_lora.routed_experts, backend=backend), functools.partial(_halves, fn))
                 compiled, gate = routed[fn]
                 module.routed = functools.partial(_routed_by_size, compiled, gate=gate, transposed=module.is_transposed)
             elif (rotary := _global_of(module, "apply_rotary_pos_emb")) is not None:

@@ -52,8 +52,8 @@ from tqdm import tqdm  # noqa: E402
 import builtin  # noqa: E402
 import data  # noqa: E402
 import fused  # noqa: E402
-import lora  # noqa: E402
 import model_loading  # noqa: E402
+import peft_format  # noqa: E402
 import quantization  # noqa: E402
 import run_folder  # noqa: E402
 
@@ -253,14 +253,14 @@ def load(model: str, adapter: str | None, quant: str | None, device: torch.devic
     model_dir = builtin.model_dir(model)
     tokenizer, _ = load_tokenizer(model, adapter, chat_template)  # a folder without one fails before the model loads
     if adapter:  # a missing adapter, or one for another base, fails before the model loads
-        lora.read_adapter_config(Path(adapter))
+        peft_format.read_adapter_config(Path(adapter))
         run_folder.check_base(Path(adapter), model, model_dir, allow_other_base)
     if quant is None:  # as trained with an adapter; a merged or plain model as it is stored (16 or 4 bits)
         quant = run_folder.trained_quant(Path(adapter)) if adapter else model_loading.resolve_quant(
             model_loading.read_config(model_dir), quantization.AUTO, default="none")
     net = model_loading.load_model(model_dir, quant, device).eval()
     if adapter:
-        lora.apply_adapter(net, Path(adapter))
+        peft_format.apply_adapter(net, Path(adapter))
     return net, tokenizer
 
 

@@ -12,7 +12,7 @@ output is sharded safetensors with model.safetensors.index.json, config.json, th
 and a model card (README.md) naming the base, the adapter and the training config.
 
 MoE experts (an adapter with target_parameters): each adapted experts tensor W (experts, out, in) becomes
-W_e + B_e @ A_e * alpha / r for every expert e, the update PEFT's ParamWrapper defines (lora.ExpertsLoRA).
+W_e + B_e @ A_e * alpha / r for every expert e, the update PEFT's ParamWrapper defines (moe_lora.ExpertsLoRA).
 transformers' model holds a layer's experts fused in that 3-D tensor, while save_pretrained writes one tensor per
 expert, and the merged checkpoint keeps the layout of the base: a layer's experts are read and fused as the loader
 fuses them, merged (for the dequantized semantics quantized whole first, as the loader quantizes them: the double
@@ -80,10 +80,13 @@ from transformers import AutoConfig, PretrainedConfig  # noqa: E402
 
 import builtin  # noqa: E402
 import conversions  # noqa: E402
+import dora  # noqa: E402
 import fused  # noqa: E402
 import lora  # noqa: E402
 import model_loading  # noqa: E402
+import moe_lora  # noqa: E402
 import out_folder  # noqa: E402
+import peft_format  # noqa: E402
 import quantization  # noqa: E402
 import run_folder  # noqa: E402
 from model_loading import SAFETENSORS_DTYPES, TensorEntry  # noqa: E402
@@ -106,7 +109,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     if shard_size_mb <= 0:
         raise MergeError(f"--shard_size_mb must be positive, got {shard_size_mb}")
     base_dir, adapter_dir, out_dir = builtin.model_dir(model), Path(adapter), Path(out)
-    adapter_config = lora.read_adapter_config(adapter_dir)
+    adapter_config = peft_format.read_adapter_config(adapter_dir)
     run_folder.check_base(adapter_dir, model, base_dir, allow_other_base, MergeError)
     train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
     quant = run_folder.trained_quant(adapter_dir)
@@ -124,7 +127,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     # Written into a hidden sibling, renamed into place at the end: an interrupted merge never looks complete.
     with out_folder.written_whole(out_dir, checked, MergeError) as tmp:
         t0 = time.perf_counter()
-        n_shards, n_bytes = write_weights(base, updates, adapter_dir, lora.adapter_scaling(adapter_config), tmp,
+        n_shards, n_bytes = write_weights(base, updates, adapter_dir, peft_format.adapter_scaling(adapter_config), tmp,
                                           DTYPES[dtype], round_trip, shard_size_mb * 2**20, device, progress)
         config = base.config
         config.dtype = DTYPES[dtype]  # saved as "dtype": from_pretrained(dtype="auto") picks it
@@ -197,7 +200,7 @@ class Update:
     from and written back to (Base.sources): itself, or an experts tensor's one per expert as save_pretrained wrote
     them."""
     tensor: str
-    factors: tuple[str, str]
+    factors: tuple[str, ...]  # A's and B's keys, and DoRA's magnitude's
     sources: list[str]
 
 
@@ -210,27 +213,35 @@ def plan_updates(base: Base, adapter_dir: Path, config: dict) -> dict[str, Updat
     experts = plan_experts(base, shapes, config, source)
     updates = {name: update for update in experts for name in update.sources}
     factors: dict[str, set[str]] = {}
+    magnitude = dora.MAGNITUDE.removeprefix("lora_")  # DoRA's, after "<path>.lora_" as A's and B's
     of_experts = {key for update in experts for key in update.factors}
     for key in (key for key in shapes if key not in of_experts):  # in the file's order: errors name the first
         # "base_model.model.<path>.lora_A.weight"
-        path, sep, rest = key.removeprefix(lora.PEFT_PREFIX).rpartition(".lora_")
-        if not sep or rest not in ("A.weight", "B.weight"):
-            raise MergeError(f"unexpected tensor {key} in {source}: only lora_A and lora_B weights can be merged")
-        factors.setdefault(path, set()).add(rest[0])
+        path, sep, rest = key.removeprefix(peft_format.PEFT_PREFIX).rpartition(".lora_")
+        if not sep or rest not in ("A.weight", "B.weight", magnitude):
+            raise MergeError(f"unexpected tensor {key} in {source}: only lora_A and lora_B weights (and DoRA's "
+                             "lora_magnitude_vector) can be merged")
+        factors.setdefault(path, set()).add(rest)
+    parts = {"A.weight", "B.weight"} | ({magnitude} if config.get("use_dora") else set())
     for path, found in factors.items():
-        if found != {"A", "B"}:
-            raise MergeError(f"{path} has lora_{found.pop()} but not its partner in {source}; the file is incomplete")
+        if found != parts:
+            raise MergeError(f"{path} has {sorted('lora_' + p for p in found)} in {source}, where its config "
+                             f"(use_dora: {bool(config.get('use_dora'))}) needs {sorted('lora_' + p for p in parts)}: "
+                             "the file is incomplete, or beside another adapter's config")
         weight, r = f"{path}.weight", config["r"]
-        a, b = (shapes[lora.peft_key(f"{path}.{ab}.weight")] for ab in lora.FACTORS)
+        a, b = (shapes[peft_format.peft_key(f"{path}.{ab}.weight")] for ab in peft_format.FACTORS)
         if weight not in entries:
             raise MergeError(f"{source} adapts {path}, which this base model does not have: "
                              "merge it into the model it was trained on")
         out_features, in_features = entries[weight].shape
-        if a != (r, in_features) or b != (out_features, r):
+        m = shapes.get(peft_format.peft_key(f"{path}.{dora.MAGNITUDE}.weight"), (out_features,))
+        if a != (r, in_features) or b != (out_features, r) or m != (out_features,):
             raise MergeError(f"{source} does not fit {weight} of shape {list(entries[weight].shape)}: it has lora_A "
                              f"{list(a)} and lora_B {list(b)} (r={r}). It was trained on another base model; "
                              "merge it into that one")
-        updates[weight] = Update(weight, tuple(lora.peft_key(f"{path}.{ab}.weight") for ab in lora.FACTORS), [weight])
+        keys = tuple(peft_format.peft_key(f"{path}.{ab}.weight")
+                     for ab in peft_format.FACTORS + ((dora.MAGNITUDE,) if config.get("use_dora") else ()))
+        updates[weight] = Update(weight, keys, [weight])
     return updates
 
 
@@ -238,7 +249,7 @@ def plan_experts(base: Base, shapes: dict[str, tuple[int, ...]], config: dict, s
     """The experts tensors the adapter's target_parameters name, as PEFT matches them (the tensor's full name, or a
     suffix of it after a dot), each with its factors found in the adapter and checked against its shape."""
     targets = config.get("target_parameters") or []
-    found = lora.expert_tensors(base.skeleton, model_loading.decoder_layer_class(base.skeleton))
+    found = moe_lora.expert_tensors(base.skeleton, model_loading.decoder_layer_class(base.skeleton))
     tensors = [name for name in found if any(name == t or name.endswith(f".{t}") for t in targets)]
     unmatched = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in tensors)]
     if unmatched:
@@ -246,7 +257,7 @@ def plan_experts(base: Base, shapes: dict[str, tuple[int, ...]], config: dict, s
                          f"MoE experts tensors: {sorted({n.rpartition('.')[2] for n in found}) or 'none'}): merge it "
                          "into the model it was trained on")
     updates, r = [], config["r"]
-    for tensor, (a_key, b_key) in lora.expert_peft_keys(tensors).items():
+    for tensor, (a_key, b_key) in peft_format.expert_peft_keys(tensors).items():
         lost = [key for key in (a_key, b_key) if key not in shapes]
         if lost:
             raise MergeError(f"{source} adapts {tensor} (target_parameters) but holds no {lost[0]}: the file is "
@@ -321,22 +332,25 @@ def read_tensor(base: Base, name: str, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-def read_factors(adapter_dir: Path, keys: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA's A and B for one tensor, read as the base tensors are (a 70B r=64 adapter is 3 GB in fp32)."""
+def read_factors(adapter_dir: Path, keys: tuple[str, ...]) -> list[torch.Tensor]:
+    """One tensor's A and B (and DoRA's magnitude), read as the base tensors are (a 70B r=64 adapter is 3 GB)."""
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt", device="cpu") as f:
-        a, b = (f.get_tensor(key) for key in keys)
-    return a, b
+        return [f.get_tensor(key) for key in keys]
 
 
-def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, round_trip: str | None,
+def merged_weight(w: torch.Tensor, factors: list[torch.Tensor], scaling: float, round_trip: str | None,
                   device: torch.device) -> torch.Tensor:
-    """W + B @ A * scaling in fp32 (for an experts tensor, expert by expert), W being the base weight as read or,
-    with `round_trip` (a 4-bit type), its 4-bit round trip (see the module docstring)."""
+    """W + B @ A * scaling in fp32 (for an experts tensor, expert by expert; with DoRA's magnitude m,
+    m * (W + B @ A * scaling) / its norm by output feature), W being the base weight as read or, with `round_trip`
+    (a 4-bit type), its 4-bit round trip (see the module docstring)."""
     w = w.to(device)
     if round_trip is not None:  # exactly as the loader quantizes
         w = quantization.dequantize(quantization.quantize(w, round_trip, device))
-    add = lora.add_experts_update if w.dim() == 3 else lora.add_update
-    return add(w.float(), a.to(device, torch.float32), b.to(device, torch.float32), scaling)
+    a, b, *magnitude = (f.to(device, torch.float32) for f in factors)
+    if magnitude:
+        return dora.merged_weight(w.float(), a, b, magnitude[0], scaling)
+    add = moe_lora.add_experts_update if w.dim() == 3 else lora.add_update
+    return add(w.float(), a, b, scaling)
 
 
 def merge_update(base: Base, update: Update, adapter_dir: Path, scaling: float, round_trip: str | None,
@@ -349,7 +363,7 @@ def merge_update(base: Base, update: Update, adapter_dir: Path, scaling: float, 
     else:
         parts = ((name, read_tensor(base, name, device)) for name in update.sources)
         [(_, w)] = conversions.fuse(parts, {update.tensor: update.sources}, base.skeleton)
-    w = merged_weight(w, *read_factors(adapter_dir, update.factors), scaling, round_trip, device)
+    w = merged_weight(w, read_factors(adapter_dir, update.factors), scaling, round_trip, device)
     if update.sources == [update.tensor]:
         return {update.tensor: w}
     return conversions.split(base.skeleton, update.tensor, w)
@@ -435,12 +449,13 @@ def max_logit_diffs(base_dir: Path, adapter_dir: Path, merged_dir: Path, quant: 
     vocab = AutoConfig.from_pretrained(merged_dir).vocab_size
     tokens = torch.randint(vocab, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     trained = model_loading.load_model(base_dir, quant, device, progress=False).eval()
-    lora.apply_adapter(trained, adapter_dir)
-    with torch.no_grad():
+    with torch.no_grad():  # the base alone first: what the adapter changes, for scale
+        base = trained(tokens).logits.float()  # checked after the model as trained, whose check names the module
+        peft_format.apply_adapter(trained, adapter_dir)
         as_trained = finite_logits(trained, tokens, "the model as trained (base + adapter)")
-        for module in lora.lora_modules(trained).values():
-            module.scaling = 0.0  # the base alone
-        base = finite_logits(trained, tokens, "the base alone")
+    if not base.isfinite().all():
+        raise MergeError("the base alone gives logits that are not finite (NaN or inf) on the check's 32 tokens, "
+                         "where the model as trained gives finite ones: its scale cannot be reported")
     del trained
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).to(device).eval()
     with torch.no_grad():

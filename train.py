@@ -65,6 +65,9 @@ class Config(settings.DataConfig):
     lora_alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / r; 16, the QLoRA paper's with r=64, and PEFT's FSDP-QLoRA example's"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_targets: str = field(default=settings.ALL_LINEAR, metadata={"help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but MoE routers; add 'experts' for LoRA on the MoE experts' tensors too (PEFT's target_parameters; needs --lora_dropout 0)", "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (Liu et al. 2024; PEFT's use_dora): also learn "
+        "each output feature's magnitude apart from its direction; on linears, not on MoE experts. vLLM does not "
+        "serve DoRA adapters: merge.py makes a checkpoint it serves"})
     # memory and sharding
     quant: str = field(default=settings.AUTO, metadata={"choices": [settings.AUTO, *settings.QUANT_TYPES], "help": f"4-bit type of the base, or none (plain LoRA); {settings.AUTO}: a pre-quantized checkpoint's own type, else {settings.DEFAULT_QUANT}"})
     sharding: str = field(default="full_shard", metadata={"choices": settings.SHARDING, "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
@@ -161,6 +164,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(offload.NEEDS_RECOMPUTE)
     if not lora.parse_targets(cfg.lora_targets):  # which also refuses a pattern that does not compile
         raise ValueError("--lora_targets is empty")
+    if lora.EXPERTS in lora.parse_targets(cfg.lora_targets) and cfg.use_dora:
+        raise ValueError(f"--use_dora applies to linears, not to --lora_targets {lora.EXPERTS!r} (PEFT has no DoRA on "
+                         f"the experts' tensors either): drop {lora.EXPERTS!r}, or --use_dora")
     if lora.EXPERTS in lora.parse_targets(cfg.lora_targets) and cfg.lora_dropout > 0:
         raise ValueError(f"--lora_targets {lora.EXPERTS!r} needs --lora_dropout 0: dropout applies to a layer's input, "
                          "which an update of the experts' weights cannot (PEFT refuses such adapters too)")
@@ -183,13 +189,16 @@ from tqdm import tqdm  # noqa: E402
 import builtin  # noqa: E402
 import checkpointing  # noqa: E402
 import data  # noqa: E402
+import dora  # noqa: E402
 import fsdp_wrap  # noqa: E402
 import fused  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
 import model_loading  # noqa: E402
+import moe_lora  # noqa: E402
 import offload  # noqa: E402
 import out_folder  # noqa: E402
+import peft_format  # noqa: E402
 import quantization  # noqa: E402
 import reporting  # noqa: E402
 import run_folder  # noqa: E402
@@ -257,17 +266,21 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
                                                                if experts else ""))
     layer_cls = model_loading.decoder_layer_class(model)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
-    targets = lora.parse_targets(cfg.lora_targets)
+    linears, experts = lora.split_targets(cfg.lora_targets)
     # LoRA goes straight to the GPU even where the base waits in CPU memory: it is small (168M parameters for an 8B
     # model at r=64), its init there is one kernel per matrix instead of about a second of CPU time, and every world
     # size then draws the same A from the same generator. FSDP moves the CPU-resident rest unit by unit as it wraps.
-    names = lora.inject_lora(model, targets, layer_cls, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, device)
+    lora_args = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, device)
+    adapter = dora.DoRALinear if cfg.use_dora else lora.LoRALinear
+    names = lora.inject_lora(model, linears, layer_cls, *lora_args, adapter) if linears else []
+    if experts:  # the MoE experts' 3-D tensors too
+        names += moe_lora.inject_experts_lora(model, layer_cls, *lora_args)
     if adapter_dir is not None:  # resuming: the full weights go in before FSDP shards them
-        lora.load_adapter(model, adapter_dir)
+        peft_format.load_adapter(model, adapter_dir)
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kinds = collections.Counter(name.split(".")[-1] for name in names)
-    print0(f"LoRA r={cfg.lora_rank} on {len(names)} linears or expert tensors ({', '.join(f'{k} x{n}' for k, n in kinds.items())}): "
+    print0(f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.lora_rank} on {len(names)} linears or expert tensors ({', '.join(f'{k} x{n}' for k, n in kinds.items())}): "
            f"{n_lora / 1e6:.2f}M trainable parameters")
     compile = "inductor" if cfg.compile and device.type == "cuda" else None  # CPU (tests, gloo): eager
     model = fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing,
@@ -622,7 +635,7 @@ def summary(cfg: Config, model_dir: Path, log: StepLog, wall_s: float, training_
     files = ["adapter_model.safetensors and adapter_config.json (PEFT's format)", run_folder.TRAIN_CONFIG,
              "metrics.jsonl"] + ["samples.jsonl"] * bool(prompts) + ["tensorboard/"] * ("tensorboard" in cfg.report_to)
     base, merged = cfg.model, f"{out}-merged"
-    served_rank = lora.vllm_max_lora_rank(cfg.lora_rank)
+    served_rank = None if cfg.use_dora else peft_format.vllm_max_lora_rank(cfg.lora_rank)  # no DoRA in vLLM
     commands = [
         ["python", "merge.py", "--model", base, "--adapter", str(out), "--out", merged],
         ["python", "generate.py", "--model", base, "--adapter", str(out), "--prompt", (prompts or ["Hello"])[0]],
@@ -650,7 +663,7 @@ def train(cfg: Config) -> list[dict]:
     rank, _, world, device = init_distributed(cfg.dist_timeout)
     stop, lock, log, report = checkpointing.StopOnSignal(), None, None, None
     try:
-        if (warning := lora.vllm_rank_warning(cfg.lora_rank)) is not None:
+        if not cfg.use_dora and (warning := peft_format.vllm_rank_warning(cfg.lora_rank)) is not None:
             print0(f"warning: {warning}")
         out_dir = Path(cfg.output_dir)
         if not cfg.show:  # --show only reads

@@ -20,9 +20,12 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import dora  # noqa: E402
 import fsdp_wrap  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
+import moe_lora  # noqa: E402
+import peft_format  # noqa: E402
 import quantization  # noqa: E402
 import train  # noqa: E402
 from builtin import cached_checkpoint, make_tokenizer, write_random_checkpoint  # noqa: E402
@@ -283,26 +286,40 @@ def exactly_as_plain(path, **wrap):
     return model, ids
 
 
-def adapted(path, quant="none", r=4, alpha=8.0, targets=(lora.ALL_LINEAR,)):
-    """Our LoRA injected into the loaded model (eval mode), and the adapted module names."""
+def adapted(path, quant="none", r=4, alpha=8.0, targets=(lora.ALL_LINEAR,), adapter=lora.LoRALinear):
+    """Our LoRA (or `adapter`, a variant) injected into the loaded model (eval mode), and the adapted module names."""
     model = load_model(path, quant=quant, device=DEVICE, progress=False)
-    names = lora.inject_lora(model, list(targets), decoder_layer_class(model), r, alpha, 0.0, DEVICE)
-    return model.eval(), names
+    return model.eval(), inject(model, list(targets), r, alpha, adapter=adapter)
+
+
+def inject(model, targets, r=4, alpha=8.0, dropout=0.0, adapter=lora.LoRALinear):
+    """LoRA on the linears `targets` select, and on the MoE experts where they hold "experts", as train.py adds it;
+    the adapted names."""
+    linears, experts = lora.split_targets(targets)
+    layer_cls = decoder_layer_class(model)
+    names = lora.inject_lora(model, linears, layer_cls, r, alpha, dropout, DEVICE, adapter) if linears else []
+    return names + (moe_lora.inject_experts_lora(model, layer_cls, r, alpha, dropout, DEVICE) if experts else [])
 
 
 def randomize_b(model):
-    """B starts at zero; give it values so that the adapter changes the output."""
+    """B starts at zero; give it values so that the adapter changes the output. A DoRA magnitude, ||W|| at init, is
+    scaled by 1 +- 0.2 per output feature, so that it changes the output too."""
+    g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for m in lora.lora_modules(model).values():
             m.lora_B.weight.normal_(std=0.05)
+            if hasattr(m, dora.MAGNITUDE):
+                m.lora_magnitude_vector.weight.mul_(1 + 0.2 * (2 * torch.rand(m.lora_magnitude_vector.weight.shape,
+                                                                              generator=g) - 1).to(DEVICE))
 
 
-def make_adapter(base, out, quant="nf4", targets=(lora.ALL_LINEAR,)):
-    """A trained-looking adapter for `base` (our LoRA, r=4, with random B), saved as train.py saves it."""
-    model, _ = adapted(base, targets=targets)
+def make_adapter(base, out, quant="nf4", targets=(lora.ALL_LINEAR,), adapter=lora.LoRALinear):
+    """A trained-looking adapter for `base` (our LoRA, or `adapter`, r=4, with random B and any other weights moved
+    off their init), saved as train.py saves it."""
+    model, _ = adapted(base, targets=targets, adapter=adapter)
     randomize_b(model)
-    lora.save_adapter(lora.factor_weights(lora.lora_modules(model)), out, r=4, alpha=8.0, dropout=0.0,
-                      base_model=str(base), base_fingerprint=fingerprint(base))
+    peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(model)), out, r=4, alpha=8.0, dropout=0.0,
+                             base_model=str(base), base_fingerprint=fingerprint(base))
     (out / "train_config.json").write_text(json.dumps({"model": str(base), "quant": quant, "lora_rank": 4}))
     return out
 

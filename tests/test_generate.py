@@ -12,6 +12,7 @@ import cli
 import generate
 import lora
 import merge
+import peft_format
 import train
 from model_loading import load_model
 
@@ -123,7 +124,7 @@ def test_cli_samples_merged_folder_and_base_with_adapter(checkpoints, tmp_path):
     assert from_merged == hf_greedy(reference_model(tmp_path / "merged"), tokenizer, PROMPTS, 16)
 
     as_trained = load_model(base, quant="nf4", device=DEVICE, progress=False)
-    lora.apply_adapter(as_trained, adapter)
+    peft_format.apply_adapter(as_trained, adapter)
     from_adapter = generate.main(["--model", str(base), "--adapter", str(adapter)] + flags)
     assert from_adapter == generate.sample(as_trained, tokenizer, PROMPTS, 16)
 
@@ -152,7 +153,7 @@ def read_samples(out_dir) -> dict[int, dict[str, str]]:
 def saved_model_samples(base, adapter_dir) -> dict[str, str]:
     """The reference: the saved adapter on a fresh nf4 base, unwrapped, sampled greedily."""
     model = load_model(base, quant="nf4", device=DEVICE, progress=False)
-    lora.apply_adapter(model, adapter_dir)
+    peft_format.apply_adapter(model, adapter_dir)
     return dict(zip(PROMPTS, generate.sample(model, AutoTokenizer.from_pretrained(base), PROMPTS, SAMPLE_TOKENS)))
 
 

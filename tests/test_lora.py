@@ -6,6 +6,8 @@ import torch
 from conftest import DEVICE, LLAMA_LINEARS, SHAPE, SUPPORTED, TOKENS, adapted, randomize_b, reference_model, tiny_config
 
 import lora
+import moe_lora
+import peft_format
 import quantization
 import train
 from model_loading import build_skeleton, decoder_layer_class, load_model, read_config
@@ -56,7 +58,7 @@ def test_default_targets_are_every_linear_of_the_decoder_layers(checkpoints, arc
     skeleton = build_skeleton(read_config(path), "nf4")  # on meta, with the 4-bit shells the loader fills
     ours = lora.matching_modules(skeleton, train.Config.lora_targets, decoder_layer_class(skeleton))
     peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, target_modules="all-linear"))
-    theirs = {n.removeprefix(lora.PEFT_PREFIX) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    theirs = {n.removeprefix(peft_format.PEFT_PREFIX) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
     assert sorted(ours) == sorted(theirs)
     assert set(ours) == {n for n, m in skeleton.named_modules() if quantization.is_4bit(m)}
     assert len(ours) == 2 * (4 if arch == "phi3" else 7)
@@ -65,7 +67,7 @@ def test_default_targets_are_every_linear_of_the_decoder_layers(checkpoints, arc
 def test_all_linear_of_llama_is_the_former_default():
     """On Llama, "all-linear" adapts exactly the layers the former default named: runs train what they trained."""
     config = tiny_config("llama")
-    assert lora.targets_on(config, lora.ALL_LINEAR).keys() == lora.targets_on(config, LLAMA_LINEARS).keys()
+    assert moe_lora.targets_on(config, lora.ALL_LINEAR).keys() == moe_lora.targets_on(config, LLAMA_LINEARS).keys()
 
 
 def test_moe_routers_are_not_among_all_linear():
@@ -76,13 +78,13 @@ def test_moe_routers_are_not_among_all_linear():
 
     attention = ["k_proj", "o_proj", "q_proj", "v_proj"]
     phimoe = transformers.PhimoeConfig(**SHAPE, num_local_experts=4)
-    assert lora.kinds(lora.targets_on(phimoe, lora.ALL_LINEAR)) == attention
+    assert lora.kinds(moe_lora.targets_on(phimoe, lora.ALL_LINEAR)) == attention
     qwen2_moe = transformers.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=32,
                                             shared_expert_intermediate_size=64, **SHAPE)
-    selected = lora.targets_on(qwen2_moe, lora.ALL_LINEAR)
+    selected = moe_lora.targets_on(qwen2_moe, lora.ALL_LINEAR)
     assert lora.kinds(selected) == sorted(attention + ["down_proj", "gate_proj", "up_proj"])
     assert all(".shared_expert." in n for n in selected if n.endswith("_proj") and ".mlp." in n)
-    assert lora.kinds(lora.targets_on(qwen2_moe, "shared_expert_gate")) == ["shared_expert_gate"]
+    assert lora.kinds(moe_lora.targets_on(qwen2_moe, "shared_expert_gate")) == ["shared_expert_gate"]
 
 
 def test_invalid_target_regex_names_the_pattern():
@@ -100,15 +102,15 @@ def test_peft_loads_our_adapter_with_same_logits(checkpoints, tmp_path, arch):
     path = checkpoints(arch)
     model, names = adapted(path)
     randomize_b(model)
-    state = lora.factor_weights(lora.lora_modules(model))
-    lora.save_adapter(state, tmp_path, r=4, alpha=8.0, dropout=0.0, base_model=str(path))
+    state = lora.adapter_weights(lora.lora_modules(model))
+    peft_format.save_adapter(state, tmp_path, r=4, alpha=8.0, dropout=0.0, base_model=str(path))
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == lora.kinds(names)
 
     peft_model = PeftModel.from_pretrained(reference_model(path), tmp_path).eval()
     peft_state = get_peft_model_state_dict(peft_model)
-    assert set(peft_state) == {lora.PEFT_PREFIX + k for k in state}
+    assert set(peft_state) == {peft_format.PEFT_PREFIX + k for k in state}
     for key, value in state.items():
-        torch.testing.assert_close(peft_state[lora.PEFT_PREFIX + key], value, rtol=0, atol=0)
+        torch.testing.assert_close(peft_state[peft_format.PEFT_PREFIX + key], value, rtol=0, atol=0)
     with torch.no_grad():
         ours, theirs = model(TOKENS).logits, peft_model(TOKENS).logits
         base = reference_model(path)(TOKENS).logits
@@ -124,16 +126,16 @@ def test_our_loader_reads_our_adapter_back(checkpoints, tmp_path):
     path = checkpoints("llama")
     model, _ = adapted(path)
     randomize_b(model)
-    lora.save_adapter(lora.factor_weights(lora.lora_modules(model)), tmp_path, r=4, alpha=8.0, dropout=0.0,
+    peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(model)), tmp_path, r=4, alpha=8.0, dropout=0.0,
                       base_model=str(path))
     torch.manual_seed(123)  # a different A init, and B zero
     fresh, _ = adapted(path)
-    lora.load_adapter(fresh, tmp_path)
+    peft_format.load_adapter(fresh, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(TOKENS).logits, model(TOKENS).logits, rtol=0, atol=0)
     wrong_rank, _ = adapted(path, r=8)
     with pytest.raises(ValueError, match="shape"):
-        lora.load_adapter(wrong_rank, tmp_path)
+        peft_format.load_adapter(wrong_rank, tmp_path)
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])

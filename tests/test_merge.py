@@ -16,6 +16,8 @@ import data
 import generate
 import lora
 import merge
+import moe_lora
+import peft_format
 from builtin import write_random_checkpoint
 from model_loading import index_weights, load_model
 
@@ -48,7 +50,7 @@ def test_merged_logits_equal_base_plus_adapter(merged, arch, semantics):
     """from_pretrained(MERGED) gives our base + adapter model's logits: bf16 base (bf16), nf4 base (dequantized)."""
     base, adapter, out, reported = merged(arch, semantics)
     ours = load_model(base, quant="none" if semantics == "bf16" else "nf4", device=DEVICE, progress=False).eval()
-    lora.apply_adapter(ours, adapter)
+    peft_format.apply_adapter(ours, adapter)
     with torch.no_grad():
         expected, got = ours(TOKENS).logits, reference_model(out)(TOKENS).logits
         plain = reference_model(base)(TOKENS).logits
@@ -79,7 +81,7 @@ def test_merged_weights_equal_formula_and_peft(merged, arch):
         if path not in adapted_names:  # embeddings, norms, biases: copied
             assert torch.equal(ours["bf16"][name], w) and torch.equal(ours["dequantized"][name], w), name
             continue
-        a, b = (factors[f"{lora.PEFT_PREFIX}{path}.lora_{x}.weight"] for x in "AB")
+        a, b = (factors[f"{peft_format.PEFT_PREFIX}{path}.lora_{x}.weight"] for x in "AB")
         delta = b @ a * 2.0  # alpha / r = 8 / 4
         layer = nf4.get_submodule(path)
         w_4bit = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
@@ -143,12 +145,12 @@ def make_adapter_from_shapes(base, out, r=4):
     """Random LoRA factors for every default target, from the base's shapes alone (no model is built)."""
     from transformers import AutoConfig
 
-    targets = lora.targets_on(AutoConfig.from_pretrained(base), lora.ALL_LINEAR)
+    targets = moe_lora.targets_on(AutoConfig.from_pretrained(base), lora.ALL_LINEAR)
     state = {}
     for name, module in targets.items():
         state[f"{name}.lora_A.weight"] = torch.randn(r, module.in_features) * 0.1
         state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, r) * 0.1
-    lora.save_adapter(state, out, r=r, alpha=2.0 * r, dropout=0.0, base_model=str(base))
+    peft_format.save_adapter(state, out, r=r, alpha=2.0 * r, dropout=0.0, base_model=str(base))
     return out
 
 
@@ -282,14 +284,14 @@ def test_checkpoint_folders_merge_and_sample_on_the_base_they_were_trained_on(ch
                                                                 "--batch_size", "4"])
     ckpt, name = tmp_path / "run" / "checkpoint-1", "model.layers.0.mlp.up_proj"
     base_fingerprint = model_loading.fingerprint(base)  # what merge.py and generate.py compare with their --model
-    assert lora.trained_fingerprint(ckpt) == lora.trained_fingerprint(tmp_path / "run") == base_fingerprint
+    assert peft_format.trained_fingerprint(ckpt) == peft_format.trained_fingerprint(tmp_path / "run") == base_fingerprint
     net, _ = generate.load(str(base), str(ckpt), None, DEVICE)
     layer = net.get_submodule(name).base
     assert layer.weight.quant_type == quant if quant != "none" else not quantization.is_4bit(layer)
 
     merge.merge(str(base), ckpt, tmp_path / "merged", progress=False, verify=False)
     factors = load_file(ckpt / "adapter_model.safetensors")
-    a, b = (factors[lora.peft_key(f"{name}.{ab}.weight")].to(DEVICE) for ab in lora.FACTORS)
+    a, b = (factors[peft_format.peft_key(f"{name}.{ab}.weight")].to(DEVICE) for ab in peft_format.FACTORS)
     trained = load_model(base, quant=quant, device=DEVICE, progress=False).get_submodule(name)
     w = trained.weight if quant == "none" else quantization.dequantize(trained.weight, trained)
     expected = (w.float() + b @ a * 2.0).bfloat16()  # alpha / r = 8 / 4
@@ -416,7 +418,7 @@ def test_a_second_writer_into_the_same_out_is_refused(merged, tmp_path, monkeypa
     shutil.copytree(adapter, other)
     factors = load_file(other / "adapter_model.safetensors")  # another adapter: B doubled
     save_file({k: v * 2 if ".lora_B." in k else v for k, v in factors.items()}, other / "adapter_model.safetensors",
-              metadata={"format": "pt", lora.BASE_FINGERPRINT: lora.trained_fingerprint(adapter)})
+              metadata={"format": "pt", peft_format.BASE_FINGERPRINT: peft_format.trained_fingerprint(adapter)})
     race = tmp_path / "race"
     real_write = merge.write_weights
 

@@ -17,7 +17,9 @@ import generate
 import lora
 import merge
 import model_loading
+import moe_lora
 import out_folder
+import peft_format
 import quantization
 import quantize
 import shard_reader
@@ -382,7 +384,7 @@ def peft_adapted(model) -> tuple[set[str], set[str]]:
 
     linears, params = set(), set()
     for name, module in model.named_modules():
-        path = name.removeprefix(lora.PEFT_PREFIX).replace(".base_layer", "")
+        path = name.removeprefix(peft_format.PEFT_PREFIX).replace(".base_layer", "")
         if isinstance(module, ParamWrapper):
             params.add(f"{path}.{module.parameter_name}")
         elif isinstance(module, LoraLayer):
@@ -411,7 +413,7 @@ def test_moe_default_targets_are_every_linear_but_the_routers(checkpoints, arch)
     assert set(ours) == linears - routers
     assert set(ours) == {n for n, m in skeleton.named_modules() if quantization.is_4bit(m)}
     assert all(type(skeleton.get_submodule(n)) is torch.nn.Linear for n in routers)  # bf16, as transformers built it
-    experts = lora.expert_tensors(skeleton, layer_cls)
+    experts = moe_lora.expert_tensors(skeleton, layer_cls)
     assert len(experts) == 4 and experts.keys() == quantization.packed_shells(skeleton).keys()
     bare_routers = {f"{name.rpartition('.experts.')[0]}.gate.weight" for name in experts}
     assert params == (set() if arch == "qwen2_moe" else experts.keys() | bare_routers)
@@ -458,7 +460,7 @@ def test_benchmark_reference_adapts_what_ours_adapts(checkpoints, arch):
     assert targets["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
     peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=8, **targets))
     linears, params = peft_adapted(peft_model)
-    assert linears | params == lora.targets_on(config, benchmark.lora_targets(config)).keys() and len(params) == 4
+    assert linears | params == moe_lora.targets_on(config, benchmark.lora_targets(config)).keys() and len(params) == 4
     adapters = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
     assert all(m.r["default"] == 4 and m.scaling["default"] == 2 for m in adapters)
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-from conftest import (CHECKED_MOE, DEVICE, MOE, SHAPE, TOKENS, adapted, common, experts_modules, losses,
-                      make_adapter, randomize_b, reference_model, run_inprocess)
+from conftest import (CHECKED_MOE, DEVICE, MOE, SHAPE, TOKENS, adapted, common, experts_modules, inject,
+                      losses, make_adapter, randomize_b, reference_model, run_inprocess)
 from safetensors.torch import load_file, save_file
 
 import fused
@@ -14,6 +14,8 @@ import generate
 import lora
 import merge
 import model_loading
+import moe_lora
+import peft_format
 import quantization
 import train
 from model_loading import load_model
@@ -39,9 +41,9 @@ def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
     randomize_b(ours)
     with torch.no_grad():  # larger on the experts, so that their part of the logits stands well above bf16 noise
         for module in lora.lora_modules(ours).values():
-            if isinstance(module, lora.ExpertsLoRA):
+            if isinstance(module, moe_lora.ExpertsLoRA):
                 module.lora_B.weight.mul_(5)
-    lora.save_adapter(lora.factor_weights(lora.lora_modules(ours)), tmp_path, r=4, alpha=8.0, dropout=0.0,
+    peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(ours)), tmp_path, r=4, alpha=8.0, dropout=0.0,
                       base_model=str(path))
     saved = load_file(tmp_path / "adapter_model.safetensors")
     # PEFT nests a wrapper per parameter in declared order: gate_up_proj inside, down_proj outside
@@ -61,7 +63,7 @@ def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
         want, base = peft(TOKENS).logits, reference_model(path).float()(TOKENS).logits
         got = ours(TOKENS).logits
         for module in lora.lora_modules(ours).values():
-            if isinstance(module, lora.ExpertsLoRA):
+            if isinstance(module, moe_lora.ExpertsLoRA):
                 module.scaling = 0.0
         without_experts = ours(TOKENS).logits.float()
     assert (want - base).abs().max() > 0.1 and (without_experts - got).abs().max() > 0.1  # the experts' LoRA counts
@@ -71,12 +73,12 @@ def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
 @pytest.mark.parametrize("dtype,r", [(torch.float32, 4), (torch.bfloat16, 8), (torch.bfloat16, 4)])
 @pytest.mark.parametrize("arch", MOE)
 def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, monkeypatch, arch, dtype, r):
-    """LoRA applied to each expert's routed tokens (lora._grouped_forward: the grouped kernel at r=8 in bf16, expert
+    """LoRA applied to each expert's routed tokens (moe_lora._grouped_forward: the grouped kernel at r=8 in bf16, expert
     by expert otherwise) computes what the class's own forward computes with W_e + s B_e A_e as its weights: the same
     output and the same gradients for the input, A and B (fp32: to rounding; bf16: to bf16 tolerance)."""
     model, _ = adapted(checkpoints(arch, "single"), r=r, targets=(lora.EXPERTS,))
     experts = experts_modules(model.to(dtype))[0]
-    assert lora.groups_by_expert(experts)
+    assert moe_lora.groups_by_expert(experts)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for adapter in experts.lora_experts.values():
@@ -101,7 +103,7 @@ def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, mo
         return quantization.forward_with(experts, weights, x, top_k_index, top_k_weights)
 
     got, want = run(lambda x: experts(x, top_k_index, top_k_weights)), run(merged)
-    monkeypatch.setattr(lora, "groups_by_expert", lambda experts: False)  # an experts class transformers does not
+    monkeypatch.setattr(moe_lora, "groups_by_expert", lambda experts: False)  # an experts class transformers does not
     fallback = run(lambda x: experts(x, top_k_index, top_k_weights))  # describe: the merged weights, in its forward
     for ours, theirs in zip(fallback, want):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
@@ -113,7 +115,7 @@ def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, mo
 
 @pytest.mark.parametrize("arch", MOE)
 def test_compiled_experts_compute_the_same(checkpoints, monkeypatch, arch):
-    """fused.compile_elementwise compiles the experts' routed computation (lora.routed_experts) of every layer as one
+    """fused.compile_elementwise compiles the experts' routed computation (moe_lora.routed_experts) of every layer as one
     graph: the output and the gradients of the input, A and B stay those of the eager forward (on CPU through
     aot_eager, exactly; on a GPU, inductor's fused kernels round once instead of per op). bf16 at r=8, where the
     grouped kernel runs; compiled from 48 routed rows on here, as from COMPILED_FROM_ROWS in training."""
@@ -156,22 +158,22 @@ def test_compiled_experts_compute_the_same(checkpoints, monkeypatch, arch):
 
 def test_expert_lora_round_trips_exactly(checkpoints, tmp_path):
     """save_adapter -> load_adapter into a freshly injected model (another seed) gives back every factor exactly;
-    generate.py applies the adapter (lora.apply_adapter) to the same logits."""
+    generate.py applies the adapter (peft_format.apply_adapter) to the same logits."""
     path = checkpoints("qwen3_moe", "single")
     first, _ = adapted(path, targets=EXPERT_TARGETS)
     randomize_b(first)
-    state = lora.factor_weights(lora.lora_modules(first))
-    lora.save_adapter(state, tmp_path, r=4, alpha=8.0, dropout=0.0, base_model=str(path))
+    state = lora.adapter_weights(lora.lora_modules(first))
+    peft_format.save_adapter(state, tmp_path, r=4, alpha=8.0, dropout=0.0, base_model=str(path))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
     torch.manual_seed(123)
     second, _ = adapted(path, targets=EXPERT_TARGETS)
-    lora.load_adapter(second, tmp_path)
-    loaded = lora.factor_weights(lora.lora_modules(second))
+    peft_format.load_adapter(second, tmp_path)
+    loaded = lora.adapter_weights(lora.lora_modules(second))
     assert loaded.keys() == state.keys() and any(".lora_experts." in k for k in state)
     for key in state:
         assert torch.equal(loaded[key], state[key]), key
-    as_generated, _ = generate.load(str(path), str(tmp_path), "none", DEVICE)  # lora.apply_adapter: r, alpha, targets
+    as_generated, _ = generate.load(str(path), str(tmp_path), "none", DEVICE)  # peft_format.apply_adapter: r, alpha, targets
     with torch.no_grad():
         torch.testing.assert_close(as_generated(TOKENS).logits, first(TOKENS).logits, rtol=0, atol=0)
 
@@ -185,7 +187,7 @@ def test_expert_lora_alone_equals_peft(checkpoints, tmp_path):
     ours, names = adapted(path, targets=(lora.EXPERTS,))
     assert len(names) == 4 and all(".experts." in n for n in names)
     randomize_b(ours)
-    lora.save_adapter(lora.factor_weights(lora.lora_modules(ours)), tmp_path, r=4, alpha=8.0, dropout=0.0,
+    peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(ours)), tmp_path, r=4, alpha=8.0, dropout=0.0,
                       base_model=str(path))
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] is None
     peft = PeftModel.from_pretrained(reference_model(path), tmp_path).eval()
@@ -208,13 +210,13 @@ def test_expert_lora_trains_on_nf4_experts(checkpoints, tmp_path, arch):
 
 def test_expert_lora_refuses_dropout(checkpoints):
     """Dropout cannot apply to an update of the experts' weights (PEFT refuses such adapters): train.py refuses it
-    with its flags, and inject_lora too."""
+    with its flags, and inject_experts_lora too."""
     path = checkpoints("mixtral", "single")
     with pytest.raises(ValueError, match="lora_dropout 0"):
         train.parse_config(["--model", str(path), "--lora_targets", "all-linear,experts", "--lora_dropout", "0.1"])
     model = load_model(path, quant="none", device=DEVICE, progress=False)
     with pytest.raises(ValueError, match="lora_dropout 0"):
-        lora.inject_lora(model, list(EXPERT_TARGETS), model_loading.decoder_layer_class(model), 4, 8.0, 0.1, DEVICE)
+        inject(model, list(EXPERT_TARGETS), dropout=0.1)
 
 
 def test_expert_lora_resumes_bit_for_bit(checkpoints, tmp_path):
@@ -236,7 +238,7 @@ def test_expert_lora_joins_its_layers_adapters_unit(checkpoints):
 
     model = load_model(checkpoints("mixtral", "single"), quant="nf4", device=DEVICE, progress=False)
     layer_cls = model_loading.decoder_layer_class(model)
-    lora.inject_lora(model, list(EXPERT_TARGETS), layer_cls, 4, 8.0, 0.0, DEVICE)
+    inject(model, list(EXPERT_TARGETS))
     fsdp_wrap.group_adapters(model, layer_cls)
     units = [m for m in model.modules() if isinstance(m, fsdp_wrap.LayerAdapters)]
     assert len(units) == 2
@@ -290,7 +292,7 @@ def test_merged_experts_equal_peft_merge_and_unload(checkpoints, experts_adapter
         assert update > 0.01  # the experts' update is in both
         torch.testing.assert_close(w, theirs[name], rtol=2**-7, atol=update * 2**-8)
     unmerged = load_model(base, quant="none", device=DEVICE, progress=False).eval()
-    lora.apply_adapter(unmerged, adapter)
+    peft_format.apply_adapter(unmerged, adapter)
     with torch.no_grad():
         expected, got, plain = (m(TOKENS).logits for m in (unmerged, merged, reference_model(base)))
     assert (expected - plain).abs().max() > 0.05
@@ -305,7 +307,7 @@ def test_merged_experts_are_the_model_as_trained(checkpoints, experts_adapter, t
     base, adapter, out = checkpoints(arch), experts_adapter(arch), tmp_path / "merged"
     reported = merge.merge(str(base), adapter, out, progress=False)
     trained = load_model(base, quant="nf4", device=DEVICE, progress=False).eval()
-    lora.apply_adapter(trained, adapter)
+    peft_format.apply_adapter(trained, adapter)
     with torch.no_grad():
         expected, got, plain = (m(TOKENS).logits for m in (trained, reference_model(out), reference_model(base)))
     # bf16 activations round the update's two forms (applied to the routed tokens; merged into W) differently, and

@@ -11,9 +11,9 @@ from conftest import (DEVICE, TOKENS, common, editable_copy, hf_greedy, make_ada
 from safetensors.torch import load_file, save_file
 
 import generate
-import lora
 import merge
 import model_loading
+import peft_format
 import quantization
 import quantize
 from model_loading import ModelFolderError, load_model
@@ -256,7 +256,7 @@ def test_train_merge_and_generate_from_a_prequantized_base(prequantized, tmp_pat
     name = "model.layers.1.mlp.down_proj"
     layer = transformers_base.get_submodule(name)
     w = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().cpu()
-    a, b = (factors[f"{lora.PEFT_PREFIX}{name}.lora_{x}.weight"].float() for x in "AB")
+    a, b = (factors[f"{peft_format.PEFT_PREFIX}{name}.lora_{x}.weight"].float() for x in "AB")
     assert torch.equal(out[f"{name}.weight"], (w + b @ a * 2.0).bfloat16())  # alpha / r = 8 / 4
     assert torch.equal(out["lm_head.weight"], transformers_base.lm_head.weight.cpu())
 

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoConfig, AutoModelForCausalLM
 from wandb.proto import wandb_internal_pb2
 
-import lora
+import peft_format
 import reporting
 import train
 
@@ -253,7 +253,7 @@ def test_adapter_folder_meets_vllms_rules(reported_run):
     for folder in (reported_run, reported_run / "checkpoint-2"):
         config = json.loads((folder / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and not config.get("modules_to_save") and not config.get("use_dora")
-        assert config["bias"] == "none" and config["r"] == run["lora_rank"] == 8 and config["r"] in lora.VLLM_MAX_RANKS
+        assert config["bias"] == "none" and config["r"] == run["lora_rank"] == 8 and config["r"] in peft_format.VLLM_MAX_RANKS
         with safe_open(folder / "adapter_model.safetensors", "pt") as f:
             keys = {key: f.get_slice(key).get_shape() for key in f.keys()}
         assert len(keys) == 2 * 2 * 7  # 2 layers x the 7 default targets x A and B
@@ -267,7 +267,7 @@ def test_adapter_folder_meets_vllms_rules(reported_run):
 
 
 def test_vllm_rank_warning_names_the_max_lora_rank_to_serve_with():
-    assert lora.vllm_rank_warning(16) is None and lora.vllm_rank_warning(320) is None
-    assert "--max-lora-rank 8" in lora.vllm_rank_warning(4)
-    assert "--max-lora-rank 128" in lora.vllm_rank_warning(100)
-    assert "merge.py" in lora.vllm_rank_warning(1024)
+    assert peft_format.vllm_rank_warning(16) is None and peft_format.vllm_rank_warning(320) is None
+    assert "--max-lora-rank 8" in peft_format.vllm_rank_warning(4)
+    assert "--max-lora-rank 128" in peft_format.vllm_rank_warning(100)
+    assert "merge.py" in peft_format.vllm_rank_warning(1024)

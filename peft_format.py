@@ -1,0 +1,222 @@
+"""The PEFT adapter folder: adapter_model.safetensors, with keys "base_model.model.<path>.lora_A.weight", and
+adapter_config.json. Saving, loading, reading the config, applying an adapter for inference, and vLLM's rank rules.
+
+PEFT loads such a folder as it is (tests/test_lora.py), and vLLM serves it (no modules_to_save, no DoRA) at a rank up
+to its --max-lora-rank. The file's metadata also records the base's fingerprint, where neither looks.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import dora
+import lora
+import model_loading
+import moe_lora
+import out_folder
+from lora import AdapterError
+from settings import EXPERTS
+
+PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
+FACTORS = ("lora_A", "lora_B")  # an adapted tensor's weights in the file, "<path>.lora_A.weight" and its B
+
+
+def peft_key(key: str) -> str:
+    """"<path>.lora_A.weight" as PEFT's adapter file names it: after the path of the model inside PEFT's wrappers.
+    DoRA's magnitude, a parameter of PEFT's layer and not a module's weight, is "<path>.lora_magnitude_vector"."""
+    return PEFT_PREFIX + (key.removesuffix(".weight") if key.endswith(f".{dora.MAGNITUDE}.weight") else key)
+
+
+def peft_keys(keys) -> dict[str, str]:
+    """lora.adapter_weights' keys (in its order) -> the adapter file's.
+
+    PEFT adapts a parameter by wrapping its module in a ParamWrapper; a second parameter of the same module wraps
+    that wrapper again, in the order the module declares its parameters (tuners_utils' _inject_parameters walks
+    named_parameters). So the LAST declared tensor's factors sit at "<experts>.lora_A.weight", the one before it at
+    "<experts>.base_layer.lora_A.weight", and so on: gate_up_proj, then down_proj, gives down_proj the outer one.
+    """
+    keys, renamed = list(keys), {}
+    tensors = {}  # "<experts>" -> its adapted tensors in order
+    for key in keys:
+        if ".lora_experts." in key:
+            experts, _, rest = key.partition(".lora_experts.")
+            names = tensors.setdefault(experts, [])
+            if rest.split(".")[0] not in names:
+                names.append(rest.split(".")[0])
+    for key in keys:
+        if ".lora_experts." not in key:
+            renamed[key] = peft_key(key)
+            continue
+        experts, _, rest = key.partition(".lora_experts.")
+        name, _, factor = rest.partition(".")
+        depth = len(tensors[experts]) - 1 - tensors[experts].index(name)
+        renamed[key] = peft_key(f"{experts}.{'base_layer.' * depth}{factor}")
+    return renamed
+
+
+def expert_peft_keys(tensors: list[str]) -> dict[str, tuple[str, str]]:
+    """Experts tensors, "<experts path>.<tensor>" as expert_tensors names them (in its order) -> the adapter file's
+    keys of their lora_A and lora_B (peft_keys), for a reader of the file that has no model to inject (merge.py)."""
+    factors = {t: [f"{t.rpartition('.')[0]}.lora_experts.{t.rpartition('.')[2]}.{ab}.weight" for ab in FACTORS]
+               for t in tensors}
+    renamed = peft_keys(key for pair in factors.values() for key in pair)
+    return {t: (renamed[a], renamed[b]) for t, (a, b) in factors.items()}
+
+
+def expert_targets(keys) -> list[str]:
+    """target_parameters for adapter_config.json: "experts.<tensor>" for each adapted experts tensor, which PEFT
+    matches as a suffix of "<experts path>.<tensor>"."""
+    tensors = {k.partition(".lora_experts.")[2].split(".")[0] for k in keys if ".lora_experts." in k}
+    return sorted(f"{EXPERTS}.{name}" for name in tensors)
+
+
+# The values vLLM's --max-lora-rank takes (vllm/config/lora.py; later releases also take 1). vLLM sizes every
+# adapter slot at that rank and copies a smaller adapter into the slot's first rows, zeros after them.
+VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+BASE_FINGERPRINT = "base_fingerprint"  # the adapter file's metadata key for its base (save_adapter)
+
+
+def vllm_max_lora_rank(r: int) -> int | None:
+    """The --max-lora-rank vLLM serves an adapter of rank r with: the smallest it takes that holds r; None above all."""
+    return next((v for v in VLLM_MAX_RANKS if v >= r), None)
+
+
+def vllm_rank_warning(r: int) -> str | None:
+    """Why vLLM will not serve an adapter of rank r as one of its own ranks, or None when it will."""
+    up = vllm_max_lora_rank(r)
+    if up == r:
+        return None
+    if up is None:
+        return (f"--lora_rank {r} is above {VLLM_MAX_RANKS[-1]}, the largest rank vLLM serves: serve this adapter "
+                "merged into its base (merge.py) instead")
+    return (f"--lora_rank {r} is not a rank vLLM's --max-lora-rank takes ({', '.join(map(str, VLLM_MAX_RANKS))}): "
+            f"vLLM serves this adapter with --max-lora-rank {up}, in slots of that rank (zeros after row {r})")
+
+
+def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: float, dropout: float,
+                 base_model: str, base_fingerprint: str | None = None) -> None:
+    """`state` maps "<path>.lora_A.weight" / "<path>.lora_B.weight" (and DoRA's "<path>.lora_magnitude_vector.weight")
+    to full (unsharded) tensors, lora.adapter_weights' keys. The base's
+    model_loading.fingerprint goes into the weights file's metadata (BASE_FINGERPRINT), where PEFT and vLLM do not
+    look and from which it never parts: merge.py and generate.py compare it with the base they are given."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = peft_keys(state)
+    tensors = {names[k]: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    base = {BASE_FINGERPRINT: base_fingerprint} if base_fingerprint else {}
+    save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt", **base})
+    out_folder.readable(out_dir / "adapter_model.safetensors")
+    linears = [k for k in state if ".lora_experts." not in k]
+    targets = lora.kinds(k.split(".lora_")[0] for k in linears)  # the layers adapted, never "all-linear": PEFT, vLLM read it
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": any(k.endswith(f".{dora.MAGNITUDE}.weight") for k in state),
+        "init_lora_weights": True, "modules_to_save": None, "inference_mode": True,
+    }
+    if expert_targets(state):  # MoE experts' tensors (ExpertsLoRA), loaded by PEFT 0.21's ParamWrapper
+        config["target_modules"] = targets or None  # PEFT takes an empty list as "no match", None as "none asked"
+        config["target_parameters"] = expert_targets(state)
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def trained_fingerprint(adapter_dir: Path) -> str | None:
+    """The fingerprint of the base the adapter was trained on, as save_adapter records it; None from other tools."""
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        return (f.metadata() or {}).get(BASE_FINGERPRINT)
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """Copy a PEFT-format adapter into the LoRALinear modules of an unwrapped model (before FSDP)."""
+    tensors = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    weights = lora.adapter_weights(lora.lora_modules(model))
+    names = peft_keys(weights)
+    wanted = {names[k]: weight for k, weight in weights.items()}
+    if set(tensors) != set(wanted):
+        missing, unexpected = sorted(wanted.keys() - tensors.keys()), sorted(tensors.keys() - wanted.keys())
+        raise AdapterError(f"adapter in {adapter_dir} does not fit this model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]} (different base model, rank or targets?)")
+    with torch.no_grad():
+        for key, dst in wanted.items():
+            if tensors[key].shape != dst.shape:
+                raise AdapterError(f"{key} has shape {list(tensors[key].shape)} in the adapter, {list(dst.shape)} here")
+            dst.copy_(tensors[key])
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json of a PEFT LoRA adapter we can apply, or an error that says what is missing or unsupported."""
+    adapter_dir = Path(adapter_dir)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise AdapterError(f"no {name} in {adapter_dir}: pass --adapter the output_dir of a training run "
+                               "(or one of its checkpoint-N folders)")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    unsupported = {"peft_type": config.get("peft_type") != "LORA",
+                   "use_dora with target_parameters": config.get("use_dora") and config.get("target_parameters"),
+                   "fan_in_fan_out": config.get("fan_in_fan_out"), "modules_to_save": config.get("modules_to_save"),
+                   "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
+    if any(unsupported.values()):
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
+                           "only LoRA and DoRA adapters as train.py saves them are supported")
+    _check_rank(adapter_dir, config)
+    return config
+
+
+def _check_rank(adapter_dir: Path, config: dict) -> None:
+    """Every linear's lora_A has adapter_config.json's r rows, from the file's header: a config beside another
+    adapter's weights is named as such, before a model loads. (An experts tensor's A has r rows per expert, a count
+    only the base knows: merge.py and load_adapter check those shapes.)"""
+    experts = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]  # "experts.gate_up_proj": experts
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            path, _, factor = key.rpartition(".lora_")
+            path = path.replace(".base_layer", "")  # PEFT nests a module's second adapted tensor (peft_keys)
+            if factor != "A.weight" or any(path == e or path.endswith(f".{e}") for e in experts):
+                continue
+            shape = f.get_slice(key).get_shape()
+            if shape[0] != config["r"]:
+                raise AdapterError(f"{adapter_dir / 'adapter_config.json'} says r={config['r']}, but the adapter's "
+                                   f"tensors have rank {shape[0]} ({key} is {shape}): the config belongs to another "
+                                   f"adapter. Put the adapter's own config beside it, or write r={shape[0]} in it")
+
+
+def adapter_scaling(config: dict) -> float:
+    """alpha / r, or alpha / sqrt(r) for rank-stabilized LoRA (PEFT's use_rslora)."""
+    return config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+
+
+def _check_fits(model: nn.Module, layer_cls: type[nn.Module], targets: list[str], adapter_dir: Path,
+                config: dict) -> None:
+    """The adapter's targets are in this model: else it was trained on another base, which the refusal says, rather
+    than inject_lora's words about a --lora_targets nobody gave."""
+    another = (f"it was trained on another base ({config.get('base_model_name_or_path')!r}); apply it to that one")
+    if config.get("target_parameters") and not moe_lora.expert_tensors(model, layer_cls):
+        raise AdapterError(f"the adapter in {adapter_dir} adapts MoE experts (target_parameters "
+                           f"{config['target_parameters']}), and this model has none: {another}")
+    if targets and not lora.matching_modules(model, targets, layer_cls):
+        raise AdapterError(f"the adapter in {adapter_dir} adapts {targets} (target_modules), which match no linear "
+                           f"layer of this model: {another}")
+
+
+def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
+    """The model as trained: LoRA injected into the (4-bit) base with the adapter's own r, alpha and targets, then
+    its weights loaded. The inverse of save_adapter; for inference (dropout is off in eval mode)."""
+    config = read_adapter_config(adapter_dir)
+    targets = config.get("target_modules") or []  # None when only experts' tensors are adapted
+    targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
+    layer_cls = model_loading.decoder_layer_class(model)
+    _check_fits(model, layer_cls, targets, adapter_dir, config)
+    device, dropout = next(model.parameters()).device, config.get("lora_dropout", 0.0)
+    adapter = dora.DoRALinear if config.get("use_dora") else lora.LoRALinear
+    if targets:
+        lora.inject_lora(model, targets, layer_cls, config["r"], config["lora_alpha"], dropout, device, adapter)
+    if config.get("target_parameters"):  # every experts tensor, as train.py adapts them; load_adapter checks the keys
+        moe_lora.inject_experts_lora(model, layer_cls, config["r"], config["lora_alpha"], dropout, device)
+    for module in lora.lora_modules(model).values():
+        module.scaling = adapter_scaling(config)
+    load_adapter(model, adapter_dir)
