@@ -256,6 +256,7 @@ def run_ours(model_dir: Path, data_file: Path, out: Path, seq: int, bs: int, ext
              str(seq), "--batch_size", str(bs), "--max_steps", str(args.steps), "--lora_rank", str(args.r),
              "--lora_alpha", str(args.alpha), "--lr", "1e-4", "--overwrite",
              "--lora_targets", lora_targets(AutoConfig.from_pretrained(model_dir)), *extra.split()]
+    flags += ["--use_dora"] * args.dora
     history = train.train(train.parse_config(flags))
     return dict(tps=statistics.median(h["tokens_per_s"] for h in history[args.warmup:]),
                 first_loss=history[0]["loss"], load_s=history[0]["load_s"], mem=memory(), rss=host_rss_gib())
@@ -278,7 +279,7 @@ def run_reference(model_dir: Path, batches: list[torch.Tensor], tuned: bool, arg
     model.config.use_cache = False
     model.train()  # from_pretrained returns eval mode, where transformers skips checkpointing and PEFT its dropout
     model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=dropout,
-                                             task_type="CAUSAL_LM", **targets))
+                                             use_dora=args.dora, task_type="CAUSAL_LM", **targets))
     params = [p for p in model.parameters() if p.requires_grad]
     if tuned:
         for p in params:
@@ -460,6 +461,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the median (ours compiles)")
     p.add_argument("--r", type=int, default=64, help="LoRA rank (alpha 16, as in the QLoRA paper)")
     p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--dora", action="store_true", help="DoRA in both stacks: ours --use_dora, PEFT's use_dora=True")
     p.add_argument("--no_reference", action="store_true", help="time ours only")
     p.add_argument("--prequantized", action="store_true",
                    help="write the synthetic checkpoint as NF4 (the bitsandbytes format transformers writes; of an "
@@ -558,7 +560,8 @@ def main() -> None:
     import bitsandbytes
     import transformers
 
-    print(f"\n{args.shape} ({n_linear / 1e9:.2f}B in linear layers), LoRA r={args.r} alpha={args.alpha:g}, "
+    adapter = "DoRA" if args.dora else "LoRA"
+    print(f"\n{args.shape} ({n_linear / 1e9:.2f}B in linear layers), {adapter} r={args.r} alpha={args.alpha:g}, "
           f"{args.steps} steps (median after {args.warmup}), {torch.cuda.get_device_name()}, {date.today()}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__},"
           f" bf16 matmul peak {peak:.0f} TFLOP/s, cap {args.max_memory_gib or 'none'} GiB")
