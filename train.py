@@ -570,7 +570,7 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
               save, sample, log: StepLog, bad: BadSteps, stop: checkpointing.StopOnSignal) -> bool:
     """Steps from `position` (step, epoch, steps done in that epoch) to total_steps: evaluating, saving and sampling
     on schedule. Returns whether a signal stopped the run (after saving a checkpoint)."""
-    device = next(model.parameters()).device
+    device = model.compute_device  # FSDP's; with --cpu_offload on several GPUs the parameters live on the CPU
     step, epoch, skip = position
     model.train()
     while step < total_steps:
