@@ -77,7 +77,7 @@ def test_offloading_and_tiling_lower_peak_gpu_memory(tmp_path, process_group):
     for name, wrap in {"plain": {}, "offload": dict(offload_activations=True), "tiled": dict(tiled_mlp=1024)}.items():
         torch.manual_seed(0)
         model, layer_cls = adapted_4bit(tmp_path)
-        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, **wrap)
+        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, wrapping=fsdp_wrap.Wrapping(**wrap))
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
