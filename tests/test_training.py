@@ -80,7 +80,8 @@ def test_base_frozen_bit_for_bit_and_every_lora_b_trained(checkpoints, process_g
     assert len(frozen) == 1 + 1 + 2 * (7 + 2)  # embedding (lm_head is tied), final norm, per layer 7 linears + 2 norms
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     ids = torch.randint(4, 100, (4, 24))
-    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "num_tokens": torch.tensor(ids.numel())}
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
+             "num_tokens": torch.tensor(ids.numel())}
     for _ in range(2):
         train.train_step(model, optimizer, [batch], cfg, DEVICE)
     after = frozen_weights(model)
