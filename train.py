@@ -27,9 +27,9 @@ import cli
 import config_file
 import settings
 
-# The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern: at batch 8 on an
-# 8B model they reserved 8.6 GiB more than was ever allocated. Segments that grow in place keep reserved near allocated
-# (BENCHMARKS.md). Set before the first CUDA allocation; a value the user exported wins.
+# The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern, reserving memory
+# that is never allocated; segments that grow in place keep reserved near allocated (BENCHMARKS.md, "The allocator
+# setting"). Set before the first CUDA allocation; a value the user exported wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # Why a setting may change on resume (Config's metadata); the rest must match, or must for the reason given.
 SAME_MATH = "where tensors live, what is recomputed, which kernels: the same math, up to rounding"
@@ -445,8 +445,9 @@ def evaluate(model, batches: list[dict], device: torch.device, stop: checkpointi
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-# The longest sequences measured to fit at batch 1 on one GPU under a 24 GiB cap (BENCHMARKS.md), by the shape of
-# the model: (hidden size, decoder layers) -> (what it is, tokens, the flags it took).
+# The longest sequences that fitted at batch 1 under a 24 GiB cap, by the shape of the model: (hidden size, decoder
+# layers) -> (what it is, tokens, the flags it took); out_of_memory quotes them. Measured on one H200 on 2026-12-01
+# (BENCHMARKS.md, "Long sequences under a 24 GiB cap" and "70B on one GPU under a 24 GiB cap").
 LONGEST_MEASURED = {(4096, 32): ("an 8B Llama-3 shape", 131_072, "--offload_activations --tiled_mlp 8192"),
                     (8192, 80): ("a 70B Llama-3 shape", 32_768,
                                  "--cpu_offload --offload_activations --tiled_mlp 8192 --lora_rank 16")}
