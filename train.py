@@ -678,7 +678,7 @@ def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             stopping = unwritten or (signalled and step < total_steps)  # a line not written (full disk): save, stop
             saving = bool(cfg.save_every) and step % cfg.save_every == 0
             if stopping or saving:
-                more_in_epoch = in_epoch + 1 < batches.steps_per_epoch
+                more_in_epoch = in_epoch + 1 < batches.steps_per_epoch  # else the next step opens the next epoch
                 try:
                     bad.last_saved = hooks.save(step, (epoch, in_epoch + 1) if more_in_epoch else (epoch + 1, 0))
                 except OSError as e:
