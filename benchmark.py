@@ -565,8 +565,9 @@ def main() -> None:
     adapter = "DoRA" if args.dora else "LoRA"
     print(f"\n{args.shape} ({n_linear / 1e9:.2f}B in linear layers), {adapter} r={args.r} alpha={args.alpha:g}, "
           f"{args.steps} steps (median after {args.warmup}), {torch.cuda.get_device_name()}, {date.today()}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bitsandbytes.__version__},"
-          f" bf16 matmul peak {peak:.0f} TFLOP/s, cap {args.max_memory_gib or 'none'} GiB")
+          f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"bitsandbytes {bitsandbytes.__version__}, bf16 matmul peak {peak:.0f} TFLOP/s, "
+          f"cap {args.max_memory_gib or 'none'} GiB")
     if args.fake_world:
         print(f"Rank 0 of a fake world of {args.fake_world} on this one GPU: memory and host RSS are one card's (one "
               f"rank's) of a {args.fake_world}-GPU run; tokens/s leaves out the all-gathers and reduce-scatters, which "
@@ -577,7 +578,8 @@ def main() -> None:
     for seq, bs, name, tps, *rest in rows:
         if tps is None:
             reserved, rss = rest
-            print(f"| {seq:,} | {bs} | {name} | out of memory at {reserved:.1f} GiB reserved | | | | | {rss:.1f} | | | |")
+            print(f"| {seq:,} | {bs} | {name} | out of memory at {reserved:.1f} GiB reserved | | | | "
+                  f"| {rss:.1f} | | | |")
             continue
         mfu, mfu_attention, alloc, reserved, rss, load_s, ratio, loss = rest
         print(f"| {seq:,} | {bs} | {name} | {tps:,.0f} | {mfu:.1%} | {mfu_attention:.1%} | {alloc:.1f} | "

@@ -118,7 +118,8 @@ def _build_tiny(folder: Path) -> None:
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         # Tied embeddings and a wide init give a random model logits sharp enough for LoRA alone to learn the task:
-        # with 0.02 and a separate lm_head, the built-in task's loss stalls near 3.3 after 60 steps; here it reaches ~0.1.
+        # with 0.02 and a separate lm_head, the built-in task's loss stalls near 3.3 after 60 steps; here it reaches
+        # ~0.1.
         tie_word_embeddings=True, initializer_range=0.1,
     )
     write_random_checkpoint(config, folder, max_shard_size="1MB", tokenizer=tokenizer)

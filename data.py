@@ -6,7 +6,8 @@ Each example becomes a list of text segments, each trained on or not: the prompt
 the input ids with -100 (ignored by the loss) on untrained tokens and on padding; the loss shifts them by one.
 Formats (--dataset_format, `auto` picks by column names):
     alpaca             instruction, input (optional), output
-    chat               messages: [{role, content}, ...] rendered by the tokenizer's chat template; assistant turns trained
+    chat               messages: [{role, content}, ...] rendered by the tokenizer's chat template; assistant turns
+                       trained
     prompt_completion  prompt, completion
     text               text, every token trained; a document longer than seq_len becomes several rows
 Every row but text is a conversation rendered by a chat template (conversation, row_template). --prompt_format decides,
@@ -691,7 +692,8 @@ def drop_turn_opener_bos(tokenizer) -> None:
 
 def fingerprint(ds) -> str:
     """A hash of the tokenized rows in order (input ids, labels, and positions when packed): what a resumed run must
-    train on again. It changes with the files, the tokenizer and every tokenizing setting, and not with a file's path."""
+    train on again. It changes with the files, the tokenizer and every tokenizing setting, and not with a file's
+    path."""
     h = hashlib.sha256()
     columns = [c for c in ("input_ids", "labels", "position_ids") if c in ds.column_names]
     for table in ds.with_format("arrow", columns=columns).iter(batch_size=2**16):
@@ -778,7 +780,8 @@ class LengthGroupedSampler(Sampler):
     shuffle the batches. Same order on every rank for a given seed and epoch; each rank takes every world-th batch."""
 
     def __init__(self, lengths: list[int], batch_size: int, rank: int, world: int, seed: int):
-        self.lengths, self.batch_size, self.rank, self.world, self.seed, self.epoch = lengths, batch_size, rank, world, seed, 0
+        self.lengths, self.batch_size, self.rank, self.world = lengths, batch_size, rank, world
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -816,7 +819,8 @@ def build_loader(ds, batch_size: int, pad_id: int, rank: int, world: int, seed: 
 
 def eval_batches(ds, batch_size: int, pad_id: int, rank: int, world: int, block_mask: bool = True) -> list[dict]:
     """Every eval row exactly once over all ranks (no padding by repetition, which would bias the loss), and the same
-    number of batches on every rank, because each FSDP forward is a collective: short ranks add a batch with no label."""
+    number of batches on every rank, because each FSDP forward is a collective: short ranks add a batch with no
+    label."""
     mine = ds.select(range(rank, len(ds), world))
     batches = [collate([mine[j] for j in range(i, min(i + batch_size, len(mine)))], pad_id, block_mask)
                for i in range(0, len(mine), batch_size)]
@@ -845,7 +849,8 @@ def describe(ds, tokenizer, seq_len: int, show: int, color: bool) -> str:
     lengths = sorted(len(x) for x in ds["input_ids"])
     trained = sum(sum(l != IGNORE for l in x) for x in ds["labels"])
     q = statistics.quantiles(lengths, n=100) if len(lengths) > 1 else lengths * 99
-    out.append(f"--- {len(ds)} rows, {sum(lengths):,} tokens, {trained:,} trained ({trained / max(1, sum(lengths)):.1%})"
+    out.append(f"--- {len(ds)} rows, {sum(lengths):,} tokens, {trained:,} trained "
+               f"({trained / max(1, sum(lengths)):.1%})"
                f"\nlength: min {lengths[0]}, median {q[49]:.0f}, p90 {q[89]:.0f}, p99 {q[98]:.0f}, max {lengths[-1]}"
                f" (seq_len {seq_len}); slots filled: {packing_efficiency(ds, seq_len):.1%}")
     return "\n".join(out)

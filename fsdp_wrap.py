@@ -1,10 +1,11 @@
 """Shard the model with FSDP1 and checkpoint its decoder layers: the one place that knows about either.
 
 Order matters and is fixed (wrap_model): compile the elementwise work of the decoder layers (CUDA; fused.py), tile
-their MLPs if asked (fused.py), group each layer's LoRA weights, add the chunked loss (fused.py), wrap (per decoder layer two FSDP units, one for its frozen
-weights and one around it for its LoRA weights; the root spans the embeddings, lm_head and the loss), then put
-activation checkpointing inside each decoder-layer unit, as torchtitan and the FSDP-QLoRA recipe do, its saved layer
-inputs in host memory if asked (offload.py).
+their MLPs if asked (fused.py), group each layer's LoRA weights, add the chunked loss (fused.py), wrap (per decoder
+layer two FSDP units, one for its frozen weights and one around it for its LoRA weights; the root spans the
+embeddings, lm_head and the loss), then put activation checkpointing inside each decoder-layer unit, as torchtitan
+and the FSDP-QLoRA recipe do, its saved layer inputs in host memory if asked (offload.py). What to do at each step is
+one typed value, Wrapping.
 
 --cpu_offload on several GPUs is FSDP's CPUOffload: each rank's shards live in host memory, and the optimizer steps
 there. On one GPU FSDP does not shard (it switches to NO_SHARD), and its CPUOffload then leaves every unit's copy on the
@@ -14,6 +15,7 @@ LoRA weights, their optimizer state, the embeddings and the head stay on the GPU
 """
 import functools
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -101,42 +103,58 @@ def group_adapters(model: nn.Module, layer_cls: type[nn.Module]) -> None:
             model.set_submodule(name, LayerAdapters(layer))
 
 
-def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.device, sharding: str = "full_shard",
-               cpu_offload: bool = False, grad_checkpointing: str = "non_reentrant", compile: str | None = None,
-               offload_activations: bool = False, tiled_mlp: int = 0) -> FSDP:
-    """compile: None, or the torch.compile backend for compile_elementwise and the loss ("inductor" on GPUs).
-    cpu_offload: parameters in host memory: FSDP's CPUOffload on several ranks, offload.WeightStream on one.
-    offload_activations: checkpointed layer inputs in host memory (needs non-reentrant checkpointing).
-    tiled_mlp: tokens per MLP tile (fused.tile_mlps); 0 leaves the MLPs whole."""
-    if compile:
-        fused.compile_elementwise(model, layer_cls, compile)
-    if tiled_mlp:
-        fused.tile_mlps(model, layer_cls, tiled_mlp)
-    if grad_checkpointing == "reentrant":
-        # Reentrant checkpointing only backpropagates into a segment whose inputs require grad; the frozen embedding's
-        # output does not, so the LoRA weights of the first layer would silently get no gradient without this hook.
+@dataclass(frozen=True)
+class Wrapping:
+    """How wrap_model shards, recomputes, compiles and offloads: a run's settings (train.py builds it from its flags).
+    The defaults are the plainest wrapping: everything sharded, every decoder layer recomputed, nothing else."""
+    sharding: str = "full_shard"  # a key of SHARDING; one rank has nothing to shard and gets no_shard
+    cpu_offload: bool = False  # parameters in host memory: FSDP's CPUOffload on several ranks, WeightStream on one
+    grad_checkpointing: str = "non_reentrant"  # a key of CHECKPOINTING
+    compile: str | None = None  # the torch.compile backend of fused.compile_elementwise and the loss; None: eager
+    offload_activations: bool = False  # checkpointed layer inputs in host memory (needs non-reentrant checkpointing)
+    tiled_mlp: int = 0  # tokens per MLP tile (fused.tile_mlps); 0 leaves the MLPs whole
+
+
+def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.device, *,
+               wrapping: Wrapping = Wrapping()) -> FSDP:
+    """The model, made ready to train on `device`: its decoder layers (`layer_cls`) compiled, tiled, grouped with
+    their LoRA weights, sharded and checkpointed as `wrapping` says, in this fixed order."""
+    # 1. Compile the elementwise work between the matmuls (before FSDP: it replaces forwards of the layers' modules)
+    if wrapping.compile:
+        fused.compile_elementwise(model, layer_cls, wrapping.compile)
+    # 2. Tile the MLPs (over whatever forward step 1 left them)
+    if wrapping.tiled_mlp:
+        fused.tile_mlps(model, layer_cls, wrapping.tiled_mlp)
+    # 3. Reentrant checkpointing only backpropagates into a segment whose inputs require grad; the frozen embedding's
+    # output does not, so the LoRA weights of the first layer would silently get no gradient without this hook.
+    if wrapping.grad_checkpointing == "reentrant":
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    # 4. Each decoder layer's LoRA weights beside it, for a unit of their own (LayerAdapters)
     group_adapters(model, layer_cls)
-    model = fused.CausalLMWithLoss(model, compile=compile)
-    stream, streamed = None, None
-    if cpu_offload and torch.distributed.get_world_size() == 1:
-        if CHECKPOINTING[grad_checkpointing] is None:
+    # 5. The chunked loss inside the root, so that FSDP's root unit spans lm_head and the loss
+    model = fused.CausalLMWithLoss(model, compile=wrapping.compile)
+    # 6. --cpu_offload on one rank: the decoder layers' frozen weights stream from host memory, outside FSDP
+    one_rank = torch.distributed.get_world_size() == 1
+    stream, streamed, offload_params = None, None, wrapping.cpu_offload
+    if wrapping.cpu_offload and one_rank:
+        if CHECKPOINTING[wrapping.grad_checkpointing] is None:
             raise ValueError(offload.NEEDS_RECOMPUTE)
         streamed = [m for m in model.modules() if isinstance(m, layer_cls)]  # in the order forward runs them
         stream = offload.WeightStream(streamed, device, quantization.state_tensors)
-        cpu_offload = False  # FSDP leaves these layers alone (ignored_states) and keeps the rest on the GPU
+        offload_params = False  # FSDP leaves these layers alone (ignored_states) and keeps the rest on the GPU
+    # 7. Shard: per decoder layer one unit of its frozen weights inside one of its LoRA weights; the root the rest
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer_cls, LayerAdapters})
     model = FSDP(
         model,
         auto_wrap_policy=policy,
         # One rank has nothing to shard: FSDP switches to NO_SHARD itself then, with a warning at every launch
-        sharding_strategy=SHARDING["no_shard" if torch.distributed.get_world_size() == 1 else sharding],
+        sharding_strategy=SHARDING["no_shard" if one_rank else wrapping.sharding],
         # param_dtype must equal the 4-bit layers' quant_storage (bf16): FSDP casts every flat parameter to it, and a
         # packed 4-bit weight survives the cast only when it is a no-op. LoRA's fp32 masters are cast to bf16 for
         # compute. Gradients are reduced in fp32 so that summing over ranks loses nothing. Buffers are left alone,
         # which keeps the rotary inv_freq in fp32.
         mixed_precision=MixedPrecision(param_dtype=quantization.STORAGE, reduce_dtype=torch.float32),
-        cpu_offload=CPUOffload(offload_params=True) if cpu_offload else None,
+        cpu_offload=CPUOffload(offload_params=True) if offload_params else None,
         # Every rank built the identical model from the same files, so nothing is broadcast (and on CPU it cannot be).
         sync_module_states=False,
         # The device each unit is moved to as it is wrapped, and where its shard lives; CPU for gloo runs.
@@ -147,13 +165,13 @@ def wrap_model(model: nn.Module, layer_cls: type[nn.Module], device: torch.devic
         ignored_states=streamed,
     )
     model.weight_stream = stream  # None unless streaming: the log and the tests read it
-    if CHECKPOINTING[grad_checkpointing] is not None:
-        # Recompute each decoder layer in backward instead of storing its activations: memory O(layers) -> O(1).
-        # Non-reentrant needs no input that requires grad (all embeddings here are frozen) and supports kwargs.
-        offloaded = offload.ActivationOffload(device).checkpoint if offload_activations else None
-        wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CHECKPOINTING[grad_checkpointing],
-                                    checkpoint_fn=offloaded)
-        apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, layer_cls))
+    # 8. Recompute each decoder layer in backward instead of storing its activations: memory O(layers) -> O(1).
+    # Non-reentrant needs no input that requires grad (all embeddings here are frozen) and supports kwargs.
+    if (impl := CHECKPOINTING[wrapping.grad_checkpointing]) is not None:
+        offloaded = offload.ActivationOffload(device).checkpoint if wrapping.offload_activations else None
+        wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=impl, checkpoint_fn=offloaded)
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper,
+                                       check_fn=lambda m: isinstance(m, layer_cls))
     return model
 
 

@@ -175,10 +175,9 @@ def _activation_variant(act_fn: nn.Module):
 
 
 # From how many routed rows (tokens x experts per token) on a layer the compiled experts pay. Compiled, a layer's
-# experts take fewer GPU kernels and less GPU time (one H200, Qwen3-30B-A3B's experts at 8,192 tokens, forward and
-# backward: 6.7 ms against 8.8), but more CPU time to launch them, and a step at a few thousand tokens is bound by
-# the CPU. Measured on the 8-layer Qwen3-30B-A3B shape (BENCHMARKS.md): at batch 4 x 2048 (65,536 rows) compiled
-# ran at 42,533 tokens/s against 45,101 eagerly; at batch 8 (131,072 rows), 59,639 against 51,356.
+# experts take fewer GPU kernels and less GPU time, but more CPU time to launch them, and a step at a few thousand
+# tokens is bound by the CPU: compiled was slower at half this many rows and faster at this many, on one H200
+# (BENCHMARKS.md, "When the MoE experts are compiled").
 COMPILED_FROM_ROWS = 131_072
 
 

@@ -125,8 +125,8 @@ def new_tokens_that_fit(model: torch.nn.Module, width: int, max_new_tokens: int)
     if width >= limit:
         raise ValueError(f"a prompt of {width} tokens leaves no room for a new one in {context}: shorten it")
     if not dist.is_initialized() or dist.get_rank() == 0:
-        tqdm.write(f"sampling stops after {limit - width} new tokens, not {max_new_tokens}: the longest prompt's {width} "
-              f"tokens and the new ones fill {context}")
+        tqdm.write(f"sampling stops after {limit - width} new tokens, not {max_new_tokens}: the longest prompt's "
+                   f"{width} tokens and the new ones fill {context}")
     return limit - width
 
 

@@ -1,5 +1,6 @@
 """Host memory in place of GPU memory, for what the GPU needs only for a moment: checkpointed layer inputs (long
-sequences), and on one GPU the frozen weights of the decoder layers (a 70B model in 24 GiB).
+sequences), and on one GPU the frozen weights of the decoder layers (how a 70B model trains on one GPU; BENCHMARKS.md
+has the memory measured).
 
 Layer inputs. With every decoder layer checkpointed, what a layer keeps between forward and backward is its input:
 seq x hidden x 2 bytes, for every layer at once. For an 8B model at 131,072 tokens that is 1 GiB per layer, 32 GiB in

@@ -111,7 +111,8 @@ def save_adapter(state: dict[str, torch.Tensor], out_dir: Path, r: int, alpha: f
     save_file(tensors, out_dir / "adapter_model.safetensors", metadata={"format": "pt", **base})
     out_folder.readable(out_dir / "adapter_model.safetensors")
     linears = [k for k in state if ".lora_experts." not in k]
-    targets = lora.kinds(k.split(".lora_")[0] for k in linears)  # the layers adapted, never "all-linear": PEFT, vLLM read it
+    # the layers adapted, never "all-linear": PEFT and vLLM read it
+    targets = lora.kinds(k.split(".lora_")[0] for k in linears)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,

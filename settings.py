@@ -33,18 +33,39 @@ class DataConfig:
 
     "rows": the setting shapes the tokenized training rows, so a resumed run names it when their fingerprint differs.
     """
-    dataset: str = field(default=BUILTIN_DATASET, metadata={"rows": True, "path": True, "help": "Hub dataset id, local file or folder (.jsonl .json .parquet .csv .txt), or 'builtin'"})
+    dataset: str = field(default=BUILTIN_DATASET, metadata={
+        "rows": True, "path": True,
+        "help": "Hub dataset id, local file or folder (.jsonl .json .parquet .csv .txt), or 'builtin'"})
     dataset_config: str = field(default="", metadata={"rows": True, "help": "Hub dataset configuration name"})
     dataset_split: str = field(default="train", metadata={"rows": True, "help": "Hub dataset split to train on"})
-    dataset_format: str = field(default="auto", metadata={"rows": True, "choices": FORMATS, "help": "how examples are rendered; auto: from the columns"})
-    field_map: str = field(default="", metadata={"rows": True, "help": "rename columns, ours=theirs: 'instruction=question,output=answer'"})
-    chat_template: str = field(default="", metadata={"rows": True, "help": "'chatml', a Jinja template, or a file holding one: the chat template, for tokenizers without one or instead of theirs"})
-    prompt_format: str = field(default="auto", metadata={"rows": True, "choices": PROMPT_FORMATS, "help": "how alpaca and prompt_completion rows are rendered: chat (user and assistant turns of the chat template, the loss on the assistant's), alpaca ('### Instruction:' ... '### Response:'; prompt_completion rows as they are); auto: chat where the tokenizer has a chat template (or --chat_template), else alpaca. Chat rows always take the chat template"})
-    system_prompt: str = field(default="", metadata={"rows": True, "help": "a system turn before each alpaca and prompt_completion row (in the alpaca format, its first paragraph); chat rows keep their own"})
-    seq_len: int = field(default=512, metadata={"rows": True, "help": "longest row in tokens; longer prompts are cut first"})
+    dataset_format: str = field(default="auto", metadata={
+        "rows": True, "choices": FORMATS, "help": "how examples are rendered; auto: from the columns"})
+    field_map: str = field(default="", metadata={
+        "rows": True, "help": "rename columns, ours=theirs: 'instruction=question,output=answer'"})
+    chat_template: str = field(default="", metadata={
+        "rows": True,
+        "help": "'chatml', a Jinja template, or a file holding one: the chat template, for tokenizers without one or "
+                "instead of theirs"})
+    prompt_format: str = field(default="auto", metadata={
+        "rows": True, "choices": PROMPT_FORMATS,
+        "help": "how alpaca and prompt_completion rows are rendered: chat (user and assistant turns of the chat "
+                "template, the loss on the assistant's), alpaca ('### Instruction:' ... '### Response:'; "
+                "prompt_completion rows as they are); auto: chat where the tokenizer has a chat template (or "
+                "--chat_template), else alpaca. Chat rows always take the chat template"})
+    system_prompt: str = field(default="", metadata={
+        "rows": True,
+        "help": "a system turn before each alpaca and prompt_completion row (in the alpaca format, its first "
+                "paragraph); chat rows keep their own"})
+    seq_len: int = field(default=512, metadata={
+        "rows": True, "help": "longest row in tokens; longer prompts are cut first"})
     train_on_prompt: bool = field(default=False, metadata={"rows": True, "help": "also train on prompt tokens"})
-    packing: bool = field(default=False, metadata={"rows": True, "help": "fill rows with whole examples, none attending to another"})
-    group_by_length: bool = field(default=False, metadata={"help": "batch similar lengths together (without --packing)"})
-    eval_split: str = field(default="", metadata={"path": True, "may_change": "what is evaluated, not what is trained", "help": "eval data: a split of --dataset, or a file"})
-    eval_fraction: float = field(default=0.0, metadata={"rows": True, "help": "or carve this fraction out of the training data"})
+    packing: bool = field(default=False, metadata={
+        "rows": True, "help": "fill rows with whole examples, none attending to another"})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "batch similar lengths together (without --packing)"})
+    eval_split: str = field(default="", metadata={
+        "path": True, "may_change": "what is evaluated, not what is trained",
+        "help": "eval data: a split of --dataset, or a file"})
+    eval_fraction: float = field(default=0.0, metadata={
+        "rows": True, "help": "or carve this fraction out of the training data"})
     seed: int = field(default=0, metadata={"help": "data order, the eval carve-out and LoRA init"})

@@ -16,18 +16,20 @@ import resource
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import IO, NamedTuple
 
 import cli
 import config_file
 import settings
 
-# The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern: at batch 8 on an
-# 8B model they reserved 8.6 GiB more than was ever allocated. Segments that grow in place keep reserved near allocated
-# (BENCHMARKS.md). Set before the first CUDA allocation; a value the user exported wins.
+# The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern, reserving memory
+# that is never allocated; segments that grow in place keep reserved near allocated (BENCHMARKS.md, "The allocator
+# setting"). Set before the first CUDA allocation; a value the user exported wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # Why a setting may change on resume (Config's metadata); the rest must match, or must for the reason given.
 SAME_MATH = "where tensors live, what is recomputed, which kernels: the same math, up to rounding"
@@ -45,51 +47,119 @@ class Config(settings.DataConfig):
     that is safe (checkpointing.check_resumable). "path": the value may name a file or folder, where ~ is the home.
     """
     # what to train
-    model: str = field(default=settings.BUILTIN_MODEL, metadata={"path": True, "help": "local folder, Hub repo id, or 'tiny' (the built-in model, whose runs take configs/builtin.yaml's settings as their defaults)", "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, is fine"})
-    output_dir: str = field(default="out", metadata={"path": True, "help": "adapters, metrics.jsonl and checkpoints go here", "may_change": "the run folder may have moved"})
-    eval_every: int = field(default=0, metadata={"help": "steps between eval losses; 0: only at the end, if there is eval data", "may_change": "what is evaluated, not what is trained"})
-    show: int = field(default=0, metadata={"help": "print this many tokenized rows, trained spans marked, and the data's statistics; then exit without training", "may_change": "it trains nothing"})
+    model: str = field(default=settings.BUILTIN_MODEL, metadata={
+        "path": True,
+        "help": "local folder, Hub repo id, or 'tiny' (the built-in model, whose runs take configs/builtin.yaml's "
+                "settings as their defaults)",
+        "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, "
+                      "is fine"})
+    output_dir: str = field(default="out", metadata={
+        "path": True, "help": "adapters, metrics.jsonl and checkpoints go here",
+        "may_change": "the run folder may have moved"})
+    eval_every: int = field(default=0, metadata={
+        "help": "steps between eval losses; 0: only at the end, if there is eval data",
+        "may_change": "what is evaluated, not what is trained"})
+    show: int = field(default=0, metadata={
+        "help": "print this many tokenized rows, trained spans marked, and the data's statistics; then exit without "
+                "training",
+        "may_change": "it trains nothing"})
     # batch and length of training
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per rank"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 means run --epochs", "must_match": SCHEDULE})
-    epochs: int = field(default=1, metadata={"help": "passes over the data, when --max_steps is 0", "must_match": SCHEDULE})
+    max_steps: int = field(default=0, metadata={
+        "help": "optimizer steps; 0 means run --epochs", "must_match": SCHEDULE})
+    epochs: int = field(default=1, metadata={
+        "help": "passes over the data, when --max_steps is 0", "must_match": SCHEDULE})
     # optimization
-    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of AdamW on the LoRA weights; 2e-4, the QLoRA paper's for 7B and 13B models (1e-4 for 33B and 65B)"})
-    lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "constant"], "help": "decay after warmup"})
+    lr: float = field(default=2e-4, metadata={
+        "help": "peak learning rate of AdamW on the LoRA weights; 2e-4, the QLoRA paper's for 7B and 13B models "
+                "(1e-4 for 33B and 65B)"})
+    lr_schedule: str = field(default="cosine", metadata={
+        "choices": ["cosine", "linear", "constant"], "help": "decay after warmup"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup: step k <= N trains at lr * k / (N + 1)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm; 0 disables"})
     # LoRA
-    lora_rank: int = field(default=64, metadata={"help": "rank r of each update; 64, the QLoRA paper's (Dettmers et al. 2023) for every model size with LoRA on all linears, where it found r matters little (PEFT's LoraConfig defaults to 8); vLLM serves it with --max-lora-rank 64"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "the update is scaled by alpha / r; 16, the QLoRA paper's with r=64, and PEFT's FSDP-QLoRA example's"})
+    lora_rank: int = field(default=64, metadata={
+        "help": "rank r of each update; 64, the QLoRA paper's (Dettmers et al. 2023) for every model size with LoRA "
+                "on all linears, where it found r matters little (PEFT's LoraConfig defaults to 8); vLLM serves it "
+                "with --max-lora-rank 64"})
+    lora_alpha: float = field(default=16.0, metadata={
+        "help": "the update is scaled by alpha / r; 16, the QLoRA paper's with r=64, and PEFT's FSDP-QLoRA example's"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=settings.ALL_LINEAR, metadata={"help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but MoE routers; add 'experts' for LoRA on the MoE experts' tensors too (PEFT's target_parameters; needs --lora_dropout 0)", "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
-    use_dora: bool = field(default=False, metadata={"help": "DoRA (Liu et al. 2024; PEFT's use_dora): also learn "
-        "each output feature's magnitude apart from its direction; on linears, not on MoE experts. vLLM does not "
-        "serve DoRA adapters: merge.py makes a checkpoint it serves"})
+    lora_targets: str = field(default=settings.ALL_LINEAR, metadata={
+        "help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but "
+                "MoE routers; add 'experts' for LoRA on the MoE experts' tensors too (PEFT's target_parameters; needs "
+                "--lora_dropout 0)",
+        "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA (Liu et al. 2024; PEFT's use_dora): also learn each output feature's magnitude apart from its "
+                "direction; on linears, not on MoE experts. vLLM does not serve DoRA adapters: merge.py makes a "
+                "checkpoint it serves"})
     # memory and sharding
-    quant: str = field(default=settings.AUTO, metadata={"choices": [settings.AUTO, *settings.QUANT_TYPES], "help": f"4-bit type of the base, or none (plain LoRA); {settings.AUTO}: a pre-quantized checkpoint's own type, else {settings.DEFAULT_QUANT}"})
-    sharding: str = field(default="full_shard", metadata={"choices": settings.SHARDING, "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
-    cpu_offload: bool = field(default=False, metadata={"help": "keep parameter shards in CPU memory (GPU only)", "may_change": SAME_MATH})
-    grad_checkpointing: str = field(default="non_reentrant", metadata={"choices": settings.CHECKPOINTING, "help": "activation checkpointing of decoder layers", "may_change": SAME_MATH})
-    offload_activations: bool = field(default=False, metadata={"help": "keep each checkpointed decoder layer's input in pinned CPU memory between forward and backward, copied on side streams (long sequences; 70B)", "may_change": SAME_MATH})
-    tiled_mlp: int = field(default=0, metadata={"help": "run each decoder layer's MLP over tiles of this many tokens, each recomputed in backward, so that no (tokens x intermediate size) tensor of the whole batch exists (long sequences, e.g. 8192); 0: untiled", "may_change": SAME_MATH})
-    compile: bool = field(default=True, metadata={"help": "torch.compile the norms, rotary embedding and MLP activation of each decoder layer, and the loss (GPU only)", "may_change": SAME_MATH})
+    quant: str = field(default=settings.AUTO, metadata={
+        "choices": [settings.AUTO, *settings.QUANT_TYPES],
+        "help": f"4-bit type of the base, or none (plain LoRA); {settings.AUTO}: a pre-quantized checkpoint's own "
+                f"type, else {settings.DEFAULT_QUANT}"})
+    sharding: str = field(default="full_shard", metadata={
+        "choices": settings.SHARDING, "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
+    cpu_offload: bool = field(default=False, metadata={
+        "help": "keep parameter shards in CPU memory (GPU only)", "may_change": SAME_MATH})
+    grad_checkpointing: str = field(default="non_reentrant", metadata={
+        "choices": settings.CHECKPOINTING, "help": "activation checkpointing of decoder layers",
+        "may_change": SAME_MATH})
+    offload_activations: bool = field(default=False, metadata={
+        "help": "keep each checkpointed decoder layer's input in pinned CPU memory between forward and backward, "
+                "copied on side streams (long sequences; 70B)",
+        "may_change": SAME_MATH})
+    tiled_mlp: int = field(default=0, metadata={
+        "help": "run each decoder layer's MLP over tiles of this many tokens, each recomputed in backward, so that "
+                "no (tokens x intermediate size) tensor of the whole batch exists (long sequences, e.g. 8192); 0: "
+                "untiled",
+        "may_change": SAME_MATH})
+    compile: bool = field(default=True, metadata={
+        "help": "torch.compile the norms, rotary embedding and MLP activation of each decoder layer, and the loss "
+                "(GPU only)",
+        "may_change": SAME_MATH})
     # bookkeeping
-    log_every: int = field(default=1, metadata={"help": "steps between progress-line updates", "may_change": BOOKKEEPING})
-    save_every: int = field(default=0, metadata={"help": "save a checkpoint to output_dir/checkpoint-N every N steps; 0: only the final adapter", "may_change": BOOKKEEPING})
-    keep_last: int = field(default=0, metadata={"help": "keep only the newest K checkpoints; 0 keeps all", "may_change": BOOKKEEPING})
-    resume: str = field(default="", metadata={"path": True, "help": "'auto': continue from the newest checkpoint in output_dir (if any); or a checkpoint folder", "may_change": BOOKKEEPING})
-    overwrite: bool = field(default=False, metadata={"help": "replace the run in output_dir (its checkpoints, adapter and metrics) instead of refusing to start", "may_change": BOOKKEEPING})
-    max_bad_steps: int = field(default=10, metadata={"help": "stop after this many consecutive skipped steps (non-finite loss or grad norm); 0: never", "may_change": BOOKKEEPING})
-    dist_timeout: int = field(default=900, metadata={"help": "seconds a rank waits for the others before failing", "may_change": BOOKKEEPING})
-    sample_prompts: str = field(default="", metadata={"path": True, "help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = built-in prompts with --dataset builtin", "may_change": "samples only read the model"})
-    sample_tokens: int = field(default=64, metadata={"help": "longest sample, in new tokens", "may_change": "samples only read the model"})
-    report_to: str = field(default="none", metadata={"help": "where the per-step metrics and samples also go: tensorboard (into output_dir/tensorboard), wandb, both comma-separated, or none", "may_change": BOOKKEEPING})
-    wandb_project: str = field(default="", metadata={"help": "W&B project; '': $WANDB_PROJECT, else W&B's default", "may_change": BOOKKEEPING})
-    wandb_name: str = field(default="", metadata={"help": "W&B run name; '': $WANDB_NAME, else one W&B makes up", "may_change": BOOKKEEPING})
-    config: str = field(default="", metadata={"path": True, "help": "YAML file whose keys are flag names (configs/ has examples); flags given as well override it", "may_change": "the settings it resolves to are compared, not the file"})
+    log_every: int = field(default=1, metadata={
+        "help": "steps between progress-line updates", "may_change": BOOKKEEPING})
+    save_every: int = field(default=0, metadata={
+        "help": "save a checkpoint to output_dir/checkpoint-N every N steps; 0: only the final adapter",
+        "may_change": BOOKKEEPING})
+    keep_last: int = field(default=0, metadata={
+        "help": "keep only the newest K checkpoints; 0 keeps all", "may_change": BOOKKEEPING})
+    resume: str = field(default="", metadata={
+        "path": True,
+        "help": "'auto': continue from the newest checkpoint in output_dir (if any); or a checkpoint folder",
+        "may_change": BOOKKEEPING})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the run in output_dir (its checkpoints, adapter and metrics) instead of refusing to start",
+        "may_change": BOOKKEEPING})
+    max_bad_steps: int = field(default=10, metadata={
+        "help": "stop after this many consecutive skipped steps (non-finite loss or grad norm); 0: never",
+        "may_change": BOOKKEEPING})
+    dist_timeout: int = field(default=900, metadata={
+        "help": "seconds a rank waits for the others before failing", "may_change": BOOKKEEPING})
+    sample_prompts: str = field(default="", metadata={
+        "path": True,
+        "help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = "
+                "built-in prompts with --dataset builtin",
+        "may_change": "samples only read the model"})
+    sample_tokens: int = field(default=64, metadata={
+        "help": "longest sample, in new tokens", "may_change": "samples only read the model"})
+    report_to: str = field(default="none", metadata={
+        "help": "where the per-step metrics and samples also go: tensorboard (into output_dir/tensorboard), wandb, "
+                "both comma-separated, or none",
+        "may_change": BOOKKEEPING})
+    wandb_project: str = field(default="", metadata={
+        "help": "W&B project; '': $WANDB_PROJECT, else W&B's default", "may_change": BOOKKEEPING})
+    wandb_name: str = field(default="", metadata={
+        "help": "W&B run name; '': $WANDB_NAME, else one W&B makes up", "may_change": BOOKKEEPING})
+    config: str = field(default="", metadata={
+        "path": True,
+        "help": "YAML file whose keys are flag names (configs/ has examples); flags given as well override it",
+        "may_change": "the settings it resolves to are compared, not the file"})
 
 
 def flag_parser() -> argparse.ArgumentParser:
@@ -185,6 +255,7 @@ if __name__ == "__main__":  # --help, and a flag argparse refuses, are answered 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+from transformers import PretrainedConfig, PreTrainedTokenizerBase  # noqa: E402
 
 import builtin  # noqa: E402
 import checkpointing  # noqa: E402
@@ -280,16 +351,23 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ across ranks, as their data does
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kinds = collections.Counter(name.split(".")[-1] for name in names)
-    print0(f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.lora_rank} on {len(names)} linears or expert tensors ({', '.join(f'{k} x{n}' for k, n in kinds.items())}): "
-           f"{n_lora / 1e6:.2f}M trainable parameters")
-    compile = "inductor" if cfg.compile and device.type == "cuda" else None  # CPU (tests, gloo): eager
-    model = fsdp_wrap.wrap_model(model, layer_cls, device, cfg.sharding, cfg.cpu_offload, cfg.grad_checkpointing,
-                                 compile, cfg.offload_activations, cfg.tiled_mlp)
+    counts = ", ".join(f"{k} x{n}" for k, n in kinds.items())
+    print0(f"{'DoRA' if cfg.use_dora else 'LoRA'} r={cfg.lora_rank} on {len(names)} linears or expert tensors "
+           f"({counts}): {n_lora / 1e6:.2f}M trainable parameters")
+    model = fsdp_wrap.wrap_model(model, layer_cls, device, wrapping=wrapping_of(cfg, device))
     if model.weight_stream is not None:
         print0(f"--cpu_offload on one GPU: the weights of {len(model.weight_stream.layers)} decoder layers stay in "
                f"pinned host memory ({model.weight_stream.host_bytes / 2**30:.2f} GiB), each copied to the GPU ahead "
                "of its use")
     return model
+
+
+def wrapping_of(cfg: Config, device: torch.device) -> fsdp_wrap.Wrapping:
+    """The flags that say how fsdp_wrap.wrap_model shards, recomputes, compiles and offloads."""
+    compile = "inductor" if cfg.compile and device.type == "cuda" else None  # CPU (tests, gloo): eager
+    return fsdp_wrap.Wrapping(sharding=cfg.sharding, cpu_offload=cfg.cpu_offload,
+                              grad_checkpointing=cfg.grad_checkpointing, compile=compile,
+                              offload_activations=cfg.offload_activations, tiled_mlp=cfg.tiled_mlp)
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -298,7 +376,8 @@ def lr_lambda(cfg: Config, total_steps: int):
         if step < cfg.warmup_steps:  # `step` counts steps done: step k = step + 1 trains at lr * k / (N + 1)
             return (step + 1) / (cfg.warmup_steps + 1)
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}[cfg.lr_schedule]
+        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+        return decay[cfg.lr_schedule]
     return fn
 
 
@@ -382,8 +461,9 @@ def evaluate(model, batches: list[dict], device: torch.device, stop: checkpointi
     return (totals[0] / totals[1].clamp(min=1)).item()
 
 
-# The longest sequences measured to fit at batch 1 on one GPU under a 24 GiB cap (BENCHMARKS.md), by the shape of
-# the model: (hidden size, decoder layers) -> (what it is, tokens, the flags it took).
+# The longest sequences that fitted at batch 1 under a 24 GiB cap, by the shape of the model: (hidden size, decoder
+# layers) -> (what it is, tokens, the flags it took); out_of_memory quotes them. Measured on one H200 on 2026-12-01
+# (BENCHMARKS.md, "Long sequences under a 24 GiB cap" and "70B on one GPU under a 24 GiB cap").
 LONGEST_MEASURED = {(4096, 32): ("an 8B Llama-3 shape", 131_072, "--offload_activations --tiled_mlp 8192"),
                     (8192, 80): ("a 70B Llama-3 shape", 32_768,
                                  "--cpu_offload --offload_activations --tiled_mlp 8192 --lora_rank 16")}
@@ -566,12 +646,31 @@ class BadSteps:
                                f"{self.good or 'none'}; start again with a lower --lr, or check the data")
 
 
-def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_steps: int, position: tuple,
-              save, sample, log: StepLog, bad: BadSteps, stop: checkpointing.StopOnSignal) -> bool:
-    """Steps from `position` (step, epoch, steps done in that epoch) to total_steps: evaluating, saving and sampling
-    on schedule. Returns whether a signal stopped the run (after saving a checkpoint)."""
+class Position(NamedTuple):
+    """Where a run stands: optimizer steps done, the epoch, and the steps done in that epoch."""
+    step: int
+    epoch: int
+    step_in_epoch: int
+
+
+@dataclass(frozen=True)
+class LoopHooks:
+    """What run_steps calls around the steps it takes: the record, the save and the samples, on schedule."""
+    save: Callable[[int, tuple[int, int]], Path]  # (step, (epoch, steps done in it)) -> the checkpoint written
+    sample: Callable[[int], None]  # greedy samples of the prompts after this step; a collective
+    log: StepLog
+    bad: BadSteps
+    stop: checkpointing.StopOnSignal
+
+
+def run_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: torch.optim.lr_scheduler.LRScheduler, *, cfg: Config, batches: Batches, start: Position,
+              total_steps: int, hooks: LoopHooks) -> bool:
+    """Steps from `start` to total_steps: evaluating, saving and sampling on schedule. Returns whether a signal
+    stopped the run (after saving a checkpoint)."""
     device = model.compute_device  # FSDP's; with --cpu_offload on several GPUs the parameters live on the CPU
-    step, epoch, skip = position
+    step, epoch, skip = start
+    log, bad, stop = hooks.log, hooks.bad, hooks.stop
     model.train()
     while step < total_steps:
         batches.loader.sampler.set_epoch(epoch)  # an epoch's order is a function of (seed, epoch) alone
@@ -595,9 +694,9 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
             stopping = unwritten or (signalled and step < total_steps)  # a line not written (full disk): save, stop
             saving = bool(cfg.save_every) and step % cfg.save_every == 0
             if stopping or saving:
-                done = in_epoch + 1 < batches.steps_per_epoch
+                more_in_epoch = in_epoch + 1 < batches.steps_per_epoch  # else the next step opens the next epoch
                 try:
-                    bad.last_saved = save(step, (epoch, in_epoch + 1) if done else (epoch + 1, 0))
+                    bad.last_saved = hooks.save(step, (epoch, in_epoch + 1) if more_in_epoch else (epoch + 1, 0))
                 except OSError as e:
                     if unwritten:  # the line failed first (a full disk): that is the news, the save's failure follows
                         log.raise_unwritten(e)
@@ -611,7 +710,7 @@ def run_steps(cfg: Config, model, optimizer, scheduler, batches: Batches, total_
                        "with --resume auto")
                 return True
             if step < total_steps and ("eval_loss" in m or saving):
-                sample(step)
+                hooks.sample(step)
         skip, epoch = 0, epoch + 1
     return False
 
@@ -657,69 +756,169 @@ def duration(seconds: float) -> str:
     return f"{minutes} min {s} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def warn(warning: str | None) -> None:
+    """Print a warning on rank 0, if there is one."""
+    if warning is not None:
+        print0(f"warning: {warning}")
+
+
+def claim_output_dir(cfg: Config) -> IO[str] | None:
+    """Check, lock and prepare output_dir for this run (--resume, --overwrite); the lock (rank 0), None elsewhere and
+    with --show, which only reads."""
+    if cfg.show:
+        return None
+    out_dir = Path(cfg.output_dir)
+    checkpointing.check_output_dir(out_dir, cfg.resume, cfg.overwrite, cfg.dataset)  # before it is made
+    lock = run_folder.lock_output_dir(out_dir)  # before anything in the folder is read or removed
+    try:
+        checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
+    except BaseException:
+        if lock:
+            lock.close()
+        raise
+    return lock
+
+
+def resolve_for_base(cfg: Config) -> tuple[Config, Path, PretrainedConfig, PreTrainedTokenizerBase]:
+    """The base's folder, config and tokenizer, and `cfg` with --quant and --prompt_format as they apply to them,
+    kept so in the run's config."""
+    model_dir = builtin.model_dir(cfg.model)
+    config = model_loading.read_config(model_dir)  # an architecture transformers lacks fails before tokenizing
+    # --quant as it applies to this base (auto: a pre-quantized checkpoint's own type)
+    cfg = dataclasses.replace(cfg, quant=model_loading.resolve_quant(config, cfg.quant, log=print0))
+    if cfg.cpu_offload:  # a model that cannot fit in host memory fails now, not after loading half of it
+        model_loading.check_host_memory(model_dir, cfg.quant)
+    tokenizer = model_loading.load_tokenizer(model_dir)
+    # the prompt format as it applies to this tokenizer (auto: chat where it has a template)
+    cfg = dataclasses.replace(cfg, prompt_format=data.resolve_prompt_format(cfg.prompt_format, tokenizer,
+                                                                            cfg.chat_template, log=print0))
+    return cfg, model_dir, config, tokenizer
+
+
+def show_rows(cfg: Config, batches: Batches, tokenizer: PreTrainedTokenizerBase) -> None:
+    """--show: the first rows as tokenized, trained spans marked (in color on a terminal), and the data's statistics."""
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print0(data.describe(batches.loader.dataset, tokenizer, cfg.seq_len, cfg.show, color))
+
+
+def checked_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The prompts sampled at each save, each rendered once now: one that cannot be ({"messages"} without a
+    template) fails before the model loads."""
+    prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
+    for prompt in prompts:
+        generate.prompt_ids(prompt, tokenizer, cfg.prompt_format, cfg.system_prompt)
+    return prompts
+
+
+def run_identity(cfg: Config, world: int, batches: Batches, model_dir: Path) -> dict:
+    """What a checkpoint records of the run, and a resume must match (checkpointing.check_resumable)."""
+    return dict(world_size=world, steps_per_epoch=batches.steps_per_epoch, base_model=cfg.model,
+                base_fingerprint=model_loading.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
+                config=dataclasses.asdict(cfg))
+
+
+def nothing_left(out_dir: Path, resume_from: Path | None, resumed: checkpointing.TrainerState | None,
+                 total_steps: int) -> bool:
+    """Whether out_dir holds a run with nothing left to do, whose files a resume must leave as they are (and says
+    so): the last step's checkpoint, and the final adapter whole (write_final puts adapter_config.json in last)."""
+    if not (resumed and resumed.step == total_steps and (out_dir / "adapter_config.json").is_file()):
+        return False
+    print0(f"{out_dir} holds a finished run: {resume_from.name} is its last step, {total_steps}, and its "
+           "adapter is saved; nothing to do (to train longer, start a new run in another --output_dir: another "
+           "--max_steps or --epochs is refused on resume)")
+    return True
+
+
+def open_reporters(cfg: Config, resumed: checkpointing.TrainerState | None) -> reporting.Reporters:
+    """--report_to's backends, continuing a resumed run's (W&B's run id) from the checkpoint's step."""
+    out_dir = Path(cfg.output_dir)
+    return reporting.open_reporters(
+        reporting.parse(cfg.report_to), out_dir, dataclasses.asdict(cfg), resumed.step if resumed else 0,
+        resumed.reporting if resumed else {}, run_folder.last_metrics_step(out_dir / "metrics.jsonl"))
+
+
+def load_for_training(cfg: Config, model_dir: Path, device: torch.device, rank: int, resume_from: Path | None,
+                      batches: Batches, model_type: str) -> tuple[torch.nn.Module, float]:
+    """build_model, timed, and checked against the model's own objective; the model and its load time in seconds."""
+    t0 = time.perf_counter()
+    model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
+    load_s = time.perf_counter() - t0
+    print0(f"model loaded, adapted and sharded in {load_s:.1f}s")
+    fused.check_loss(model, model_inputs(batches.probe, device), model_type)  # the model's own objective
+    return model, load_s
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device,
+                   total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW on the trainable (LoRA) weights, and the LR schedule laid over the planned steps."""
+    # fused: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+
+def restore(resume_from: Path | None, resumed: checkpointing.TrainerState | None, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Position:
+    """The checkpoint's optimizer, schedule and RNG states loaded (build_model loaded its LoRA weights), and where it
+    stopped; the start of training when there is none."""
+    if not resumed:
+        return Position(0, 0, 0)
+    checkpointing.load_checkpoint(resume_from, model, optimizer, scheduler)
+    print0(f"resumed from {resume_from}: step {resumed.step}, epoch {resumed.epoch}")
+    return Position(resumed.step, resumed.epoch, resumed.step_in_epoch)
+
+
+def eval_before(model: torch.nn.Module, evals: list[dict], device: torch.device, stop: checkpointing.StopOnSignal,
+                log: StepLog) -> None:
+    """The eval loss before the first step, recorded as step 0 (unless a signal came first)."""
+    if (eval_loss := evaluate(model, evals, device, stop)) is not None:
+        log.record_eval_before(eval_loss)
+
+
+def finish(cfg: Config, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, run: dict, hooks: LoopHooks,
+           total_steps: int) -> None:
+    """After the last step: a run whose last step was not finite fails; else the final adapter, and its samples."""
+    hooks.log.end_progress()
+    hooks.bad.check_last(hooks.log.history)
+    checkpointing.save_final(Path(cfg.output_dir), model, dataclasses.asdict(cfg), run["base_fingerprint"], tokenizer)
+    hooks.sample(total_steps)
+
+
+def lost_contact(e: RuntimeError, rank: int, dist_timeout: int) -> str | None:
+    """What a rank says when a collective failed because another rank is gone; None for any other error."""
+    if not (isinstance(e, dist.DistError) or "gloo" in str(e)):  # NCCL: DistError; gloo: a RuntimeError naming it
+        return None
+    slow = (f" A rank waits --dist_timeout ({dist_timeout} s) for the others: if one was busy, not dead, "
+            "raise it." if any(w in str(e).lower() for w in ("timed out", "timeout")) else "")
+    return (f"rank {rank}: lost contact with another rank ({e}).{slow} The launcher's log names the rank that "
+            "failed; once it is back, continue with --resume auto.")
+
+
 def train(cfg: Config) -> list[dict]:
     """The whole run, as an outline; returns the per-step metrics (also written to output_dir/metrics.jsonl)."""
     started = time.perf_counter()
     rank, _, world, device = init_distributed(cfg.dist_timeout)
     stop, lock, log, report = checkpointing.StopOnSignal(), None, None, None
     try:
-        if not cfg.use_dora and (warning := peft_format.vllm_rank_warning(cfg.lora_rank)) is not None:
-            print0(f"warning: {warning}")
-        out_dir = Path(cfg.output_dir)
-        if not cfg.show:  # --show only reads
-            checkpointing.check_output_dir(out_dir, cfg.resume, cfg.overwrite, cfg.dataset)  # before it is made
-            lock = run_folder.lock_output_dir(out_dir)  # before anything in the folder is read or removed
-            checkpointing.prepare_output_dir(out_dir, cfg.resume, cfg.overwrite)
-        model_dir = builtin.model_dir(cfg.model)
-        config = model_loading.read_config(model_dir)  # an architecture transformers lacks fails before tokenizing
-        # --quant as it applies to this base (auto: a pre-quantized checkpoint's own type), kept in the run's config
-        cfg = dataclasses.replace(cfg, quant=model_loading.resolve_quant(config, cfg.quant, log=print0))
-        if cfg.cpu_offload:  # a model that cannot fit in host memory fails now, not after loading half of it
-            model_loading.check_host_memory(model_dir, cfg.quant)
-        tokenizer = model_loading.load_tokenizer(model_dir)
-        # the prompt format as it applies to this tokenizer (auto: chat where it has a template), kept in the config
-        cfg = dataclasses.replace(cfg, prompt_format=data.resolve_prompt_format(cfg.prompt_format, tokenizer,
-                                                                                cfg.chat_template, log=print0))
+        warn(None if cfg.use_dora else peft_format.vllm_rank_warning(cfg.lora_rank))
+        out_dir, lock = Path(cfg.output_dir), claim_output_dir(cfg)
+        cfg, model_dir, config, tokenizer = resolve_for_base(cfg)
         batches = prepare_batches(cfg, tokenizer, config.vocab_size, device)  # a bad dataset fails in seconds
         if cfg.show:
-            color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-            print0(data.describe(batches.loader.dataset, tokenizer, cfg.seq_len, cfg.show, color))
+            show_rows(cfg, batches, tokenizer)
             return []
-        prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
-        for prompt in prompts:  # one that cannot be rendered ({"messages"} without a template) fails before loading
-            generate.prompt_ids(prompt, tokenizer, cfg.prompt_format, cfg.system_prompt)
+        prompts = checked_prompts(cfg, tokenizer)
         total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
-        if (warning := warmup_warning(cfg, total_steps)) is not None:
-            print0(f"warning: {warning}")
-        run = dict(world_size=world, steps_per_epoch=batches.steps_per_epoch, base_model=cfg.model,
-                   base_fingerprint=model_loading.fingerprint(model_dir), data_fingerprint=batches.fingerprint,
-                   config=dataclasses.asdict(cfg))
+        warn(warmup_warning(cfg, total_steps))
+        run = run_identity(cfg, world, batches, model_dir)
         resume_from, resumed = find_resume(cfg, out_dir, run, config)
-        # The last step's checkpoint, and the final adapter whole (write_final puts adapter_config.json in last): a run
-        # with nothing left to do, whose files a resume must leave as they are
-        if resumed and resumed.step == total_steps and (out_dir / "adapter_config.json").is_file():
-            print0(f"{out_dir} holds a finished run: {resume_from.name} is its last step, {total_steps}, and its "
-                   "adapter is saved; nothing to do (to train longer, start a new run in another --output_dir: another "
-                   "--max_steps or --epochs is refused on resume)")
+        if nothing_left(out_dir, resume_from, resumed, total_steps):
             return []
-        report = reporting.open_reporters(  # a backend that cannot start fails here, before the model loads
-            reporting.parse(cfg.report_to), out_dir, dataclasses.asdict(cfg), resumed.step if resumed else 0,
-            resumed.reporting if resumed else {}, run_folder.last_metrics_step(out_dir / "metrics.jsonl"))
+        report = open_reporters(cfg, resumed)  # a backend that cannot start fails here, before the model loads
 
-        t0 = time.perf_counter()
-        model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
-        load_s = time.perf_counter() - t0
-        print0(f"model loaded, adapted and sharded in {load_s:.1f}s")
-        fused.check_loss(model, model_inputs(batches.probe, device), config.model_type)  # the model's own objective
-        # fused: one kernel for all LoRA tensors instead of several per tensor (CUDA only)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-        position = (0, 0, 0)
-        if resumed:
-            checkpointing.load_checkpoint(resume_from, model, optimizer, scheduler)
-            position = (resumed.step, resumed.epoch, resumed.step_in_epoch)
-            print0(f"resumed from {resume_from}: step {resumed.step}, epoch {resumed.epoch}")
+        model, load_s = load_for_training(cfg, model_dir, device, rank, resume_from, batches, config.model_type)
+        optimizer, scheduler = make_optimizer(cfg, model, device, total_steps)
+        start = restore(resume_from, resumed, model, optimizer, scheduler)
         print0(f"{batches.rows} rows, {cfg.batch_size * cfg.grad_accum * world} per step, {total_steps} steps on "
                f"{world} rank(s), {device.type}")
 
@@ -732,34 +931,28 @@ def train(cfg: Config) -> list[dict]:
                                                       device=device, max_new_tokens=cfg.sample_tokens,
                                                       prompt_format=cfg.prompt_format, system_prompt=cfg.system_prompt))
 
-        log = StepLog(cfg, out_dir, total_steps, position[0], load_s, report)
-        bad = BadSteps(cfg.max_bad_steps, resume_from)
-        if batches.evals and position[0] == 0:  # where the eval loss starts, for the summary to compare with
-            if (eval_loss := evaluate(model, batches.evals, device, stop)) is not None:
-                log.record_eval_before(eval_loss)
+        log = StepLog(cfg, out_dir, total_steps, start.step, load_s, report)
+        hooks = LoopHooks(save, sample, log, BadSteps(cfg.max_bad_steps, resume_from), stop)
+        if batches.evals and start.step == 0:  # where the eval loss starts, for the summary to compare with
+            eval_before(model, batches.evals, device, stop, log)
         stop.begin_training()  # from here a signal lets the step finish and saves it
         training = time.perf_counter()
         try:
-            if run_steps(cfg, model, optimizer, scheduler, batches, total_steps, position, save, sample, log, bad, stop):
+            if run_steps(model, optimizer, scheduler, cfg=cfg, batches=batches, start=start, total_steps=total_steps,
+                         hooks=hooks):
                 return log.history  # stopped by a signal, checkpoint saved
         except torch.cuda.OutOfMemoryError as e:
-            raise torch.cuda.OutOfMemoryError(out_of_memory(cfg, config, position[0] + len(log.history) + 1)) from e
+            raise torch.cuda.OutOfMemoryError(out_of_memory(cfg, config, start.step + len(log.history) + 1)) from e
         training = time.perf_counter() - training
-        log.end_progress()
-        bad.check_last(log.history)
-        checkpointing.save_final(out_dir, model, dataclasses.asdict(cfg), run["base_fingerprint"], tokenizer)
-        sample(total_steps)
+        finish(cfg, model, tokenizer, run, hooks, total_steps)
         if log.history:  # empty when a finished run is resumed
             print0(summary(cfg, model_dir, log, time.perf_counter() - started, training, prompts))
         return log.history
     except checkpointing.Interrupted:  # a signal before training: the handler said so, and there is nothing to save
         return []
     except RuntimeError as e:
-        if isinstance(e, dist.DistError) or "gloo" in str(e):  # NCCL: DistError; gloo: a RuntimeError naming it
-            slow = (f" A rank waits --dist_timeout ({cfg.dist_timeout} s) for the others: if one was busy, not dead, "
-                    "raise it." if any(w in str(e).lower() for w in ("timed out", "timeout")) else "")
-            print(f"rank {rank}: lost contact with another rank ({e}).{slow} The launcher's log names the rank that "
-                  "failed; once it is back, continue with --resume auto.", flush=True)
+        if (message := lost_contact(e, rank, cfg.dist_timeout)) is not None:
+            print(message, flush=True)
         raise
     finally:
         for held in (log, report, lock):  # closing the lock file releases the output_dir

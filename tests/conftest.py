@@ -268,7 +268,7 @@ def loss_and_grads(path, ids, **wrap):
     """The wrapped 4-bit model (adapted_4bit, wrap_model with `wrap`), its loss on `ids` and the LoRA gradients."""
     torch.manual_seed(0)  # the same A
     model, layer_cls = adapted_4bit(path)
-    model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, **wrap)
+    model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, wrapping=fsdp_wrap.Wrapping(**wrap))
     loss = model(input_ids=ids, labels=ids)
     loss.backward()
     return model, loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])

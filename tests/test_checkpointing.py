@@ -558,7 +558,8 @@ def test_second_run_in_one_output_dir_is_refused_and_a_killed_runs_lock_does_not
     proc = launch(small_run(out, 500, "--resume", "auto"), tmp_path / "log")
     wait_until(lambda: metrics(out), proc)
     rank0 = worker_pids(proc)[0]
-    with pytest.raises(run_folder.FolderError, match=rf"is in use by another run \(host {socket.gethostname()} pid {rank0}\)"):
+    in_use = rf"is in use by another run \(host {socket.gethostname()} pid {rank0}\)"
+    with pytest.raises(run_folder.FolderError, match=in_use):
         run_inprocess(small_run(out, 2, "--resume", "auto"))
     for pid in worker_pids(proc).values():
         os.kill(pid, signal.SIGKILL)

@@ -35,7 +35,7 @@ def test_the_device_holds_two_layers_at_most_and_each_crosses_twice_a_step(tmp_p
     write_random_checkpoint(config, tmp_path, tokenizer=make_tokenizer())
     torch.manual_seed(0)
     model, layer_cls = adapted_4bit(tmp_path)
-    model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, cpu_offload=True)
+    model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, wrapping=fsdp_wrap.Wrapping(cpu_offload=True))
     stream, seen = model.weight_stream, []
     for layer in (m for m in model.modules() if isinstance(m, layer_cls)):  # after the stream's own hooks
         layer.register_forward_pre_hook(lambda m, args: seen.append(on_device(stream)))
@@ -62,7 +62,8 @@ def test_streaming_needs_checkpointing(checkpoints, process_group, monkeypatch):
         train.parse_config(["--cpu_offload", "--grad_checkpointing", "none"])
     model, layer_cls = adapted_4bit(checkpoints("llama"))
     with pytest.raises(ValueError, match="--grad_checkpointing non_reentrant or reentrant"):
-        fsdp_wrap.wrap_model(model, layer_cls, DEVICE, cpu_offload=True, grad_checkpointing="none")
+        fsdp_wrap.wrap_model(model, layer_cls, DEVICE,
+                             wrapping=fsdp_wrap.Wrapping(cpu_offload=True, grad_checkpointing="none"))
 
 
 def eight_layers(path):
@@ -94,7 +95,7 @@ def test_streamed_layers_stay_off_the_gpu(tmp_path, process_group):
         before = torch.cuda.memory_allocated()  # whatever an earlier model left behind is not this one's
         torch.manual_seed(0)
         model, layer_cls = adapted_4bit(tmp_path, keep_on="cpu" if streamed else None)
-        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, cpu_offload=streamed)
+        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, wrapping=fsdp_wrap.Wrapping(cpu_offload=streamed))
         torch.cuda.synchronize()
         held[name] = torch.cuda.memory_allocated() - before
         torch.cuda.reset_peak_memory_stats()

@@ -122,7 +122,8 @@ def test_long_text_becomes_rows_and_empty_responses_are_dropped_and_counted(tmp_
     assert len(train) > 1 and all(len(r) <= 64 for r in train["input_ids"])
     assert sum(len(r) for r in train["input_ids"]) >= len(tokenizer.encode(long_text, add_special_tokens=False))
     logs = []
-    path = write(tmp_path / "a.jsonl", [ALPACA[0], {"instruction": "x", "output": ""}, {"instruction": "y " * 99, "output": "z"}])
+    path = write(tmp_path / "a.jsonl", [ALPACA[0], {"instruction": "x", "output": ""},
+                                        {"instruction": "y " * 99, "output": "z"}])
     train, _ = data.prepare(cfg(path, seq_len=32, prompt_format="alpaca"), tokenizer, log=logs.append)
     assert len(train) == 2 and "1 truncated to 32 tokens, 1 dropped" in logs[1]  # the empty output is dropped
 
@@ -153,7 +154,8 @@ def test_packing_fills_rows_with_whole_examples(tokenizer):
     assert all(len(r) <= 128 for r in packed["input_ids"])
     assert sorted(map(tuple, (r["input_ids"] for r in rows))) == sorted(
         tuple(row[s:e]) for row, pos in zip(packed["input_ids"], packed["position_ids"])
-        for s, e in zip([i for i, p in enumerate(pos) if p == 0], [i for i, p in enumerate(pos) if p == 0][1:] + [len(pos)]))
+        for s, e in zip([i for i, p in enumerate(pos) if p == 0],
+                        [i for i, p in enumerate(pos) if p == 0][1:] + [len(pos)]))
     assert data.packing_efficiency(packed, 128) > 0.9
 
 
@@ -218,7 +220,8 @@ def test_length_grouped_batches_are_disjoint_across_ranks_and_homogeneous(tokeni
     lengths = [(i * 37) % 100 + 1 for i in range(256)]
     batches = [list(data.LengthGroupedSampler(lengths, 8, rank, 2, seed=0)) for rank in range(2)]
     assert not set(batches[0]) & set(batches[1]) and len(batches[0]) == len(batches[1]) == 128
-    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in (batches[0][j:j + 8] for j in range(0, 128, 8))]
+    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b)
+              for b in (batches[0][j:j + 8] for j in range(0, 128, 8))]
     assert max(spread) < 20  # random batches of 8 from 1..100 spread ~75
 
 
@@ -417,7 +420,8 @@ def test_field_map_onto_a_column_that_exists(tmp_path, tokenizer):
     """Issue 24, defect 20: mapping onto a name the dataset already has is refused naming the pair; a swap works."""
     path = write(tmp_path / "d.jsonl", [{"instruction": "the question", "output": "the answer"}] * 2)
     with pytest.raises(data.DataError, match=r"--field_map output=instruction: the dataset already has a column "
-                                             r"'output'; map it too \(a swap: 'output=instruction,instruction=output'\)"):
+                                             r"'output'; map it too "
+                                             r"\(a swap: 'output=instruction,instruction=output'\)"):
         data.prepare(cfg(path, field_map="output=instruction"), tokenizer, log=lambda *_: None)
     train, _ = data.prepare(cfg(path, field_map="output=instruction,instruction=output"), tokenizer,
                             log=lambda *_: None)

@@ -1,4 +1,5 @@
-"""DoRA (--use_dora) against PEFT's DoRA on the same weights and rows, and through train.py, merge.py and generate.py."""
+"""DoRA (--use_dora) against PEFT's DoRA on the same weights and rows, and through train.py, merge.py and
+generate.py."""
 import json
 
 import pytest

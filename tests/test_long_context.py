@@ -63,8 +63,8 @@ def test_offloaded_and_tiled_training_gives_the_losses_of_plain_training(checkpo
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU memory")
 def test_offloading_and_tiling_lower_peak_gpu_memory(tmp_path, process_group):
     """An 8-layer model at 8,192 tokens: offloaded, forward leaves the eight layer inputs (8,192 x 1,024 x 2 bytes =
-    16 MiB each) off the GPU for backward (at least three quarters of them, should a copy still be in flight); tiled, the MLP's (tokens x 4,096) intermediates (64 MiB each) never
-    exist whole, which lowers the peak of the step."""
+    16 MiB each) off the GPU for backward (at least three quarters of them, should a copy still be in flight); tiled,
+    the MLP's (tokens x 4,096) intermediates (64 MiB each) never exist whole, which lowers the peak of the step."""
     from transformers import LlamaConfig
 
     from builtin import make_tokenizer, write_random_checkpoint
@@ -77,7 +77,7 @@ def test_offloading_and_tiling_lower_peak_gpu_memory(tmp_path, process_group):
     for name, wrap in {"plain": {}, "offload": dict(offload_activations=True), "tiled": dict(tiled_mlp=1024)}.items():
         torch.manual_seed(0)
         model, layer_cls = adapted_4bit(tmp_path)
-        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, **wrap)
+        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, wrapping=fsdp_wrap.Wrapping(**wrap))
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

@@ -80,7 +80,8 @@ def test_base_frozen_bit_for_bit_and_every_lora_b_trained(checkpoints, process_g
     assert len(frozen) == 1 + 1 + 2 * (7 + 2)  # embedding (lm_head is tied), final norm, per layer 7 linears + 2 norms
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     ids = torch.randint(4, 100, (4, 24))
-    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids), "num_tokens": torch.tensor(ids.numel())}
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
+             "num_tokens": torch.tensor(ids.numel())}
     for _ in range(2):
         train.train_step(model, optimizer, [batch], cfg, DEVICE)
     after = frozen_weights(model)
@@ -324,7 +325,7 @@ def test_compiled_elementwise_work_computes_the_same(checkpoints, process_group,
     for compile in (None, backend):
         torch.manual_seed(0)  # the same A
         model, layer_cls = adapted_4bit(path)
-        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, compile=compile)
+        model = fsdp_wrap.wrap_model(model, layer_cls, DEVICE, wrapping=fsdp_wrap.Wrapping(compile=compile))
         replaced = [m for m in model.modules() if isinstance(getattr(m, "forward", None), functools.partial)]
         assert len(replaced) == (2 * FUSED_PER_LAYER.get(arch, 2 + 1) if compile else 0)  # in each of the 2 layers
         loss = model(input_ids=ids, labels=ids)
@@ -385,7 +386,7 @@ def test_compiling_one_model_leaves_transformers_and_other_models_as_they_were(c
     with torch.no_grad():
         before = other(TOKENS).logits
     model, layer_cls = adapted_4bit(checkpoints("llama"))
-    fsdp_wrap.wrap_model(model, layer_cls, DEVICE, compile="aot_eager")
+    fsdp_wrap.wrap_model(model, layer_cls, DEVICE, wrapping=fsdp_wrap.Wrapping(compile="aot_eager"))
     assert modeling.apply_rotary_pos_emb is rotary and "forward" not in vars(other.model.layers[0].self_attn)
     attention = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
     assert len(attention) == 2 and all("forward" in vars(m) for m in attention)  # ours got the compiled one
