@@ -429,20 +429,26 @@ def host_bytes(plan: LoadPlan) -> int:
     return total
 
 
-def check_host_memory(model_dir: Path, quant: str, available: int | None = None) -> int:
-    """--cpu_offload: refuse, before anything is loaded, a model that cannot fit in host memory; returns the estimate.
+def check_host_memory(model_dir: Path, quant: str, available: int | None = None, ranks: int = 1) -> int:
+    """--cpu_offload: refuse, before anything is loaded, a model that cannot fit in host memory; returns the estimate
+    for this node. Each of the node's `ranks` loads the whole model into host memory before FSDP shards it, so the
+    node needs that many copies at once.
 
     `available` defaults to the kernel's MemAvailable. The estimate is a floor: loading and optimizer state add to it.
     """
-    need = host_bytes(plan_load(model_dir, quant))
+    one = host_bytes(plan_load(model_dir, quant))
+    need = one * ranks
     if available is None:
         meminfo = Path("/proc/meminfo").read_text()
         available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
     if need > available:
+        each = (f" by each of the {ranks} ranks on this node, which load it whole before FSDP shards it: "
+                f"{need / 2**30:,.1f} GiB in all") if ranks > 1 else ""
+        fewer = ", run fewer ranks on this node" if ranks > 1 else ""
         raise ModelFolderError(f"--cpu_offload keeps the model in host memory: {model_dir} needs about "
-                               f"{need / 2**30:,.1f} GiB there as loaded (estimated from its safetensors headers), and "
-                               f"{available / 2**30:,.1f} GiB is available. Free host memory, use a machine with more, "
-                               "or train without --cpu_offload")
+                               f"{one / 2**30:,.1f} GiB there as loaded (estimated from its safetensors headers){each}, "
+                               f"and {available / 2**30:,.1f} GiB is available. Free host memory{fewer}, use a machine "
+                               "with more, or train without --cpu_offload")
     return need
 
 

@@ -787,7 +787,7 @@ def resolve_for_base(cfg: Config) -> tuple[Config, Path, PretrainedConfig, PreTr
     # --quant as it applies to this base (auto: a pre-quantized checkpoint's own type)
     cfg = dataclasses.replace(cfg, quant=model_loading.resolve_quant(config, cfg.quant, log=print0))
     if cfg.cpu_offload:  # a model that cannot fit in host memory fails now, not after loading half of it
-        model_loading.check_host_memory(model_dir, cfg.quant)
+        model_loading.check_host_memory(model_dir, cfg.quant, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     tokenizer = model_loading.load_tokenizer(model_dir)
     # the prompt format as it applies to this tokenizer (auto: chat where it has a template)
     cfg = dataclasses.replace(cfg, prompt_format=data.resolve_prompt_format(cfg.prompt_format, tokenizer,

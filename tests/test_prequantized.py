@@ -372,3 +372,15 @@ def test_host_memory_estimate_and_refusal(checkpoints, prequantized):
     with pytest.raises(ModelFolderError, match=r"--cpu_offload keeps the model in host memory: .* needs about [\d.]+ "
                                                r"GiB there as loaded .*, and 0\.0 GiB is available"):
         model_loading.check_host_memory(path, "auto", available=1000)
+
+
+def test_cpu_offload_host_memory_counts_every_rank_of_the_node(checkpoints):
+    """Each rank of a node loads the whole model into host memory before FSDP shards it: memory for one copy is
+    enough for 1 rank and refused for 2, with the figure for both."""
+    path = checkpoints("llama")
+    one = model_loading.host_bytes(model_loading.plan_load(path, "nf4"))
+    assert model_loading.check_host_memory(path, "nf4", available=one + 1) == one
+    with pytest.raises(ModelFolderError, match=r"by each of the 2 ranks on this node, which load it whole before FSDP "
+                                               r"shards it: [\d.]+ GiB in all, and [\d.]+ GiB is available\. Free "
+                                               r"host memory, run fewer ranks on this node"):
+        model_loading.check_host_memory(path, "nf4", available=one + 1, ranks=2)
