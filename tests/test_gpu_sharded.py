@@ -1,5 +1,6 @@
-"""The sharded CUDA path on one GPU: 2 ranks share GPU 0 through gloo (RANKS_SHARE_GPU=1), each checked against 1
-rank. Real numerics, NCCL aside; slow, so a few steps each. Skipped without CUDA."""
+"""The sharded CUDA path: 2 ranks, each checked against 1 rank. On one GPU they share it through gloo
+(RANKS_SHARE_GPU=1: real numerics, NCCL aside; slow, so a few steps each); on two or more they take one each and
+talk through NCCL (tests/two_gpus.sh). Skipped without CUDA."""
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ import fsdp_wrap  # noqa: E402
 import train  # noqa: E402
 from model_loading import quantized_weights  # noqa: E402
 
-SHARED = {"RANKS_SHARE_GPU": "1"}
+SHARED = {} if torch.cuda.device_count() >= 2 else {"RANKS_SHARE_GPU": "1"}  # NCCL where there are two GPUs
 BF16 = 2e-2  # relative: the GPU's bf16 kernels round differently at other batch shapes and sharded reductions
 
 
@@ -64,7 +65,8 @@ def test_sigkill_then_resume_auto_on_two_ranks_sharing_a_gpu(checkpoints, tmp_pa
     the uninterrupted run's."""
     from test_checkpointing import killed_after_a_checkpoint
 
-    monkeypatch.setenv("RANKS_SHARE_GPU", "1")  # for every launch below
+    for key, value in SHARED.items():  # for every launch below
+        monkeypatch.setenv(key, value)
     args = common(checkpoints("llama"), tmp_path / "ref", steps=8) + ["--batch_size", "2", "--no-compile"]
     ref = run_torchrun(args, nproc=2)
     out = tmp_path / "killed"
