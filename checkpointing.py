@@ -158,7 +158,7 @@ def check_resumable(state: TrainerState, path: Path, run: dict, settings: dict[s
     """Refuse to continue a checkpoint with another base model, data, LoRA shape, optimizer, schedule or world size.
 
     `run` holds this run's TrainerState fields (all but the step, position and scheduler). `settings` maps each
-    setting to its metadata (train.Config): it must be as it was, unless its "may_change" says why it need not; a
+    setting to its metadata (settings.Config): it must be as it was, unless its "may_change" says why it need not; a
     "must_match" reason is given in the refusal; "rows" settings are named when the data's fingerprint differs.
     With the base's `model_config`, LoRA targets are compared by the linears they select in it, so a run saved with
     another spelling of the same set resumes: a Llama run saved before "all-linear" was the default named its 7 kinds.

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -26,142 +26,12 @@ from typing import IO, NamedTuple
 import cli
 import config_file
 import settings
+from settings import Config
 
 # The caching allocator's default fixed-size segments fragment under FSDP's gather-and-free pattern, reserving memory
 # that is never allocated; segments that grow in place keep reserved near allocated (BENCHMARKS.md, "The allocator
 # setting"). Set before the first CUDA allocation; a value the user exported wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-# Why a setting may change on resume (Config's metadata); the rest must match, or must for the reason given.
-SAME_MATH = "where tensors live, what is recomputed, which kernels: the same math, up to rounding"
-BOOKKEEPING = "how the run is launched, logged and saved, not what it trains"
-SCHEDULE = ("the LR schedule is laid over the planned steps, so another count makes the LR jump; to train longer, "
-            "start a new run in another --output_dir")
-
-
-@dataclass
-class Config(settings.DataConfig):
-    """Every flag of train.py (the data flags come from settings.DataConfig), each written once with its default and
-    help. A run on the built-in model takes its own defaults from settings.BUILTIN_CONFIG (parse_config).
-
-    On resume, a setting must be as it was in the checkpoint's run unless its metadata says "may_change", with why
-    that is safe (checkpointing.check_resumable). "path": the value may name a file or folder, where ~ is the home.
-    """
-    # what to train
-    model: str = field(default=settings.BUILTIN_MODEL, metadata={
-        "path": True,
-        "help": "local folder, Hub repo id, or 'tiny' (the built-in model, whose runs take configs/builtin.yaml's "
-                "settings as their defaults)",
-        "may_change": "compared by the base's fingerprint instead: a moved folder, or a Hub id of the same files, "
-                      "is fine"})
-    output_dir: str = field(default="out", metadata={
-        "path": True, "help": "adapters, metrics.jsonl and checkpoints go here",
-        "may_change": "the run folder may have moved"})
-    eval_every: int = field(default=0, metadata={
-        "help": "steps between eval losses; 0: only at the end, if there is eval data",
-        "may_change": "what is evaluated, not what is trained"})
-    show: int = field(default=0, metadata={
-        "help": "print this many tokenized rows, trained spans marked, and the data's statistics; then exit without "
-                "training",
-        "may_change": "it trains nothing"})
-    # batch and length of training
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch per rank"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_steps: int = field(default=0, metadata={
-        "help": "optimizer steps; 0 means run --epochs", "must_match": SCHEDULE})
-    epochs: int = field(default=1, metadata={
-        "help": "passes over the data, when --max_steps is 0", "must_match": SCHEDULE})
-    # optimization
-    lr: float = field(default=2e-4, metadata={
-        "help": "peak learning rate of AdamW on the LoRA weights; 2e-4, the QLoRA paper's for 7B and 13B models "
-                "(1e-4 for 33B and 65B)"})
-    lr_schedule: str = field(default="cosine", metadata={
-        "choices": ["cosine", "linear", "constant"], "help": "decay after warmup"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup: step k <= N trains at lr * k / (N + 1)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the global grad norm; 0 disables"})
-    # LoRA
-    lora_rank: int = field(default=64, metadata={
-        "help": "rank r of each update; 64, the QLoRA paper's (Dettmers et al. 2023) for every model size with LoRA "
-                "on all linears, where it found r matters little (PEFT's LoraConfig defaults to 8); vLLM serves it "
-                "with --max-lora-rank 64"})
-    lora_alpha: float = field(default=16.0, metadata={
-        "help": "the update is scaled by alpha / r; 16, the QLoRA paper's with r=64, and PEFT's FSDP-QLoRA example's"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_targets: str = field(default=settings.ALL_LINEAR, metadata={
-        "help": "comma-separated module names or regexes of decoder-layer linears, or 'all-linear': all of them but "
-                "MoE routers; add 'experts' for LoRA on the MoE experts' tensors too (PEFT's target_parameters; needs "
-                "--lora_dropout 0)",
-        "must_match": "compared by the linears each selects in this model: pass the checkpoint's value to resume"})
-    use_dora: bool = field(default=False, metadata={
-        "help": "DoRA (Liu et al. 2024; PEFT's use_dora): also learn each output feature's magnitude apart from its "
-                "direction; on linears, not on MoE experts. vLLM does not serve DoRA adapters: merge.py makes a "
-                "checkpoint it serves"})
-    # memory and sharding
-    quant: str = field(default=settings.AUTO, metadata={
-        "choices": [settings.AUTO, *settings.QUANT_TYPES],
-        "help": f"4-bit type of the base, or none (plain LoRA); {settings.AUTO}: a pre-quantized checkpoint's own "
-                f"type, else {settings.DEFAULT_QUANT}"})
-    sharding: str = field(default="full_shard", metadata={
-        "choices": settings.SHARDING, "help": "FSDP strategy; hybrid_shard for several nodes", "may_change": SAME_MATH})
-    cpu_offload: bool = field(default=False, metadata={
-        "help": "keep parameter shards in CPU memory (GPU only)", "may_change": SAME_MATH})
-    grad_checkpointing: str = field(default="non_reentrant", metadata={
-        "choices": settings.CHECKPOINTING, "help": "activation checkpointing of decoder layers",
-        "may_change": SAME_MATH})
-    offload_activations: bool = field(default=False, metadata={
-        "help": "keep each checkpointed decoder layer's input in pinned CPU memory between forward and backward, "
-                "copied on side streams (long sequences; 70B)",
-        "may_change": SAME_MATH})
-    tiled_mlp: int = field(default=0, metadata={
-        "help": "run each decoder layer's MLP over tiles of this many tokens, each recomputed in backward, so that "
-                "no (tokens x intermediate size) tensor of the whole batch exists (long sequences, e.g. 8192); 0: "
-                "untiled",
-        "may_change": SAME_MATH})
-    compile: bool = field(default=True, metadata={
-        "help": "torch.compile the norms, rotary embedding and MLP activation of each decoder layer, and the loss "
-                "(GPU only)",
-        "may_change": SAME_MATH})
-    # bookkeeping
-    log_every: int = field(default=1, metadata={
-        "help": "steps between progress-line updates", "may_change": BOOKKEEPING})
-    save_every: int = field(default=0, metadata={
-        "help": "save a checkpoint to output_dir/checkpoint-N every N steps; 0: only the final adapter",
-        "may_change": BOOKKEEPING})
-    keep_last: int = field(default=0, metadata={
-        "help": "keep only the newest K checkpoints; 0 keeps all", "may_change": BOOKKEEPING})
-    resume: str = field(default="", metadata={
-        "path": True,
-        "help": "'auto': continue from the newest checkpoint in output_dir (if any); or a checkpoint folder",
-        "may_change": BOOKKEEPING})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace the run in output_dir (its checkpoints, adapter and metrics) instead of refusing to start",
-        "may_change": BOOKKEEPING})
-    max_bad_steps: int = field(default=10, metadata={
-        "help": "stop after this many consecutive skipped steps (non-finite loss or grad norm); 0: never",
-        "may_change": BOOKKEEPING})
-    dist_timeout: int = field(default=900, metadata={
-        "help": "seconds a rank waits for the others before failing", "may_change": BOOKKEEPING})
-    sample_prompts: str = field(default="", metadata={
-        "path": True,
-        "help": "text file, one prompt per line, sampled greedily at each save into output_dir/samples.jsonl; '' = "
-                "built-in prompts with --dataset builtin",
-        "may_change": "samples only read the model"})
-    sample_tokens: int = field(default=64, metadata={
-        "help": "longest sample, in new tokens", "may_change": "samples only read the model"})
-    report_to: str = field(default="none", metadata={
-        "help": "where the per-step metrics and samples also go: tensorboard (into output_dir/tensorboard), wandb, "
-                "both comma-separated, or none",
-        "may_change": BOOKKEEPING})
-    wandb_project: str = field(default="", metadata={
-        "help": "W&B project; '': $WANDB_PROJECT, else W&B's default", "may_change": BOOKKEEPING})
-    wandb_name: str = field(default="", metadata={
-        "help": "W&B run name; '': $WANDB_NAME, else one W&B makes up", "may_change": BOOKKEEPING})
-    config: str = field(default="", metadata={
-        "path": True,
-        "help": "YAML file whose keys are flag names (configs/ has examples); flags given as well override it",
-        "may_change": "the settings it resolves to are compared, not the file"})
-
-
 def flag_parser() -> argparse.ArgumentParser:
     """argparse generated from Config, so each flag, default and help is written once. Underscores or dashes.
     A path setting's ~ is expanded by the flag's `type`, which argparse applies to a string default (a --config
