@@ -209,8 +209,9 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank: FSDP does not broadcast it
     linears, experts = lora.split_targets(cfg.lora_targets)
     # LoRA goes straight to the GPU even where the base waits in CPU memory: it is small (168M parameters for an 8B
-    # model at r=64), its init there is one kernel per matrix instead of about a second of CPU time, and every world
-    # size then draws the same A from the same generator. FSDP moves the CPU-resident rest unit by unit as it wraps.
+    # model at r=64), its init there is one kernel per matrix instead of a loop on the CPU (BENCHMARKS.md, "What each
+    # change bought"), and every world size then draws the same A from the same generator. FSDP moves the
+    # CPU-resident rest unit by unit as it wraps. DoRA's magnitudes, ||W|| of each layer, are computed there too.
     lora_args = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, device)
     adapter = dora.DoRALinear if cfg.use_dora else lora.LoRALinear
     names = lora.inject_lora(model, linears, layer_cls, *lora_args, adapter) if linears else []
