@@ -59,11 +59,11 @@ from torch._C._distributed_c10d import _create_work_from_future
 
 ORIGINAL_ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # before train.py sets its default
 
+import data  # noqa: E402
 import lora  # noqa: E402
 import moe_lora  # noqa: E402
 import train  # noqa: E402
 from builtin import make_tokenizer, write_random_checkpoint
-from data import tokenize
 
 SHAPES = {  # transformers config kwargs of real models
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -434,14 +434,20 @@ def run_one(name: str, seq: int, bs: int, model_dir: Path, rows_text: list[dict]
             variant = int(name[len("ours"):] or 0)
             data_file = root / f"random-{seq}.jsonl"
             return run_ours(model_dir, data_file, root / f"out-{seq}-bs{bs}", seq, bs, args.extra[variant], args)
-        # the same rows in the same order as ours: its DistributedSampler's epoch-0 permutation
-        order = torch.randperm(len(rows_text), generator=torch.Generator().manual_seed(0)).tolist()
-        tok = make_tokenizer()
-        ids = [tokenize(rows_text[i], tok, seq, "prompt_completion")["input_ids"] for i in order]
-        batches = [torch.tensor(ids[s * bs:(s + 1) * bs]) for s in range(args.steps)]
-        return run_reference(model_dir, batches, name == "tuned", args)
+        return run_reference(model_dir, reference_batches(rows_text, seq, bs, args.steps), name == "tuned", args)
     except torch.OutOfMemoryError:  # train.py's own message adds advice; here the figure is what matters
         return {"oom": memory()[1], "rss": host_rss_gib()}
+
+
+def reference_batches(rows_text: list[dict], seq: int, bs: int, steps: int) -> list[torch.Tensor]:
+    """The token ids of ours' first `steps` batches, for the reference: the rows tokenized as train.py tokenizes them
+    (data.prepare's tokenizer, its prompt format as train.py resolves it), in its DistributedSampler's epoch-0 order."""
+    tok = make_tokenizer()
+    data.drop_turn_opener_bos(tok)
+    prompt_format = data.resolve_prompt_format("auto", tok)
+    order = torch.randperm(len(rows_text), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = [data.tokenize(rows_text[i], tok, seq, "prompt_completion", prompt_format)["input_ids"] for i in order]
+    return [torch.tensor(ids[s * bs:(s + 1) * bs]) for s in range(steps)]
 
 
 def attention_flops_per_token(model_dir: Path, seq: int) -> float:

@@ -66,3 +66,28 @@ def test_rank_0_of_a_fake_world_of_2_holds_half_of_every_unit_with_finite_number
         assert torch.isfinite(grads).all()
     finally:
         dist.destroy_process_group()
+
+
+def test_the_reference_trains_on_our_first_batches(tmp_path, monkeypatch):
+    """The reference stack's batches are the token ids of train.py's first batches on the same rows file, in the same
+    order: the two stacks' step-1 losses, which the benchmark compares before any speed, are of the same tokens."""
+    import json
+
+    from builtin import make_tokenizer
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(name, "")  # restored after the test: init_distributed writes them
+        monkeypatch.delenv(name)
+    rows = benchmark.random_rows(8, 64)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = benchmark.train.parse_config(["--dataset", str(tmp_path / "rows.jsonl"), "--seq_len", "64",
+                                        "--batch_size", "2", "--output_dir", str(tmp_path / "out")])
+    benchmark.train.init_distributed(60)
+    try:
+        ours = benchmark.train.prepare_batches(cfg, make_tokenizer(), 10**6, torch.device("cpu")).loader
+        ours = [batch["input_ids"] for batch, _ in zip(ours, range(3))]
+    finally:
+        dist.destroy_process_group()
+    reference = benchmark.reference_batches(rows, 64, 2, 3)
+    assert [r.tolist() for r in reference] == [o.tolist() for o in ours]
+    assert all(r.shape == (2, 64) for r in reference)
