@@ -111,8 +111,6 @@ def add_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: 
     return torch.addmm(weight, b, a, alpha=scaling)
 
 
-
-
 def dense_weight(base: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     """The (out, in) matrix a base linear's `weight` stands for: dequantized from 4 bits, or the weight itself."""
     return quantization.dequantize(weight, base) if quantization.is_4bit(base) else weight

@@ -1,10 +1,11 @@
-"""Merge a trained LoRA adapter into its base model: one standalone checkpoint that transformers, vLLM or any
+"""Merge a trained LoRA (or DoRA) adapter into its base model: one standalone checkpoint that transformers, vLLM or any
 Hugging Face-compatible server loads with no custom code.
 
     python merge.py --model tiny --adapter out --out merged
     python merge.py --model meta-llama/Llama-3.1-70B --adapter runs/70b --out merged-70b --no-verify
 
-Every adapted linear becomes W' = W + B @ A * alpha / r (in fp32, rounded once to --dtype); every other tensor is
+Every adapted linear becomes W' = W + B @ A * alpha / r (in fp32, rounded once to --dtype); of a DoRA adapter
+(use_dora), m * W' / ||W'||, the norm by output feature (dora.merged_weight); every other tensor is
 copied. The merge streams like the loader: one base tensor at a time is read with safe_open, merged, and appended to
 its output shard at once, so memory stays near one tensor (and its fp32 copy) for any model size, on CPU or GPU. The
 output is sharded safetensors with model.safetensors.index.json, config.json, the tokenizer files of the adapter's run
@@ -488,9 +489,10 @@ def write_model_card(out_dir: Path, title: str, base: str, adapter_dir: Path, ad
            else f"into the {quant}-dequantized base weights the adapter was trained against")
     modules = adapter_config.get("target_modules") or []  # None when only experts are adapted; PEFT allows a regex
     targets = ([modules] if isinstance(modules, str) else modules) + (adapter_config.get("target_parameters") or [])
-    lines = ["---", f"base_model: {base}", "library_name: transformers", "tags: [lora, qlora, merged]", "---", "",
-             f"# {title}", "",
-             f"`{base}` with the LoRA adapter `{adapter_dir}` (r={adapter_config['r']}, "
+    kind = "DoRA" if adapter_config.get("use_dora") else "LoRA"
+    lines = ["---", f"base_model: {base}", "library_name: transformers",
+             f"tags: [{kind.lower()}, q{kind.lower()}, merged]", "---", "", f"# {title}", "",
+             f"`{base}` with the {kind} adapter `{adapter_dir}` (r={adapter_config['r']}, "
              f"alpha={adapter_config['lora_alpha']}, targets {', '.join(targets)}) "
              f"merged {how}, saved in {dtype}. It loads with `AutoModelForCausalLM.from_pretrained` and no extra "
              "code.", ""]

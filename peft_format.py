@@ -165,7 +165,20 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise AdapterError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
                            "only LoRA and DoRA adapters as train.py saves them are supported")
     _check_rank(adapter_dir, config)
+    _check_dora(adapter_dir, config)
     return config
+
+
+def _check_dora(adapter_dir: Path, config: dict) -> None:
+    """use_dora in adapter_config.json says whether the file holds DoRA's magnitudes: a config beside another
+    adapter's weights is named as such from the header, before a model loads."""
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        holds = any(key.endswith(f".{dora.MAGNITUDE}") for key in f.keys())
+    if holds != bool(config.get("use_dora")):
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} says use_dora: {bool(config.get('use_dora'))}, "
+                           f"but the adapter's tensors hold {'' if holds else 'no '}{dora.MAGNITUDE}: the config "
+                           "belongs to another adapter. Put the adapter's own config beside it, or write use_dora: "
+                           f"{str(holds).lower()} in it")
 
 
 def _check_rank(adapter_dir: Path, config: dict) -> None:
@@ -220,4 +233,5 @@ def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
         moe_lora.inject_experts_lora(model, layer_cls, config["r"], config["lora_alpha"], dropout, device)
     for module in lora.lora_modules(model).values():
         module.scaling = adapter_scaling(config)
+        module.train(model.training)  # new modules train; in an eval-mode model they must not drop out
     load_adapter(model, adapter_dir)

@@ -8,10 +8,11 @@ from conftest import DEVICE, TOKENS, adapted, common, losses, make_adapter, rand
 from safetensors.torch import load_file
 
 import dora
+import fsdp_wrap
 import lora
 import merge
 import peft_format
-from model_loading import load_model
+from model_loading import decoder_layer_class, load_model
 
 
 def dora_model(path, quant="none"):
@@ -174,3 +175,79 @@ def test_dora_on_moe_experts_is_refused(checkpoints):
     with pytest.raises(ValueError, match="--use_dora applies to linears"):
         train.parse_config(["--model", str(checkpoints("mixtral")), "--lora_targets", "all-linear,experts",
                             "--use_dora"])
+
+
+def test_dora_at_init_is_the_base_within_bf16_under_fsdp(checkpoints, process_group):
+    """Wrapped as train.py wraps it, DoRA at init computes LoRA at init (the base) up to bf16 rounding of m: FSDP's
+    mixed precision casts every weight of the LoRA unit to bf16, the magnitudes too (as it would PEFT's), so m / ||W||
+    is 1 within 2^-9, not exactly."""
+    ids = torch.randint(4, 400, (2, 40), device=DEVICE)
+    loss = {}
+    for adapter in (lora.LoRALinear, dora.DoRALinear):
+        torch.manual_seed(0)
+        model, _ = adapted(checkpoints("llama"), "nf4", adapter=adapter)
+        model = fsdp_wrap.wrap_model(model.train(), decoder_layer_class(model), DEVICE, wrapping=fsdp_wrap.Wrapping())
+        loss[adapter] = model(input_ids=ids, labels=ids).detach()
+    torch.testing.assert_close(loss[dora.DoRALinear], loss[lora.LoRALinear], rtol=2e-3, atol=0)
+
+
+def test_applied_adapter_is_in_eval_mode_of_its_model(checkpoints, tmp_path):
+    """generate.load and merge.py's check put a dropout-trained adapter on an eval-mode model: the injected adapters
+    must be in eval mode too (apply_adapter's docstring: "dropout is off in eval mode"), or every forward drops out."""
+    from model_loading import fingerprint
+
+    path = checkpoints("llama")
+    model, _ = adapted(path, "nf4", adapter=dora.DoRALinear)
+    randomize_b(model)
+    peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(model)), tmp_path, r=4, alpha=8.0, dropout=0.1,
+                             base_model=str(path), base_fingerprint=fingerprint(path))
+    trained = load_model(path, quant="nf4", device=DEVICE, progress=False).eval()
+    peft_format.apply_adapter(trained, tmp_path)
+    assert not any(m.training for m in lora.lora_modules(trained).values())
+    with torch.no_grad():
+        torch.testing.assert_close(trained(TOKENS).logits, trained(TOKENS).logits, rtol=0, atol=0)
+
+
+def test_merge_check_of_a_dropout_adapter(checkpoints, tmp_path):
+    """merge.py's reported difference to the model as trained is the merge's error, not dropout noise."""
+    from model_loading import fingerprint
+
+    path = checkpoints("llama")
+    model, _ = adapted(path, adapter=dora.DoRALinear)
+    randomize_b(model)
+    adapter = tmp_path / "adapter"
+    peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(model)), adapter, r=4, alpha=8.0, dropout=0.1,
+                             base_model=str(path), base_fingerprint=fingerprint(path))
+    (adapter / "train_config.json").write_text(json.dumps({"model": str(path), "quant": "nf4", "lora_rank": 4}))
+    reported = merge.merge(str(path), adapter, tmp_path / "deq", semantics="dequantized", progress=False)
+    assert reported < 2e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks need two GPUs (or none: gloo on CPU)")
+def test_two_ranks_match_one_rank_with_dora(checkpoints, tmp_path):
+    """2 ranks of batch 4 give the losses and the adapter (magnitudes included, gathered from their fp32 units) of
+    1 process of batch 8, with --use_dora."""
+    from conftest import run_torchrun
+
+    path = checkpoints("llama")
+    two = run_torchrun(common(path, tmp_path / "two", steps=4) + ["--batch_size", "4", "--use_dora"], nproc=2)
+    one = run_inprocess(common(path, tmp_path / "one", steps=4) + ["--batch_size", "8", "--use_dora"])
+    torch.testing.assert_close(losses(two), losses(one), rtol=5e-3, atol=0)
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("one", "two"))
+    assert a.keys() == b.keys() and sum(k.endswith(".lora_magnitude_vector") for k in a) == 14
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm() / torch.cat([a[k].flatten() for k in a]).norm()
+    assert diff < 2e-2, diff
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_a_config_that_disagrees_with_the_tensors_is_named_before_loading(checkpoints, tmp_path, use_dora):
+    """use_dora: true beside tensors without magnitudes (or false beside a DoRA adapter's) is refused from the
+    header, naming use_dora and the fix, before any model loads."""
+    path = checkpoints("llama")
+    adapter = make_adapter(path, tmp_path / "a", adapter=dora.DoRALinear if not use_dora else lora.LoRALinear)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": use_dora}))
+    with pytest.raises(lora.AdapterError, match=rf"says use_dora: {use_dora}, but the adapter's tensors hold "
+                                                rf"{'no ' if use_dora else ''}lora_magnitude_vector.*write use_dora: "
+                                                rf"{str(not use_dora).lower()} in it"):
+        peft_format.read_adapter_config(adapter)
