@@ -214,12 +214,14 @@ def split_targets(targets: str | list[str]) -> tuple[list[str], bool]:
 
 
 def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r: int, alpha: float,
-                dropout: float, device: torch.device | str, adapter: type[LoRALinear] = LoRALinear) -> list[str]:
+                dropout: float, device: torch.device | str, adapter: type[LoRALinear] = LoRALinear,
+                warn: bool = True) -> list[str]:
     """Replace each linear the targets select with an `adapter` (LoRALinear, or a variant of it) around it, its
     weights on `device`; returns the adapted names.
 
     A's random init is drawn on `device`, from torch's global generator for that device: seed it identically on every
-    rank (FSDP does not broadcast). A target that matches nothing in some decoder layer is warned about.
+    rank (FSDP does not broadcast). A target that matches nothing in some decoder layer is warned about (`warn`: for
+    --lora_targets; an adapter file's targets are whatever its writer listed, such as one layer's full path).
     """
     linears, _ = split_targets(targets)
     found = matching_modules(model, linears, within) if linears else {}
@@ -227,7 +229,7 @@ def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r
     if linears and not found:
         raise AdapterError(f"--lora_targets {linears} match no linear layer in the decoder layers; they have {have}")
     layers = [name for name, m in model.named_modules() if isinstance(m, within)]
-    for target in linears:
+    for target in linears if warn else []:
         missed = [layer for layer in layers if not any(_matches(target, n) for n in found if n.startswith(layer + "."))]
         if missed:
             warnings.warn(f"--lora_targets {target!r} matches nothing in {len(missed)} of {len(layers)} decoder layers "

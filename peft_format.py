@@ -228,7 +228,8 @@ def apply_adapter(model: nn.Module, adapter_dir: Path) -> None:
     device, dropout = next(model.parameters()).device, config.get("lora_dropout", 0.0)
     adapter = dora.DoRALinear if config.get("use_dora") else lora.LoRALinear
     if targets:
-        lora.inject_lora(model, targets, layer_cls, config["r"], config["lora_alpha"], dropout, device, adapter)
+        lora.inject_lora(model, targets, layer_cls, config["r"], config["lora_alpha"], dropout, device, adapter,
+                         warn=False)
     if config.get("target_parameters"):  # every experts tensor, as train.py adapts them; load_adapter checks the keys
         moe_lora.inject_experts_lora(model, layer_cls, config["r"], config["lora_alpha"], dropout, device)
     for module in lora.lora_modules(model).values():

@@ -160,3 +160,27 @@ def test_update_merged_into_the_weight_computes_the_unmerged_sum(checkpoints, qu
         for merged, unmerged in zip(*results):
             assert unmerged.abs().max() > 0
             torch.testing.assert_close(merged, unmerged, rtol=2e-2, atol=2e-2 * unmerged.abs().max().item())
+
+
+def test_an_adapter_peft_made_applies_without_warnings_about_flags_nobody_gave(checkpoints, tmp_path):
+    """PEFT's save_pretrained lists "all-linear" as each layer's full path: apply_adapter takes them silently (the
+    warning about a target that misses some decoder layer is for --lora_targets) and computes PEFT's logits."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    path = checkpoints("llama")
+    theirs = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = load_model(path, quant="none", device=DEVICE, progress=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        peft_format.apply_adapter(ours, tmp_path)
+    with torch.no_grad():
+        mine, peft, base = ours(TOKENS).logits, theirs.eval()(TOKENS).logits, reference_model(path)(TOKENS).logits
+    effect = (peft - base).abs().max()
+    assert effect > 0.05 and (mine - peft).abs().max() < 0.1 * effect
