@@ -3,7 +3,8 @@
     W' = m * (W + s B A) / ||W + s B A||      (Liu et al. 2024, "DoRA", https://arxiv.org/abs/2402.09353)
 
 The norm is taken per output feature (over each row of the (out, in) weight), and m, the magnitude, is one trainable
-number per output feature, starting at ||W||: at step 0 the layer computes what the base computes. As in the paper
+number per output feature, starting at ||W||: at step 0 the layer computes what the base computes (under FSDP's
+bf16 mixed precision, m computes in bf16 as A and B do: up to its rounding). As in the paper
 and in PEFT, the norm is a constant in backward (detached): its gradient would cost another pass over the weight and
 the paper found it changes little. With W a 4-bit weight, W is its dequantized matrix, as everywhere in training.
 
