@@ -124,7 +124,7 @@ def _write_set(tmp: Path, adapter: dict, config: dict, base_fingerprint: str, to
     place before it is on disk. Returns the names. Called on rank 0 alone: transformers saves a tokenizer on every
     rank that asks."""
     peft_format.save_adapter(adapter, tmp, config["lora_rank"], config["lora_alpha"], config["lora_dropout"],
-                      config["model"], base_fingerprint)
+                             config["model"], base_fingerprint)
     (tmp / TRAIN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     tokenizer.save_pretrained(tmp)  # with the chat template training rendered with: apply_chat_template renders it
     for name, writer in extra.items():
@@ -170,7 +170,8 @@ def check_base(adapter_dir: Path, model: str, model_dir: Path, allow_other_base:
                error: type[Exception] = ValueError) -> None:
     """Refuse an adapter on a base other than the one it was trained on, by fingerprint (model_loading.fingerprint),
     before any model loads: a base and its instruct model have the same shapes, so nothing else would tell. The
-    adapter's record is peft_format.trained_fingerprint, or trainer_state.json's in checkpoints written before it existed.
+    adapter's record is peft_format.trained_fingerprint, or trainer_state.json's in checkpoints written before it
+    existed.
     --allow_other_base (`allow_other_base`) applies it anyway; an adapter from another tool, with no record, is
     warned about."""
     adapter_dir = Path(adapter_dir)

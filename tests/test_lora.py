@@ -58,7 +58,8 @@ def test_default_targets_are_every_linear_of_the_decoder_layers(checkpoints, arc
     skeleton = build_skeleton(read_config(path), "nf4")  # on meta, with the 4-bit shells the loader fills
     ours = lora.matching_modules(skeleton, train.Config.lora_targets, decoder_layer_class(skeleton))
     peft_model = get_peft_model(reference_model(path), LoraConfig(r=4, target_modules="all-linear"))
-    theirs = {n.removeprefix(peft_format.PEFT_PREFIX) for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)}
+    theirs = {n.removeprefix(peft_format.PEFT_PREFIX) for n, m in peft_model.named_modules()
+              if isinstance(m, LoraLayer)}
     assert sorted(ours) == sorted(theirs)
     assert set(ours) == {n for n, m in skeleton.named_modules() if quantization.is_4bit(m)}
     assert len(ours) == 2 * (4 if arch == "phi3" else 7)
@@ -127,7 +128,7 @@ def test_our_loader_reads_our_adapter_back(checkpoints, tmp_path):
     model, _ = adapted(path)
     randomize_b(model)
     peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(model)), tmp_path, r=4, alpha=8.0, dropout=0.0,
-                      base_model=str(path))
+                             base_model=str(path))
     torch.manual_seed(123)  # a different A init, and B zero
     fresh, _ = adapted(path)
     peft_format.load_adapter(fresh, tmp_path)

@@ -44,7 +44,7 @@ def test_expert_lora_equals_peft(checkpoints, tmp_path, arch):
             if isinstance(module, moe_lora.ExpertsLoRA):
                 module.lora_B.weight.mul_(5)
     peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(ours)), tmp_path, r=4, alpha=8.0, dropout=0.0,
-                      base_model=str(path))
+                             base_model=str(path))
     saved = load_file(tmp_path / "adapter_model.safetensors")
     # PEFT nests a wrapper per parameter in declared order: gate_up_proj inside, down_proj outside
     experts = "base_model.model.model.layers.0.mlp.experts"
@@ -115,8 +115,8 @@ def test_expert_lora_on_the_tokens_is_the_merged_weights_forward(checkpoints, mo
 
 @pytest.mark.parametrize("arch", MOE)
 def test_compiled_experts_compute_the_same(checkpoints, monkeypatch, arch):
-    """fused.compile_elementwise compiles the experts' routed computation (moe_lora.routed_experts) of every layer as one
-    graph: the output and the gradients of the input, A and B stay those of the eager forward (on CPU through
+    """fused.compile_elementwise compiles the experts' routed computation (moe_lora.routed_experts) of every layer as
+    one graph: the output and the gradients of the input, A and B stay those of the eager forward (on CPU through
     aot_eager, exactly; on a GPU, inductor's fused kernels round once instead of per op). bf16 at r=8, where the
     grouped kernel runs; compiled from 48 routed rows on here, as from COMPILED_FROM_ROWS in training."""
     monkeypatch.setattr(fused, "COMPILED_FROM_ROWS", 48)
@@ -173,7 +173,8 @@ def test_expert_lora_round_trips_exactly(checkpoints, tmp_path):
     assert loaded.keys() == state.keys() and any(".lora_experts." in k for k in state)
     for key in state:
         assert torch.equal(loaded[key], state[key]), key
-    as_generated, _ = generate.load(str(path), str(tmp_path), "none", DEVICE)  # peft_format.apply_adapter: r, alpha, targets
+    # peft_format.apply_adapter: r, alpha, targets
+    as_generated, _ = generate.load(str(path), str(tmp_path), "none", DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(as_generated(TOKENS).logits, first(TOKENS).logits, rtol=0, atol=0)
 
@@ -188,7 +189,7 @@ def test_expert_lora_alone_equals_peft(checkpoints, tmp_path):
     assert len(names) == 4 and all(".experts." in n for n in names)
     randomize_b(ours)
     peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(ours)), tmp_path, r=4, alpha=8.0, dropout=0.0,
-                      base_model=str(path))
+                             base_model=str(path))
     assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] is None
     peft = PeftModel.from_pretrained(reference_model(path), tmp_path).eval()
     assert get_peft_model_state_dict(peft).keys() == load_file(tmp_path / "adapter_model.safetensors").keys()
