@@ -20,6 +20,9 @@ import quantization
 from settings import ALL_LINEAR, EXPERTS
 
 
+FACTORS = ("lora_A", "lora_B")  # LoRA's two weights, by the names PEFT gives them (in modules and in its files)
+
+
 class AdapterError(cli.Refusal):
     """An adapter, or a --lora_targets, that does not fit the model; the message says why and what to pass instead."""
 
@@ -29,7 +32,7 @@ class Adapter(nn.Module):
     names; nothing else of it trains (torchtune's AdapterModule.adapter_params is the same idea)."""
 
     def adapter_params(self) -> tuple[str, ...]:
-        return ("lora_A", "lora_B")
+        return FACTORS
 
 
 class LoRAFactor(nn.Linear):

@@ -230,7 +230,7 @@ def plan_updates(base: Base, adapter_dir: Path, config: dict) -> dict[str, Updat
                              f"(use_dora: {bool(config.get('use_dora'))}) needs {sorted('lora_' + p for p in parts)}: "
                              "the file is incomplete, or beside another adapter's config")
         weight, r = f"{path}.weight", config["r"]
-        a, b = (shapes[peft_format.peft_key(f"{path}.{ab}.weight")] for ab in peft_format.FACTORS)
+        a, b = (shapes[peft_format.peft_key(f"{path}.{ab}.weight")] for ab in lora.FACTORS)
         if weight not in entries:
             raise MergeError(f"{source} adapts {path}, which this base model does not have: "
                              "merge it into the model it was trained on")
@@ -241,7 +241,7 @@ def plan_updates(base: Base, adapter_dir: Path, config: dict) -> dict[str, Updat
                              f"{list(a)} and lora_B {list(b)} (r={r}). It was trained on another base model; "
                              "merge it into that one")
         keys = tuple(peft_format.peft_key(f"{path}.{ab}.weight")
-                     for ab in peft_format.FACTORS + ((dora.MAGNITUDE,) if config.get("use_dora") else ()))
+                     for ab in lora.FACTORS + ((dora.MAGNITUDE,) if config.get("use_dora") else ()))
         updates[weight] = Update(weight, keys, [weight])
     return updates
 

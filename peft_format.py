@@ -22,7 +22,6 @@ from lora import AdapterError
 from settings import EXPERTS
 
 PEFT_PREFIX = "base_model.model."  # PEFT names every key after the path of the LoRA layer inside its wrapper
-FACTORS = ("lora_A", "lora_B")  # an adapted tensor's weights in the file, "<path>.lora_A.weight" and its B
 
 
 def peft_key(key: str) -> str:
@@ -61,7 +60,7 @@ def peft_keys(keys) -> dict[str, str]:
 def expert_peft_keys(tensors: list[str]) -> dict[str, tuple[str, str]]:
     """Experts tensors, "<experts path>.<tensor>" as expert_tensors names them (in its order) -> the adapter file's
     keys of their lora_A and lora_B (peft_keys), for a reader of the file that has no model to inject (merge.py)."""
-    factors = {t: [f"{t.rpartition('.')[0]}.lora_experts.{t.rpartition('.')[2]}.{ab}.weight" for ab in FACTORS]
+    factors = {t: [f"{t.rpartition('.')[0]}.lora_experts.{t.rpartition('.')[2]}.{ab}.weight" for ab in lora.FACTORS]
                for t in tensors}
     renamed = peft_keys(key for pair in factors.values() for key in pair)
     return {t: (renamed[a], renamed[b]) for t, (a, b) in factors.items()}

@@ -291,7 +291,7 @@ def test_checkpoint_folders_merge_and_sample_on_the_base_they_were_trained_on(ch
 
     merge.merge(str(base), ckpt, tmp_path / "merged", progress=False, verify=False)
     factors = load_file(ckpt / "adapter_model.safetensors")
-    a, b = (factors[peft_format.peft_key(f"{name}.{ab}.weight")].to(DEVICE) for ab in peft_format.FACTORS)
+    a, b = (factors[peft_format.peft_key(f"{name}.{ab}.weight")].to(DEVICE) for ab in lora.FACTORS)
     trained = load_model(base, quant=quant, device=DEVICE, progress=False).get_submodule(name)
     w = trained.weight if quant == "none" else quantization.dequantize(trained.weight, trained)
     expected = (w.float() + b @ a * 2.0).bfloat16()  # alpha / r = 8 / 4
