@@ -167,7 +167,7 @@ def trained_quant(folder: Path) -> str:
 
 
 def check_base(adapter_dir: Path, model: str, model_dir: Path, allow_other_base: bool,
-               error: type[Exception] = ValueError) -> None:
+               error: type[cli.Refusal] = FolderError) -> None:
     """Refuse an adapter on a base other than the one it was trained on, by fingerprint (model_loading.fingerprint),
     before any model loads: a base and its instruct model have the same shapes, so nothing else would tell. The
     adapter's record is peft_format.trained_fingerprint, or trainer_state.json's in checkpoints written before it

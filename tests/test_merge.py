@@ -180,6 +180,7 @@ def test_adapter_for_another_base_of_the_same_shapes(checkpoints, tmp_path, monk
     """
     import re
 
+    import cli
     import generate
     import model_loading
     from builtin import make_tokenizer
@@ -199,7 +200,7 @@ def test_adapter_for_another_base_of_the_same_shapes(checkpoints, tmp_path, monk
         patched.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded a model before refusing"))
         with pytest.raises(merge.MergeError, match=refusal(instruct)):
             merge.merge(str(instruct), run, tmp_path / "out", progress=False)
-        with pytest.raises(ValueError, match=refusal(checkpoints("mistral"))):
+        with pytest.raises(cli.Refusal, match=refusal(checkpoints("mistral"))):  # said in one line, no traceback
             generate.main(["--model", str(checkpoints("mistral")), "--adapter", str(run), "--prompt", "hi"])
     assert not (tmp_path / "out").exists()
 
