@@ -115,15 +115,29 @@ def context_length(model: torch.nn.Module) -> int | None:
     return next((c.max_position_embeddings for c in configs if hasattr(c, "max_position_embeddings")), None)
 
 
+def refuse_prompts_that_fill(ids: list[list[int]], config, named: str) -> None:
+    """Prompts (as prompt_ids renders them) checked against the model's `config` before it loads: one that fills its
+    context alone leaves no room for a new token, and is refused by its number in `named` (a flag, or a file)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    for number, prompt in enumerate(ids, 1):
+        if limit is not None and len(prompt) >= limit:
+            raise cli.Refusal(f"{named}, prompt #{number}: {_fills(len(prompt), limit)}")
+
+
+def _fills(width: int, limit: int) -> str:
+    return (f"a prompt of {width} tokens leaves no room for a new one in the model's context of {limit} tokens "
+            "(max_position_embeddings): shorten it")
+
+
 def new_tokens_that_fit(model: torch.nn.Module, width: int, max_new_tokens: int) -> int:
     """max_new_tokens, or fewer where prompts of `width` tokens and they would pass the model's context (said on rank
-    0); a prompt that fills the context alone is refused."""
+    0); a prompt that fills the context alone is refused (the commands check first: refuse_prompts_that_fill)."""
     limit = context_length(model)
     if limit is None or width + max_new_tokens <= limit:
         return max_new_tokens
-    context = f"the model's context of {limit} tokens (max_position_embeddings)"
     if width >= limit:
-        raise ValueError(f"a prompt of {width} tokens leaves no room for a new one in {context}: shorten it")
+        raise cli.Refusal(_fills(width, limit))
+    context = f"the model's context of {limit} tokens (max_position_embeddings)"
     if not dist.is_initialized() or dist.get_rank() == 0:
         tqdm.write(f"sampling stops after {limit - width} new tokens, not {max_new_tokens}: the longest prompt's "
                    f"{width} tokens and the new ones fill {context}")
@@ -280,7 +294,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> list[str]:
     """Load, sample every prompt, print each as rendered with its completion; the completions."""
     tokenizer, recorded = load_tokenizer(args.model, args.adapter, args.chat_template)
-    rendered = [tokenizer.decode(prompt_ids(p, tokenizer, **recorded)) for p in args.prompt]  # before the model loads
+    ids = [prompt_ids(p, tokenizer, **recorded) for p in args.prompt]  # before the model loads
+    refuse_prompts_that_fill(ids, model_loading.read_config(builtin.model_dir(args.model)), "--prompt")
+    rendered = [tokenizer.decode(x) for x in ids]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load(args.model, args.adapter, args.quant, device, args.allow_other_base, args.chat_template)
     completions = sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, device,

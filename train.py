@@ -672,12 +672,13 @@ def show_rows(cfg: Config, batches: Batches, tokenizer: PreTrainedTokenizerBase)
     print0(data.describe(batches.loader.dataset, tokenizer, cfg.seq_len, cfg.show, color))
 
 
-def checked_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+def checked_prompts(cfg: Config, tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> list[str]:
     """The prompts sampled at each save, each rendered once now: one that cannot be ({"messages"} without a
-    template) fails before the model loads."""
+    template) or that fills the model's context alone fails before the model loads, not at the first save."""
     prompts = generate.load_prompts(cfg.sample_prompts, cfg.dataset)
-    for prompt in prompts:
-        generate.prompt_ids(prompt, tokenizer, cfg.prompt_format, cfg.system_prompt)
+    ids = [generate.prompt_ids(prompt, tokenizer, cfg.prompt_format, cfg.system_prompt) for prompt in prompts]
+    named = f"--sample_prompts {Path(cfg.sample_prompts).expanduser()}" if cfg.sample_prompts else "built-in"
+    generate.refuse_prompts_that_fill(ids, config, named)
     return prompts
 
 
@@ -778,7 +779,7 @@ def train(cfg: Config) -> list[dict]:
         if cfg.show:
             show_rows(cfg, batches, tokenizer)
             return []
-        prompts = checked_prompts(cfg, tokenizer)
+        prompts = checked_prompts(cfg, tokenizer, config)
         total_steps = cfg.max_steps or cfg.epochs * batches.steps_per_epoch
         warn(warmup_warning(cfg, total_steps))
         run = run_identity(cfg, world, batches, model_dir)

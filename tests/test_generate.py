@@ -203,6 +203,26 @@ def test_missing_sample_prompts_file_is_refused_before_anything_loads(checkpoint
                             "one prompt per line)")
 
 
+def test_a_prompt_that_fills_the_context_is_refused_before_loading(checkpoints, tmp_path, monkeypatch):
+    """A prompt that leaves no room for a new token in max_position_embeddings is refused in one line naming the
+    flag, before the model loads: generate.py's --prompt, and train.py's --sample_prompts line (which failed with a
+    traceback after training)."""
+    path = checkpoints("llama")
+    long = "hello " * 200  # of a context of 128 tokens
+    width = len(generate.prompt_ids(long, AutoTokenizer.from_pretrained(path)))
+    fills = f"a prompt of {width} tokens leaves no room for a new one in the model's context of 128 tokens " \
+            "(max_position_embeddings): shorten it"
+    monkeypatch.setattr(generate, "load", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(cli.Refusal) as e:
+        generate.main(["--model", str(path), "--prompt", "hi", "--prompt", long])
+    assert str(e.value) == f"--prompt, prompt #2: {fills}"
+    (tmp_path / "prompts.txt").write_text(f"hi\n{long}\n")
+    with pytest.raises(cli.Refusal) as e:
+        refused_before_loading(monkeypatch, tmp_path, path, tokenizes=True,
+                               args=("--sample_prompts", str(tmp_path / "prompts.txt")))
+    assert str(e.value) == f"--sample_prompts {tmp_path / 'prompts.txt'}, prompt #2: {fills}"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--max_new_tokens", "-3"], "--max_new_tokens must be positive, got -3"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be positive, got 0"),
