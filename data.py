@@ -848,7 +848,8 @@ def describe(ds, tokenizer, seq_len: int, show: int, color: bool) -> str:
                    f"{text + (end if inside else '')}")
     lengths = sorted(len(x) for x in ds["input_ids"])
     trained = sum(sum(l != IGNORE for l in x) for x in ds["labels"])
-    q = statistics.quantiles(lengths, n=100) if len(lengths) > 1 else lengths * 99
+    # inclusive: percentiles of these rows; the default (exclusive) extrapolates past the longest row on few rows
+    q = statistics.quantiles(lengths, n=100, method="inclusive") if len(lengths) > 1 else lengths * 99
     out.append(f"--- {len(ds)} rows, {sum(lengths):,} tokens, {trained:,} trained "
                f"({trained / max(1, sum(lengths)):.1%})"
                f"\nlength: min {lengths[0]}, median {q[49]:.0f}, p90 {q[89]:.0f}, p99 {q[98]:.0f}, max {lengths[-1]}"

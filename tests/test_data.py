@@ -498,6 +498,19 @@ def test_show_needs_no_full_step(tmp_path, tokenizer, process_group):
     assert batches.rows == 1 and "<|im_start|>assistant\n[[Lima<|im_end|>\n]]" in shown and "--- 1 rows" in shown
 
 
+def test_show_length_percentiles_lie_within_the_rows(tokenizer):
+    """--show's length statistics on a few rows are numpy's percentiles of the row lengths: never above the longest
+    row (statistics.quantiles' default extrapolated p90 and p99 of three rows past the max)."""
+    import datasets
+    import numpy as np
+
+    lengths = [20, 17, 14]
+    rows = datasets.Dataset.from_dict({"input_ids": [[5] * n for n in lengths], "labels": [[5] * n for n in lengths]})
+    shown = data.describe(rows, tokenizer, 512, 0, color=False)
+    median, p90, p99 = (f"{np.percentile(lengths, q):.0f}" for q in (50, 90, 99))
+    assert f"length: min 14, median {median}, p90 {p90}, p99 {p99}, max 20 (seq_len 512)" in shown
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The prompt format (issue 25): alpaca and prompt_completion rows through the chat template where there is one
 
