@@ -8,8 +8,9 @@ A prompt is rendered as training renders rows (prompt_ids): a JSON {"messages": 
 the generation prompt; a JSON record shaped like alpaca data, {"instruction": ..., "input": ... (optional)}, as the
 run rendered such rows, in its recorded --prompt_format and --system_prompt (train_config.json); anything else is
 completed as it is. An adapter's run folder holds the tokenizer it trained with, chat template included, and so does
-a merged folder. Decoding stops at EOS and at the chat template's end-of-turn token; it is greedy at temperature 0,
-else sampling from softmax(logits / temperature); prompts are left-padded into one batch and decoded with a KV cache.
+a merged folder. Decoding stops at EOS and at the chat template's end of turn (a token, or its text where that is
+several tokens: ChatML on a base model's tokenizer); it is greedy at temperature 0, else sampling from
+softmax(logits / temperature); prompts are left-padded into one batch and decoded with a KV cache.
 """
 import argparse
 import inspect
@@ -154,13 +155,25 @@ def stop_ids(model: torch.nn.Module, tokenizer) -> set[int]:
 def end_of_turn(tokenizer) -> int | None:
     """The special token the chat template closes an assistant's turn with (ChatML's <|im_end|>, Llama 3's
     <|eot_id|>), or None: the first token it writes after the turn's content, where that is a special token."""
-    if not tokenizer.chat_template:
-        return None
-    turn = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
-    text = tokenizer.apply_chat_template(turn, tokenize=False)
-    after = tokenizer.encode(text[text.rindex("!") + 1:], add_special_tokens=False)
+    after = tokenizer.encode(_after_turn(tokenizer), add_special_tokens=False)
     token = tokenizer.added_tokens_decoder.get(after[0]) if after else None
     return after[0] if token is not None and token.special else None
+
+
+def end_of_turn_text(tokenizer) -> str:
+    """The text the chat template closes an assistant's turn with where that is no special token, or '': ChatML's
+    '<|im_end|>' is several tokens on a tokenizer without ChatML's tokens (--chat_template chatml on a base model),
+    and the model learns to write those."""
+    return "" if end_of_turn(tokenizer) is not None else _after_turn(tokenizer).strip().split("\n")[0]
+
+
+def _after_turn(tokenizer) -> str:
+    """What the chat template writes after an assistant's message ('' without a template)."""
+    if not tokenizer.chat_template:
+        return ""
+    turn = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "!"}]
+    text = tokenizer.apply_chat_template(turn, tokenize=False)
+    return text[text.rindex("!") + 1:]
 
 
 @torch.no_grad()
@@ -168,8 +181,8 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
            seed: int = 0, device: torch.device | None = None, prompt_format: str = "auto",
            system_prompt: str = "") -> list[str]:
     """The completion of each prompt (rendered by prompt_ids in `prompt_format` after `system_prompt`), up to its
-    first stop token (stop_ids). Greedy at temperature 0; otherwise drawn with a generator seeded by `seed`, so the
-    same call gives the same text.
+    first stop token (stop_ids) or end-of-turn text (end_of_turn_text). Greedy at temperature 0; otherwise drawn with
+    a generator seeded by `seed`, so the same call gives the same text.
 
     Under FSDP the forward is a collective: every rank must call this with the same prompts. Rank 0's choice of each
     token is broadcast, so that the ranks can never disagree on what to feed next or when to stop.
@@ -189,6 +202,7 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     stop = torch.tensor(sorted(stop_ids(model, tokenizer)), device=device)
+    stop_text = end_of_turn_text(tokenizer)
     generator = torch.Generator(device).manual_seed(seed)
     new = torch.empty(len(ids), 0, dtype=torch.long, device=device)
     done = torch.zeros(len(ids), dtype=torch.bool, device=device)
@@ -207,6 +221,8 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
         next_ids = torch.where(done, pad, next_ids)  # finished rows only wait for the others
         new = torch.cat([new, next_ids[:, None]], dim=1)
         done |= torch.isin(next_ids, stop)
+        if stop_text:  # the same on every rank: each holds the same `new`
+            done |= torch.tensor([stop_text in tokenizer.decode(row) for row in new.tolist()], device=device)
         if done.all():
             break
         # Only the new token goes in next; the cache holds the rest.
@@ -216,7 +232,8 @@ def sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens
     completions, stops = [], set(stop.tolist())
     for row in new.tolist():
         end = next((i for i, t in enumerate(row) if t in stops), len(row))  # cut at the first stop token
-        completions.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+        text = tokenizer.decode(row[:end], skip_special_tokens=True)
+        completions.append(text.partition(stop_text)[0] if stop_text else text)  # cut at the end of the turn
     return completions
 
 

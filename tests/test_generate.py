@@ -73,6 +73,32 @@ def test_generation_stops_at_the_templates_end_of_turn(checkpoints):
     assert generate.sample(model, tokenizer, [PROMPTS[1]], 4) == [""]
 
 
+def test_generation_stops_at_an_end_of_turn_of_several_tokens(checkpoints):
+    """--chat_template chatml on a tokenizer without ChatML's tokens (a base model's): '<|im_end|>' is several
+    tokens, which training teaches the model to write; sampling stops there as at a special end-of-turn token, and
+    the completion ends before it. Without the template the same tokens go on."""
+    import data
+
+    path = checkpoints("llama")
+    model, tokenizer = reference_model(path), AutoTokenizer.from_pretrained(path)
+    steered = tokenizer.encode("Lima<|im_end|>\nLima", add_special_tokens=False)
+    assert len(tokenizer.encode("<|im_end|>", add_special_tokens=False)) > 1  # not one token here
+    steps = []
+
+    def steer(module, args, logits):  # the new tokens are `steered`
+        logits[:, -1, steered[min(len(steps), len(steered) - 1)]] += 1e4
+        steps.append(1)
+        return logits
+
+    model.lm_head.register_forward_hook(steer)
+    n = len(steered)
+    assert generate.sample(model, tokenizer, [PROMPTS[1]], n) == [tokenizer.decode(steered)]
+    tokenizer.chat_template = data.CHATML
+    steps.clear()
+    assert generate.sample(model, tokenizer, [PROMPTS[1]], n) == ["Lima"]
+    assert len(steps) < n  # stopped, not cut afterwards
+
+
 def test_a_messages_prompt_on_a_model_without_a_template_says_what_to_pass(checkpoints, tmp_path, monkeypatch):
     """generate.py refuses a {"messages": [...]} prompt where the tokenizer has no chat template, saying to pass
     --chat_template, before the model loads; train.py refuses such a --sample_prompts line before loading too."""
