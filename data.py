@@ -543,8 +543,14 @@ def prepare(cfg: DataConfig, tokenizer, local_rank: int = 0, log=print):
     cfg = dataclasses.replace(cfg, prompt_format=resolve_prompt_format(cfg.prompt_format, tokenizer, cfg.chat_template))
     drop_turn_opener_bos(tokenizer)
     distributed = dist.is_available() and dist.is_initialized()
+    local = cfg.dataset == BUILTIN_DATASET or Path(cfg.dataset).expanduser().exists()
+    for flag, value in (("dataset_split", cfg.dataset_split if cfg.dataset_split != "train" else ""),
+                        ("dataset_config", cfg.dataset_config)):
+        if local and value:  # load_raw reads every row of local data: the run would train on what was not asked for
+            raise DataError(f"--{flag} {value!r} chooses within a Hub dataset, and --dataset {cfg.dataset} is local: "
+                            "leave it out, or point --dataset at the file or folder to train on")
     eval_file = bool(cfg.eval_split) and Path(cfg.eval_split).expanduser().exists()
-    if cfg.eval_split and not eval_file and (cfg.dataset == BUILTIN_DATASET or Path(cfg.dataset).expanduser().exists()):
+    if cfg.eval_split and not eval_file and local:
         # load_raw would read the training files again: the eval loss would be measured on the training data
         raise DataError(f"--eval_split {cfg.eval_split!r}: no such file, and the local dataset {cfg.dataset} has no "
                         "splits; pass a file or folder to --eval_split, or carve one out with --eval_fraction")

@@ -295,6 +295,19 @@ def test_eval_split_of_a_local_dataset_must_be_a_file(tmp_path, tokenizer):
     assert len(train) == 4 and trained_text(tokenizer, ev[0]) == "out<|im_end|>\n"
 
 
+@pytest.mark.parametrize("flag, value", [("dataset_split", "test"), ("dataset_config", "fr")])
+def test_hub_only_flags_on_a_local_dataset_are_refused(tmp_path, tokenizer, flag, value):
+    """--dataset_split and --dataset_config choose within a Hub dataset: on a local file (or the built-in data) they
+    are refused by name, where they were ignored and the run trained on the whole file."""
+    path = write(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(4)])
+    for dataset in (path, data.BUILTIN_DATASET):
+        with pytest.raises(data.DataError) as refusal:
+            data.prepare(cfg(dataset, **{flag: value}), tokenizer, log=lambda *_: None)
+        assert str(refusal.value) == (f"--{flag} {value!r} chooses within a Hub dataset, and --dataset {dataset} is "
+                                      "local: leave it out, or point --dataset at the file or folder to train on")
+    assert len(data.prepare(cfg(path, dataset_split="train"), tokenizer, log=lambda *_: None)[0]) == 4  # the default
+
+
 def test_missing_chat_template_is_refused_by_us_naming_chatml(tmp_path, checkpoints):
     """A chat dataset, or --prompt_format chat, on a tokenizer without a template is refused in our words, naming
     --chat_template chatml (issue 25), and --chat_template chatml then trains it."""
