@@ -288,6 +288,8 @@ def apply_field_map(ds, field_map: str):
     mapping = {}  # theirs -> ours
     for pair in filter(None, (p.strip() for p in field_map.split(","))):
         ours, _, theirs = pair.partition("=")
+        if not ours or not theirs:
+            raise DataError(f"--field_map {pair}: not ours=theirs (e.g. instruction=question)")
         if theirs not in ds.column_names:
             raise DataError(f"--field_map {pair}: no column {theirs!r}; the columns are {ds.column_names}")
         if theirs in mapping or ours in mapping.values():

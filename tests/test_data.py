@@ -248,6 +248,10 @@ def test_ranks_see_disjoint_rows(tokenizer):
      r"needs columns \['instruction', 'output'\]; the columns are \['question'\]"),
     (lambda p: write(p / "d.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]), {}, "no assistant turn"),
     (lambda p: write(p / "d.jsonl", [{"q": 1}]), {"field_map": "instruction=question"}, "no column 'question'"),
+    (lambda p: write(p / "d.jsonl", [{"q": 1}]), {"field_map": "instruction"},
+     r"^--field_map instruction: not ours=theirs \(e\.g\. instruction=question\)$"),
+    (lambda p: write(p / "d.jsonl", [{"q": 1}]), {"field_map": "=q"},
+     r"^--field_map =q: not ours=theirs \(e\.g\. instruction=question\)$"),
     (lambda p: write(p / "d.jsonl", [{"text": ""}]), {}, "no example"),
 ])
 def test_bad_dataset_errors(tmp_path, tokenizer, setup, kwargs, message):
