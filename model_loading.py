@@ -64,6 +64,16 @@ class ModelFolderError(cli.Refusal):
 def resolve_model_dir(model: str) -> Path:
     """A local folder as is; anything shaped like `org/name` from the Hub. (builtin.model_dir adds 'tiny'.)"""
     path = Path(model).expanduser()
+    if path.is_file():
+        raise ModelFolderError(f"--model {path} is a file: point --model at the Hugging Face model folder holding it "
+                               "(config.json and safetensors weights)")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():  # a run's output_dir
+        try:
+            base = f", {json.loads((path / 'adapter_config.json').read_text())['base_model_name_or_path']!r},"
+        except (OSError, ValueError, TypeError, KeyError):  # a damaged config still tells what the folder is
+            base = ""
+        raise ModelFolderError(f"--model {path} is an adapter folder (adapter_config.json), not a model: pass its "
+                               f"base{base} as --model (merge.py and generate.py take this folder as --adapter)")
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelFolderError(f"{path} has no config.json: point --model at a Hugging Face model folder")

@@ -209,6 +209,24 @@ def test_folder_without_config_and_nonexistent_path(tmp_path):
         resolve_model_dir(str(tmp_path / "nope"))
 
 
+def test_a_file_or_an_adapter_folder_as_model_is_named_as_such(tmp_path):
+    """--model naming a file, or a run's adapter folder (a newcomer's mix-up with --adapter), says what it is and
+    what to pass instead, not only that config.json is missing."""
+    from model_loading import resolve_model_dir
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelFolderError) as e:
+        resolve_model_dir(str(tmp_path / "model.safetensors"))
+    assert str(e.value) == (f"--model {tmp_path / 'model.safetensors'} is a file: point --model at the Hugging Face "
+                            "model folder holding it (config.json and safetensors weights)")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny"}))
+    with pytest.raises(ModelFolderError) as e:
+        resolve_model_dir(str(tmp_path / "run"))
+    assert str(e.value) == (f"--model {tmp_path / 'run'} is an adapter folder (adapter_config.json), not a model: "
+                            "pass its base, 'tiny', as --model (merge.py and generate.py take this folder as --adapter)")
+
+
 def test_offline_hub_download_says_so(tmp_path, monkeypatch):
     """Hub ids go through huggingface_hub into HF_HOME; offline and uncached is a clear error, not a stack of retries."""
     import huggingface_hub.constants
