@@ -224,7 +224,8 @@ def test_a_file_or_an_adapter_folder_as_model_is_named_as_such(tmp_path):
     with pytest.raises(ModelFolderError) as e:
         resolve_model_dir(str(tmp_path / "run"))
     assert str(e.value) == (f"--model {tmp_path / 'run'} is an adapter folder (adapter_config.json), not a model: "
-                            "pass its base, 'tiny', as --model (merge.py and generate.py take this folder as --adapter)")
+                            "pass its base, 'tiny', as --model (merge.py and generate.py take this folder as "
+                            "--adapter)")
 
 
 def test_offline_hub_download_says_so(tmp_path, monkeypatch):
