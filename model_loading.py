@@ -10,8 +10,8 @@ The path, top to bottom:
   build_skeleton      the transformers model on the meta device (no memory), its decoder-layer linears swapped
                       for Linear4bit shells and MoE experts for Packed4bit ones (in a pre-quantized model
                       folder: those it stores in 4 bits)
-  check_host_memory   with --cpu_offload: the loaded model's size in host memory, from the headers, against what
-                      the machine has
+  check_host_memory   where the loaded model waits in host memory (--cpu_offload, several ranks, the CPU): its
+                      size there, from the headers, against what the machine has
   load_model          streams every tensor with safe_open, quantizes it on the rank's device, puts it in place;
                       threads copy the next tensors to the GPU meanwhile (shard_reader). A pre-quantized weight
                       arrives with its quant_state entries and goes in as its packed bytes are (dequantized only
@@ -429,26 +429,27 @@ def host_bytes(plan: LoadPlan) -> int:
     return total
 
 
-def check_host_memory(model_dir: Path, quant: str, available: int | None = None, ranks: int = 1) -> int:
-    """--cpu_offload: refuse, before anything is loaded, a model that cannot fit in host memory; returns the estimate
-    for this node. Each of the node's `ranks` loads the whole model into host memory before FSDP shards it, so the
-    node needs that many copies at once.
+def check_host_memory(model_dir: Path, quant: str, why: str, available: int | None = None, ranks: int = 1) -> int:
+    """Refuse, before anything is loaded, a model that cannot fit in host memory, where it is held there (`why`:
+    --cpu_offload, several ranks, or the CPU); returns the estimate for this node. Each of the node's `ranks` loads
+    the whole model into host memory (before FSDP shards it), so the node needs that many copies at once.
 
-    `available` defaults to the kernel's MemAvailable. The estimate is a floor: loading and optimizer state add to it.
+    `available` defaults to the kernel's MemAvailable (no check where the system has no /proc/meminfo). The estimate
+    is a floor: loading and optimizer state add to it.
     """
     one = host_bytes(plan_load(model_dir, quant))
     need = one * ranks
     if available is None:
-        meminfo = Path("/proc/meminfo").read_text()
-        available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+        meminfo = Path("/proc/meminfo")
+        found = re.search(r"MemAvailable:\s+(\d+) kB", meminfo.read_text()) if meminfo.exists() else None
+        available = int(found.group(1)) * 1024 if found else need
     if need > available:
-        each = (f" by each of the {ranks} ranks on this node, which load it whole before FSDP shards it: "
-                f"{need / 2**30:,.1f} GiB in all") if ranks > 1 else ""
-        fewer = ", run fewer ranks on this node" if ranks > 1 else ""
-        raise ModelFolderError(f"--cpu_offload keeps the model in host memory: {model_dir} needs about "
-                               f"{one / 2**30:,.1f} GiB there as loaded (estimated from its safetensors headers){each}, "
-                               f"and {available / 2**30:,.1f} GiB is available. Free host memory{fewer}, use a machine "
-                               "with more, or train without --cpu_offload")
+        each = (f", by each of the {ranks} ranks on this node: {need / 2**30:,.1f} GiB in all") if ranks > 1 else ""
+        fewer = ", run fewer ranks on this node (--nnodes spreads them over several)" if ranks > 1 else ""
+        raise ModelFolderError(f"{why}: {model_dir} needs about {one / 2**30:,.1f} GiB there as loaded (estimated "
+                               f"from its safetensors headers){each}, and {available / 2**30:,.1f} GiB is available. "
+                               f"Free host memory{fewer}, or use a machine with more"
+                               + (", or train without --cpu_offload" if "--cpu_offload" in why else ""))
     return need
 
 

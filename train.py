@@ -194,11 +194,7 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     """Stream the 4-bit base onto the device, add LoRA (identically on every rank, or loaded from `adapter_dir`),
     then shard and checkpoint."""
     attention = data.packed_attention(device) if cfg.packing else None
-    # Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B: ~38 GB): quantize on
-    # the GPU, keep the result in CPU memory, and let FSDP move each unit to the GPU as it shards it (or, offloaded
-    # on one GPU, offload.WeightStream keep the decoder layers in host memory).
-    sharded = dist.get_world_size() > 1 and cfg.sharding != "no_shard"
-    keep_on = torch.device("cpu") if sharded or cfg.cpu_offload else device
+    keep_on = torch.device("cpu") if held_in_host_memory(cfg, device) else device
     model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention,
                                      keep_on=keep_on)
     quantized, experts = model_loading.quantized_weights(model), quantization.packed_shells(model)
@@ -650,15 +646,28 @@ def claim_output_dir(cfg: Config) -> IO[str] | None:
     return lock
 
 
-def resolve_for_base(cfg: Config) -> tuple[Config, Path, PretrainedConfig, PreTrainedTokenizerBase]:
+def held_in_host_memory(cfg: Config, device: torch.device) -> str | None:
+    """Why this rank's loaded 4-bit model waits in host memory, as a phrase for check_host_memory; None where it goes
+    straight to the GPU. Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B:
+    ~38 GB): the loader quantizes on the GPU and keeps the result in host memory, and FSDP moves each unit to the GPU
+    as it shards it (or, offloaded on one GPU, offload.WeightStream keeps the decoder layers there)."""
+    if cfg.cpu_offload:
+        return "--cpu_offload keeps the model in host memory"
+    if dist.get_world_size() > 1 and cfg.sharding != "no_shard":
+        return "every rank loads the whole model into host memory before FSDP shards it"
+    return "on the CPU the model lives in host memory" if device.type == "cpu" else None
+
+
+def resolve_for_base(cfg: Config, device: torch.device) -> tuple[Config, Path, PretrainedConfig,
+                                                                 PreTrainedTokenizerBase]:
     """The base's folder, config and tokenizer, and `cfg` with --quant and --prompt_format as they apply to them,
     kept so in the run's config."""
     model_dir = builtin.model_dir(cfg.model)
     config = model_loading.read_config(model_dir)  # an architecture transformers lacks fails before tokenizing
     # --quant as it applies to this base (auto: a pre-quantized checkpoint's own type)
     cfg = dataclasses.replace(cfg, quant=model_loading.resolve_quant(config, cfg.quant, log=print0))
-    if cfg.cpu_offload:  # a model that cannot fit in host memory fails now, not after loading half of it
-        model_loading.check_host_memory(model_dir, cfg.quant, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if why := held_in_host_memory(cfg, device):  # a model that cannot fit there fails now, not after loading half of it
+        model_loading.check_host_memory(model_dir, cfg.quant, why, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     tokenizer = model_loading.load_tokenizer(model_dir)
     # the prompt format as it applies to this tokenizer (auto: chat where it has a template)
     cfg = dataclasses.replace(cfg, prompt_format=data.resolve_prompt_format(cfg.prompt_format, tokenizer,
@@ -773,7 +782,7 @@ def train(cfg: Config) -> list[dict]:
     try:
         warn(None if cfg.use_dora else peft_format.vllm_rank_warning(cfg.lora_rank))
         out_dir, lock = Path(cfg.output_dir), claim_output_dir(cfg)
-        cfg, model_dir, config, tokenizer = resolve_for_base(cfg)
+        cfg, model_dir, config, tokenizer = resolve_for_base(cfg, device)
         batches = prepare_batches(cfg, tokenizer, config.vocab_size, device)  # a bad dataset fails in seconds
         if cfg.show:
             show_rows(cfg, batches, tokenizer)
