@@ -156,16 +156,51 @@ def read_adapter_config(adapter_dir: Path) -> dict:
             raise AdapterError(f"no {name} in {adapter_dir}: pass --adapter the output_dir of a training run "
                                "(or one of its checkpoint-N folders)")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    unsupported = {"peft_type": config.get("peft_type") != "LORA",
-                   "use_dora with target_parameters": config.get("use_dora") and config.get("target_parameters"),
-                   "fan_in_fan_out": config.get("fan_in_fan_out"), "modules_to_save": config.get("modules_to_save"),
-                   "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
-    if any(unsupported.values()):
-        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
-                           "only LoRA and DoRA adapters as train.py saves them are supported")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} is a {config.get('peft_type')} adapter: only LoRA "
+                           "and DoRA adapters are supported; merge it into its base with PEFT's merge_and_unload")
+    if _unapplied(config):
+        field, why = _unapplied(config)[0]
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} sets {field}: {config[field]!r}, {why}, which "
+                           "this loader does not apply (it would compute other logits than PEFT): use the adapter with "
+                           "PEFT itself, or merge it into its base with PEFT's merge_and_unload and use that model")
     _check_rank(adapter_dir, config)
     _check_dora(adapter_dir, config)
     return config
+
+
+# adapter_config.json fields that change what a PEFT LoRA adapter computes, beyond what apply_adapter and merge.py
+# implement (r, lora_alpha, use_rslora, use_dora, target_modules, target_parameters), with what each does. Refused,
+# not ignored: an ignored one gives other logits than PEFT's, at times silently. Off is PEFT's default (None, False,
+# {}, [] or "none").
+UNAPPLIED = {
+    "fan_in_fan_out": "the factors stored transposed (GPT-2's Conv1D)",
+    "modules_to_save": "whole modules trained and saved beside the factors",
+    "rank_pattern": "another rank for some layers", "alpha_pattern": "another alpha for some layers",
+    "bias": "the base layers' biases trained and saved", "lora_bias": "a bias on lora_B",
+    "layers_to_transform": "only some decoder layers adapted", "layers_pattern": "only some decoder layers adapted",
+    "exclude_modules": "some matching layers left out", "trainable_token_indices": "trained embedding rows",
+    "alora_invocation_tokens": "the adapter active only after its invocation tokens (aLoRA)",
+    "use_qalora": "A applied to pooled inputs (QA-LoRA)", "layer_replication": "decoder layers repeated",
+    "megatron_config": "Megatron's parallel linears", "arrow_config": "routing among adapters (Arrow)",
+    "kasa_config": "a learned diagonal between A and B (KaSA)", "monteclora_config": "sampled factors (MonteCLoRA)",
+    "use_bdlora": "block-diagonal factors (BD-LoRA)",
+}
+# init_lora_weights values with which PEFT subtracts the initial adapter from the base weights (PiSSA, OLoRA, CorDA,
+# LoftQ, LoRA-GA): the adapter holds the rest, and PEFT redoes that at load, so on the plain base it computes another
+# model. PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) converts one to a plain LoRA.
+REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _unapplied(config: dict) -> list[tuple[str, str]]:
+    """The fields of adapter_config.json, with what each does, that are on and not applied here (UNAPPLIED)."""
+    found = [(field, why) for field, why in UNAPPLIED.items() if config.get(field) not in (None, False, {}, [], "none")]
+    if config.get("use_dora") and config.get("target_parameters"):
+        found.append(("use_dora", "DoRA on MoE experts' tensors"))
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(REWRITES_BASE):
+        found.append(("init_lora_weights", "an adapter for the base PEFT rewrote at init, not for the base itself"))
+    return found
 
 
 def _check_dora(adapter_dir: Path, config: dict) -> None:

@@ -185,3 +185,40 @@ def test_an_adapter_peft_made_applies_without_warnings_about_flags_nobody_gave(c
         mine, peft, base = ours(TOKENS).logits, theirs.eval()(TOKENS).logits, reference_model(path)(TOKENS).logits
     effect = (peft - base).abs().max()
     assert effect > 0.05 and (mine - peft).abs().max() < 0.1 * effect
+
+
+def peft_made(path, out, **config):
+    """An adapter PEFT itself made with LoraConfig(r=4, lora_alpha=8, **config) on transformers' model of `path`, its
+    LoRA weights moved off their init, saved by save_pretrained; and that PEFT model (eval mode)."""
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=8, **config))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    theirs.save_pretrained(out)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("field, config", [
+    ("lora_bias", dict(target_modules=["q_proj"], lora_bias=True)),
+    ("bias", dict(target_modules=["q_proj"], bias="lora_only")),
+    ("layers_to_transform", dict(target_modules=["q_proj"], layers_to_transform=[1])),
+    ("exclude_modules", dict(target_modules=["q_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"])),
+    ("trainable_token_indices", dict(target_modules=["q_proj"], trainable_token_indices=[5, 7])),
+    ("alora_invocation_tokens", dict(target_modules=["q_proj"], alora_invocation_tokens=[5, 17])),
+    ("layer_replication", dict(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])),
+    ("init_lora_weights", dict(target_modules=["q_proj"], init_lora_weights="pissa")),
+    ("init_lora_weights", dict(target_modules=["q_proj"], init_lora_weights="olora")),
+])
+def test_a_peft_adapter_we_would_misapply_is_refused_naming_the_field(checkpoints, tmp_path, field, config):
+    """A PEFT adapter whose config changes what it computes in a way apply_adapter and merge.py do not implement
+    (biases, a subset of layers, trainable tokens, aLoRA, replicated layers, an init that rewrites the base weights)
+    is refused from adapter_config.json, in one line naming the field and PEFT's merge as the way out; ignored, each
+    gave other logits than PEFT's, silently (PiSSA, OLoRA, aLoRA) or with words about another base."""
+    path = checkpoints("llama")
+    peft_made(path, tmp_path, **config)
+    with pytest.raises(lora.AdapterError, match=rf"sets {field}: .*merge_and_unload") as refused:
+        peft_format.read_adapter_config(tmp_path)
+    assert "\n" not in str(refused.value)
