@@ -202,7 +202,10 @@ def _routers(model: nn.Module, linears: dict[str, nn.Module]) -> set[str]:
 
 
 def _matches(target: str, name: str) -> bool:
-    return target == ALL_LINEAR or name.split(".")[-1] == target or re.fullmatch(target, name) is not None
+    """PEFT's rule for a target_modules entry (the name, or its suffix after a dot: "self_attn.q_proj"), or a regex
+    that matches the whole name."""
+    return (target == ALL_LINEAR or name == target or name.endswith(f".{target}")
+            or re.fullmatch(target, name) is not None)
 
 
 def kinds(names) -> list[str]:

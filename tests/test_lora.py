@@ -222,3 +222,18 @@ def test_a_peft_adapter_we_would_misapply_is_refused_naming_the_field(checkpoint
     with pytest.raises(lora.AdapterError, match=rf"sets {field}: .*merge_and_unload") as refused:
         peft_format.read_adapter_config(tmp_path)
     assert "\n" not in str(refused.value)
+
+
+def test_a_peft_adapter_whose_targets_are_dotted_suffixes_gives_peft_logits(checkpoints, tmp_path):
+    """PEFT matches a target_modules entry as the module's name or a suffix of it after a dot ("self_attn.q_proj");
+    apply_adapter adapts the same layers and computes PEFT's logits."""
+    path = checkpoints("llama")
+    theirs = peft_made(path, tmp_path, target_modules=["self_attn.q_proj", "mlp.down_proj"])
+    ours = load_model(path, quant="none", device=DEVICE, progress=False).eval()
+    peft_format.apply_adapter(ours, tmp_path)
+    assert sorted(lora.lora_modules(ours)) == sorted(n.removeprefix(peft_format.PEFT_PREFIX)
+                                                      for n in theirs.targeted_module_names)
+    with torch.no_grad():
+        mine, peft, base = ours(TOKENS).logits, theirs(TOKENS).logits, reference_model(path)(TOKENS).logits
+    effect = (peft - base).abs().max()
+    assert effect > 0.05 and (mine - peft).abs().max() < 0.1 * effect
