@@ -140,12 +140,20 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
     if set(tensors) != set(wanted):
         missing, unexpected = sorted(wanted.keys() - tensors.keys()), sorted(tensors.keys() - wanted.keys())
         raise AdapterError(f"adapter in {adapter_dir} does not fit this model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]} (different base model, rank or targets?)")
+                           f"unexpected {unexpected[:3]} (different base model, rank or targets?): "
+                           f"{_another_base(adapter_dir)}")
     with torch.no_grad():
         for key, dst in wanted.items():
             if tensors[key].shape != dst.shape:
-                raise AdapterError(f"{key} has shape {list(tensors[key].shape)} in the adapter, {list(dst.shape)} here")
+                raise AdapterError(f"{key} has shape {list(tensors[key].shape)} in the adapter in {adapter_dir}, "
+                                   f"{list(dst.shape)} here: {_another_base(adapter_dir)}")
             dst.copy_(tensors[key])
+
+
+def _another_base(adapter_dir: Path) -> str:
+    """What a refusal of an adapter that does not fit the model says to do: apply it to the base it names."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return f"it was trained on another base ({config.get('base_model_name_or_path')!r}); apply it to that one"
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -242,7 +250,7 @@ def _check_fits(model: nn.Module, layer_cls: type[nn.Module], targets: list[str]
                 config: dict) -> None:
     """The adapter's targets are in this model: else it was trained on another base, which the refusal says, rather
     than inject_lora's words about a --lora_targets nobody gave."""
-    another = (f"it was trained on another base ({config.get('base_model_name_or_path')!r}); apply it to that one")
+    another = _another_base(adapter_dir)
     if config.get("target_parameters") and not moe_lora.expert_tensors(model, layer_cls):
         raise AdapterError(f"the adapter in {adapter_dir} adapts MoE experts (target_parameters "
                            f"{config['target_parameters']}), and this model has none: {another}")

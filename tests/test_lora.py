@@ -237,3 +237,20 @@ def test_a_peft_adapter_whose_targets_are_dotted_suffixes_gives_peft_logits(chec
         mine, peft, base = ours(TOKENS).logits, theirs(TOKENS).logits, reference_model(path)(TOKENS).logits
     effect = (peft - base).abs().max()
     assert effect > 0.05 and (mine - peft).abs().max() < 0.1 * effect
+
+
+def test_an_adapter_for_another_shape_of_base_is_refused_saying_what_to_do(checkpoints, tmp_path):
+    """Applied to a base whose linears have other sizes (or another count of layers), an adapter is refused in one
+    line that names the tensor and the base it was trained on, to apply it to instead."""
+    from builtin import write_random_checkpoint
+    from conftest import make_adapter
+    from transformers import LlamaConfig
+
+    path = checkpoints("llama")
+    adapter = make_adapter(path, tmp_path / "adapter")
+    for change in ({"intermediate_size": 192}, {"num_hidden_layers": 3}):
+        other = write_random_checkpoint(LlamaConfig(**{**SHAPE, **change}), tmp_path / str(change))
+        model = load_model(other, quant="none", device=DEVICE, progress=False).eval()
+        with pytest.raises(lora.AdapterError, match=rf"model\.layers\.\d\.\S+_proj.*trained on another base "
+                                                    rf"\('{path}'\); apply it to that one"):
+            peft_format.apply_adapter(model, adapter)
