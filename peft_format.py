@@ -174,6 +174,7 @@ def read_adapter_config(adapter_dir: Path) -> dict:
                            "PEFT itself, or merge it into its base with PEFT's merge_and_unload and use that model")
     _check_rank(adapter_dir, config)
     _check_dora(adapter_dir, config)
+    _check_targets(adapter_dir, config)
     return config
 
 
@@ -221,6 +222,25 @@ def _check_dora(adapter_dir: Path, config: dict) -> None:
                            f"but the adapter's tensors hold {'' if holds else 'no '}{dora.MAGNITUDE}: the config "
                            "belongs to another adapter. Put the adapter's own config beside it, or write use_dora: "
                            f"{str(holds).lower()} in it")
+
+
+def _check_targets(adapter_dir: Path, config: dict) -> None:
+    """Every linear the file holds factors of is one adapter_config.json's target_modules selects, from the header:
+    else PEFT loads the adapter without that layer's factors, and a config beside another adapter's weights is named
+    as such before a model loads. (Targets the file holds nothing for need the model: load_adapter names those.)"""
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
+    experts = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            path = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0].replace(".base_layer", "")
+            if any(path == e or path.endswith(f".{e}") for e in experts) or any(lora.matches(t, path)
+                                                                               for t in targets):
+                continue
+            raise AdapterError(f"{adapter_dir / 'adapter_config.json'} says target_modules {targets}, but the "
+                               f"adapter's tensors adapt {path} too ({key}): the config belongs to another adapter. "
+                               f"Put the adapter's own config beside it, or add {path.rpartition('.')[2]!r} to its "
+                               "target_modules")
 
 
 def _check_rank(adapter_dir: Path, config: dict) -> None:
