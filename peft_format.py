@@ -172,9 +172,9 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise AdapterError(f"{adapter_dir / 'adapter_config.json'} sets {field}: {config[field]!r}, {why}, which "
                            "this loader does not apply (it would compute other logits than PEFT): use the adapter with "
                            "PEFT itself, or merge it into its base with PEFT's merge_and_unload and use that model")
+    _check_targets(adapter_dir, config)
     _check_rank(adapter_dir, config)
     _check_dora(adapter_dir, config)
-    _check_targets(adapter_dir, config)
     return config
 
 
@@ -225,15 +225,22 @@ def _check_dora(adapter_dir: Path, config: dict) -> None:
 
 
 def _check_targets(adapter_dir: Path, config: dict) -> None:
-    """Every linear the file holds factors of is one adapter_config.json's target_modules selects, from the header:
-    else PEFT loads the adapter without that layer's factors, and a config beside another adapter's weights is named
-    as such before a model loads. (Targets the file holds nothing for need the model: load_adapter names those.)"""
+    """The file holds LoRA factors (and DoRA's magnitudes) only, and every linear it holds them of is one
+    adapter_config.json's target_modules selects, from the header: else PEFT loads the adapter without that layer's
+    factors, and a config beside another adapter's weights is named as such before a model loads. (Targets the file
+    holds nothing for need the model: load_adapter names those.)"""
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
     experts = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():
-            path = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")[0].replace(".base_layer", "")
+            path, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            if not path or factor not in ("A.weight", "B.weight", dora.MAGNITUDE.removeprefix("lora_")):
+                raise AdapterError(f"the adapter in {adapter_dir} holds {key}, which is not a linear layer's LoRA "
+                                   "factor (PEFT saves an adapted embedding's factors, and the base weight beside an "
+                                   "adapted embedding or lm_head): only adapters of linears are supported; use it with "
+                                   "PEFT itself, or merge it into its base with PEFT's merge_and_unload")
+            path = path.replace(".base_layer", "")  # PEFT nests a module's second adapted tensor (peft_keys)
             if any(path == e or path.endswith(f".{e}") for e in experts) or any(lora.matches(t, path)
                                                                                for t in targets):
                 continue

@@ -254,3 +254,16 @@ def test_an_adapter_for_another_shape_of_base_is_refused_saying_what_to_do(check
         with pytest.raises(lora.AdapterError, match=rf"model\.layers\.\d\.\S+_proj.*trained on another base "
                                                     rf"\('{path}'\); apply it to that one"):
             peft_format.apply_adapter(model, adapter)
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_a_peft_adapter_holding_more_than_linears_factors_is_refused_naming_the_tensor(checkpoints, tmp_path, target):
+    """PEFT's adapter of an embedding or of lm_head holds other tensors than a linear's lora_A / lora_B (the
+    embedding's factors, the base weight it saves beside them): refused from the header in one line naming the
+    tensor and PEFT as the way out, not blamed on a config of another adapter or on another base."""
+    path = checkpoints("llama")
+    peft_made(path, tmp_path, target_modules=["q_proj", target])
+    with pytest.raises(lora.AdapterError, match=rf"holds base_model\.model\.\S*{target}\S+, which is not a linear "
+                                                r"layer's LoRA factor.*merge_and_unload") as refused:
+        peft_format.read_adapter_config(tmp_path)
+    assert "\n" not in str(refused.value)
