@@ -3,7 +3,6 @@ quantize.py writes that format, and training, merging and sampling work from suc
 import fcntl
 import json
 import os
-import re
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ import model_loading
 import peft_format
 import quantization
 import quantize
-import train
 from model_loading import ModelFolderError, load_model
 
 # (quant, double quantization, the dtype transformers stores the packed bytes as): its default storage is uint8;
@@ -357,64 +355,3 @@ def test_conflicting_quant_is_refused_before_tokenizing(prequantized, tmp_path, 
     with pytest.raises(ModelFolderError, match=rf"--quant {quant}, but .*config\.json says the checkpoint is "
                                                rf"pre-quantized to {other}.*Leave --quant at auto"):
         refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False, args=("--quant", quant))
-
-
-def test_host_memory_estimate_and_refusal(checkpoints, prequantized, monkeypatch):
-    """The estimate from the headers is the bytes the loaded model holds (within the quant_state's few JSON bytes per
-    weight), from a 16-bit and from a pre-quantized checkpoint; --cpu_offload with too little memory names both
-    figures."""
-    for path, quant in [(checkpoints("llama"), "nf4"), (prequantized("nf4", True, torch.uint8), "auto")]:
-        model = load_model(path, quant, "cpu", progress=False)
-        held = sum(p.nbytes for p in model.parameters())
-        for layer in linears_4bit(model).values():
-            state = layer.weight.quant_state
-            held += state.absmax.nbytes + state.code.nbytes + state.state2.absmax.nbytes + state.state2.code.nbytes
-        estimate = model_loading.host_bytes(model_loading.plan_load(path, quant))
-        assert held <= estimate <= held + 14 * 200, (held, estimate)
-    with pytest.raises(ModelFolderError, match=r"--cpu_offload keeps the model in host memory: .* needs about [\d.]+ "
-                                               r"GiB there as loaded .*, and 0\.0 GiB is available.*, or train "
-                                               r"without --cpu_offload$"):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past "--cpu_offload needs a GPU"
-        model_loading.check_host_memory(path, "auto", train.held_in_host_memory(
-            train.parse_config(["--cpu_offload"]), torch.device("cuda")), available=1000)
-
-
-def test_host_memory_counts_every_rank_of_the_node(checkpoints):
-    """Each rank of a node loads the whole model into host memory before FSDP shards it: memory for one copy is
-    enough for 1 rank and refused for 2, with the figure for both."""
-    path = checkpoints("llama")
-    one = model_loading.host_bytes(model_loading.plan_load(path, "nf4"))
-    why = "every rank loads the whole model into host memory before FSDP shards it"
-    assert model_loading.check_host_memory(path, "nf4", why, available=one + 1) == one
-    with pytest.raises(ModelFolderError, match=rf"{why}: .* as loaded .*, by each of the 2 ranks on this node: "
-                                               r"[\d.]+ GiB in all, and [\d.]+ GiB is available\. Free host memory, "
-                                               r"run fewer ranks on this node \(--nnodes spreads them over several\), "
-                                               r"or use a machine with more$"):
-        model_loading.check_host_memory(path, "nf4", why, available=one + 1, ranks=2)
-
-
-@pytest.mark.parametrize("world, flags, device, held", [
-    (1, [], "cuda", None),  # straight to the GPU
-    (1, [], "cpu", "on the CPU"),
-    (1, ["--cpu_offload"], "cuda", "--cpu_offload"),
-    (2, [], "cuda", "every rank loads the whole model"),
-    (2, ["--sharding", "no_shard"], "cuda", None),  # each rank holds the whole model on its GPU: nothing to shard
-])
-def test_the_model_is_checked_against_host_memory_exactly_where_the_loader_keeps_it_there(
-        checkpoints, tmp_path, monkeypatch, world, flags, device, held):
-    """On a 2-GPU node (LOCAL_WORLD_SIZE=2 where 2 ranks run), a run whose loaded model waits in host memory, and
-    only such a run, is refused before its data is tokenized when the node cannot hold a copy per rank; the loader
-    keeps the model in host memory (keep_on) in exactly those runs."""
-    monkeypatch.setattr(train.dist, "get_world_size", lambda: world)
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past "--cpu_offload needs a GPU"
-    cfg = train.parse_config(["--model", str(checkpoints("llama")), *flags])
-    reason = train.held_in_host_memory(cfg, torch.device(device))
-    assert (reason is None) == (held is None) and (held is None or reason.startswith(held))
-    real = model_loading.check_host_memory
-    monkeypatch.setattr(model_loading, "check_host_memory", lambda *a, **k: real(*a, **k, available=1000))
-    if held is None:
-        train.resolve_for_base(cfg, torch.device(device))
-        return
-    with pytest.raises(ModelFolderError, match=rf"^{re.escape(reason)}: .* and 0\.0 GiB is available"):
-        train.resolve_for_base(cfg, torch.device(device))
