@@ -647,10 +647,12 @@ def claim_output_dir(cfg: Config) -> IO[str] | None:
 
 
 def held_in_host_memory(cfg: Config, device: torch.device) -> str | None:
-    """Why this rank's loaded 4-bit model waits in host memory, as a phrase for check_host_memory; None where it goes
-    straight to the GPU. Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B:
+    """Why this rank's loaded 4-bit model waits in host memory, as a phrase for the host-memory refusal; None where
+    it goes straight to the GPU, and with --show, which loads no model. Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B:
     ~38 GB): the loader quantizes on the GPU and keeps the result in host memory, and FSDP moves each unit to the GPU
     as it shards it (or, offloaded on one GPU, offload.WeightStream keeps the decoder layers there)."""
+    if cfg.show:
+        return None
     if cfg.cpu_offload:
         return "--cpu_offload keeps the model in host memory"
     if dist.get_world_size() > 1 and cfg.sharding != "no_shard":

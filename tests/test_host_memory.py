@@ -78,6 +78,7 @@ def test_the_refusals_name_why_and_both_figures(checkpoints, monkeypatch):
     (2, ["--cpu_offload"], "cuda", "--cpu_offload", 0),  # the same: the shards stay in host memory
     (2, ["--sharding", "no_shard"], "cuda", None, 2),  # each rank holds the whole model on its GPU: nothing to shard
     (2, ["--sharding", "hybrid_shard"], "cuda", "every rank loads the whole model", 0),  # never in turn
+    (1, ["--show", "3"], "cpu", None, 1),  # loads no model
 ])
 def test_the_model_is_checked_against_host_memory_exactly_where_the_loader_keeps_it_there(
         checkpoints, process_group, monkeypatch, world, flags, device, held, at_once):
