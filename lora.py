@@ -180,7 +180,7 @@ def matching_modules(model: nn.Module, targets: str | list[str], within: type[nn
     targets, linears = [t for t in parse_targets(targets) if t != EXPERTS], _layer_linears(model, within)
     routers = _routers(model, linears) if targets == [ALL_LINEAR] else set()
     return {name: module for name, module in linears.items()
-            if name not in routers and any(_matches(t, name) for t in targets)}
+            if name not in routers and any(matches(t, name) for t in targets)}
 
 
 def _layer_linears(model: nn.Module, within: type[nn.Module]) -> dict[str, nn.Module]:
@@ -201,8 +201,11 @@ def _routers(model: nn.Module, linears: dict[str, nn.Module]) -> set[str]:
     return model_loading.moe_routers(model) & linears.keys()
 
 
-def _matches(target: str, name: str) -> bool:
-    return target == ALL_LINEAR or name.split(".")[-1] == target or re.fullmatch(target, name) is not None
+def matches(target: str, name: str) -> bool:
+    """PEFT's rule for a target_modules entry (the name, or its suffix after a dot: "self_attn.q_proj"), or a regex
+    that matches the whole name."""
+    return (target == ALL_LINEAR or name == target or name.endswith(f".{target}")
+            or re.fullmatch(target, name) is not None)
 
 
 def kinds(names) -> list[str]:
@@ -233,7 +236,7 @@ def inject_lora(model: nn.Module, targets: list[str], within: type[nn.Module], r
         raise AdapterError(f"--lora_targets {linears} match no linear layer in the decoder layers; they have {have}")
     layers = [name for name, m in model.named_modules() if isinstance(m, within)]
     for target in linears if warn else []:
-        missed = [layer for layer in layers if not any(_matches(target, n) for n in found if n.startswith(layer + "."))]
+        missed = [layer for layer in layers if not any(matches(target, n) for n in found if n.startswith(layer + "."))]
         if missed:
             warnings.warn(f"--lora_targets {target!r} matches nothing in {len(missed)} of {len(layers)} decoder layers "
                           f"(first: {missed[0]}); their linears are {have}")

@@ -140,12 +140,20 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> None:
     if set(tensors) != set(wanted):
         missing, unexpected = sorted(wanted.keys() - tensors.keys()), sorted(tensors.keys() - wanted.keys())
         raise AdapterError(f"adapter in {adapter_dir} does not fit this model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]} (different base model, rank or targets?)")
+                           f"unexpected {unexpected[:3]} (different base model, rank or targets?): "
+                           f"{_another_base(adapter_dir)}")
     with torch.no_grad():
         for key, dst in wanted.items():
             if tensors[key].shape != dst.shape:
-                raise AdapterError(f"{key} has shape {list(tensors[key].shape)} in the adapter, {list(dst.shape)} here")
+                raise AdapterError(f"{key} has shape {list(tensors[key].shape)} in the adapter in {adapter_dir}, "
+                                   f"{list(dst.shape)} here: {_another_base(adapter_dir)}")
             dst.copy_(tensors[key])
+
+
+def _another_base(adapter_dir: Path) -> str:
+    """What a refusal of an adapter that does not fit the model says to do: apply it to the base it names."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return f"it was trained on another base ({config.get('base_model_name_or_path')!r}); apply it to that one"
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -156,16 +164,52 @@ def read_adapter_config(adapter_dir: Path) -> dict:
             raise AdapterError(f"no {name} in {adapter_dir}: pass --adapter the output_dir of a training run "
                                "(or one of its checkpoint-N folders)")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    unsupported = {"peft_type": config.get("peft_type") != "LORA",
-                   "use_dora with target_parameters": config.get("use_dora") and config.get("target_parameters"),
-                   "fan_in_fan_out": config.get("fan_in_fan_out"), "modules_to_save": config.get("modules_to_save"),
-                   "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern")}
-    if any(unsupported.values()):
-        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} uses {[k for k, v in unsupported.items() if v]}: "
-                           "only LoRA and DoRA adapters as train.py saves them are supported")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} is a {config.get('peft_type')} adapter: only LoRA "
+                           "and DoRA adapters are supported; merge it into its base with PEFT's merge_and_unload")
+    if _unapplied(config):
+        field, why = _unapplied(config)[0]
+        raise AdapterError(f"{adapter_dir / 'adapter_config.json'} sets {field}: {config[field]!r}, {why}, which "
+                           "this loader does not apply (it would compute other logits than PEFT): use the adapter with "
+                           "PEFT itself, or merge it into its base with PEFT's merge_and_unload and use that model")
+    _check_targets(adapter_dir, config)
     _check_rank(adapter_dir, config)
     _check_dora(adapter_dir, config)
     return config
+
+
+# adapter_config.json fields that change what a PEFT LoRA adapter computes, beyond what apply_adapter and merge.py
+# implement (r, lora_alpha, use_rslora, use_dora, target_modules, target_parameters), with what each does. Refused,
+# not ignored: an ignored one gives other logits than PEFT's, at times silently. Off is PEFT's default (None, False,
+# {}, [] or "none").
+UNAPPLIED = {
+    "fan_in_fan_out": "the factors stored transposed (GPT-2's Conv1D)",
+    "modules_to_save": "whole modules trained and saved beside the factors",
+    "rank_pattern": "another rank for some layers", "alpha_pattern": "another alpha for some layers",
+    "bias": "the base layers' biases trained and saved", "lora_bias": "a bias on lora_B",
+    "layers_to_transform": "only some decoder layers adapted", "layers_pattern": "only some decoder layers adapted",
+    "exclude_modules": "some matching layers left out", "trainable_token_indices": "trained embedding rows",
+    "alora_invocation_tokens": "the adapter active only after its invocation tokens (aLoRA)",
+    "use_qalora": "A applied to pooled inputs (QA-LoRA)", "layer_replication": "decoder layers repeated",
+    "megatron_config": "Megatron's parallel linears", "arrow_config": "routing among adapters (Arrow)",
+    "kasa_config": "a learned diagonal between A and B (KaSA)", "monteclora_config": "sampled factors (MonteCLoRA)",
+    "use_bdlora": "block-diagonal factors (BD-LoRA)",
+}
+# init_lora_weights values with which PEFT subtracts the initial adapter from the base weights (PiSSA, OLoRA, CorDA,
+# LoftQ, LoRA-GA): the adapter holds the rest, and PEFT redoes that at load, so on the plain base it computes another
+# model. PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) converts one to a plain LoRA.
+REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _unapplied(config: dict) -> list[tuple[str, str]]:
+    """The fields of adapter_config.json, with what each does, that are on and not applied here (UNAPPLIED)."""
+    found = [(field, why) for field, why in UNAPPLIED.items() if config.get(field) not in (None, False, {}, [], "none")]
+    if config.get("use_dora") and config.get("target_parameters"):
+        found.append(("use_dora", "DoRA on MoE experts' tensors"))
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(REWRITES_BASE):
+        found.append(("init_lora_weights", "an adapter for the base PEFT rewrote at init, not for the base itself"))
+    return found
 
 
 def _check_dora(adapter_dir: Path, config: dict) -> None:
@@ -178,6 +222,32 @@ def _check_dora(adapter_dir: Path, config: dict) -> None:
                            f"but the adapter's tensors hold {'' if holds else 'no '}{dora.MAGNITUDE}: the config "
                            "belongs to another adapter. Put the adapter's own config beside it, or write use_dora: "
                            f"{str(holds).lower()} in it")
+
+
+def _check_targets(adapter_dir: Path, config: dict) -> None:
+    """The file holds LoRA factors (and DoRA's magnitudes) only, and every linear it holds them of is one
+    adapter_config.json's target_modules selects, from the header: else PEFT loads the adapter without that layer's
+    factors, and a config beside another adapter's weights is named as such before a model loads. (Targets the file
+    holds nothing for need the model: load_adapter names those.)"""
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
+    experts = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            path, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            if not path or factor not in ("A.weight", "B.weight", dora.MAGNITUDE.removeprefix("lora_")):
+                raise AdapterError(f"the adapter in {adapter_dir} holds {key}, which is not a linear layer's LoRA "
+                                   "factor (PEFT saves an adapted embedding's factors, and the base weight beside an "
+                                   "adapted embedding or lm_head): only adapters of linears are supported; use it with "
+                                   "PEFT itself, or merge it into its base with PEFT's merge_and_unload")
+            path = path.replace(".base_layer", "")  # PEFT nests a module's second adapted tensor (peft_keys)
+            if any(path == e or path.endswith(f".{e}") for e in experts) or any(lora.matches(t, path)
+                                                                               for t in targets):
+                continue
+            raise AdapterError(f"{adapter_dir / 'adapter_config.json'} says target_modules {targets}, but the "
+                               f"adapter's tensors adapt {path} too ({key}): the config belongs to another adapter. "
+                               f"Put the adapter's own config beside it, or add {path.rpartition('.')[2]!r} to its "
+                               "target_modules")
 
 
 def _check_rank(adapter_dir: Path, config: dict) -> None:
@@ -207,7 +277,7 @@ def _check_fits(model: nn.Module, layer_cls: type[nn.Module], targets: list[str]
                 config: dict) -> None:
     """The adapter's targets are in this model: else it was trained on another base, which the refusal says, rather
     than inject_lora's words about a --lora_targets nobody gave."""
-    another = (f"it was trained on another base ({config.get('base_model_name_or_path')!r}); apply it to that one")
+    another = _another_base(adapter_dir)
     if config.get("target_parameters") and not moe_lora.expert_tensors(model, layer_cls):
         raise AdapterError(f"the adapter in {adapter_dir} adapts MoE experts (target_parameters "
                            f"{config['target_parameters']}), and this model has none: {another}")

@@ -194,11 +194,7 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     """Stream the 4-bit base onto the device, add LoRA (identically on every rank, or loaded from `adapter_dir`),
     then shard and checkpoint."""
     attention = data.packed_attention(device) if cfg.packing else None
-    # Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B: ~38 GB): quantize on
-    # the GPU, keep the result in CPU memory, and let FSDP move each unit to the GPU as it shards it (or, offloaded
-    # on one GPU, offload.WeightStream keep the decoder layers in host memory).
-    sharded = dist.get_world_size() > 1 and cfg.sharding != "no_shard"
-    keep_on = torch.device("cpu") if sharded or cfg.cpu_offload else device
+    keep_on = torch.device("cpu") if held_in_host_memory(cfg, device) else device
     model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention,
                                      keep_on=keep_on)
     quantized, experts = model_loading.quantized_weights(model), quantization.packed_shells(model)
@@ -650,15 +646,54 @@ def claim_output_dir(cfg: Config) -> IO[str] | None:
     return lock
 
 
-def resolve_for_base(cfg: Config) -> tuple[Config, Path, PretrainedConfig, PreTrainedTokenizerBase]:
+def held_in_host_memory(cfg: Config, device: torch.device) -> str | None:
+    """Why this rank's loaded 4-bit model waits in host memory, as a phrase for the host-memory refusal; None where
+    it goes straight to the GPU, and with --show, which loads no model. Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B:
+    ~38 GB): the loader quantizes on the GPU and keeps the result in host memory, and FSDP moves each unit to the GPU
+    as it shards it (or, offloaded on one GPU, offload.WeightStream keeps the decoder layers there)."""
+    if cfg.show:
+        return None
+    if cfg.cpu_offload:
+        return "--cpu_offload keeps the model in host memory"
+    if dist.get_world_size() > 1 and cfg.sharding != "no_shard":
+        return "every rank loads the whole model into host memory before FSDP shards it"
+    return "on the CPU the model lives in host memory" if device.type == "cpu" else None
+
+
+def loaders_at_once(cfg: Config, model_dir: Path, device: torch.device) -> int:
+    """How many of this node's ranks load the model at once (load_for_training): all of them, unless it waits in
+    host memory (held_in_host_memory) and their copies do not all fit there. Sharded with full_shard or
+    shard_grad_op, the ranks then load in turn, as many at once as fit: each wraps (shards, and frees the rest of its
+    copy, or all of it where the shards go to the GPU) before the next loads. A collective: every rank takes the smallest count any rank found, since the turns
+    are collectives too. A model that cannot fit even so is refused, on every rank, before anything is loaded.
+    (hybrid_shard's FSDP makes process groups as it wraps, which needs all ranks at once: its ranks never take turns.)"""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    why = held_in_host_memory(cfg, device)
+    if why is None:
+        return ranks
+    in_turn = dist.get_world_size() > 1 and cfg.sharding in ("full_shard", "shard_grad_op")
+    # what a rank keeps in host memory once it has wrapped: all of it, its shard, or nothing (on the GPU)
+    kept = 1 / dist.get_world_size() if cfg.cpu_offload or device.type == "cpu" else 0.0
+    fit, one, available = model_loading.copies_at_once(model_dir, cfg.quant, ranks, kept if in_turn else 1.0)
+    agreed = torch.tensor(fit, device=device if dist.get_backend() == "nccl" else "cpu")  # gloo reduces on the CPU
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if agreed.item() == 0:
+        raise model_loading.host_memory_refusal(model_dir, why, one, available, ranks, in_turn)
+    if agreed.item() < ranks:
+        print0(f"the {ranks} ranks of each node load the model {agreed.item()} at a time: {available / 2**30:,.1f} "
+               f"GiB of host memory is available, and each rank's copy takes {one / 2**30:,.1f} GiB until it is "
+               "sharded")
+    return int(agreed.item())
+
+
+def resolve_for_base(cfg: Config, device: torch.device) -> tuple[Config, Path, PretrainedConfig,
+                                                                 PreTrainedTokenizerBase]:
     """The base's folder, config and tokenizer, and `cfg` with --quant and --prompt_format as they apply to them,
     kept so in the run's config."""
     model_dir = builtin.model_dir(cfg.model)
     config = model_loading.read_config(model_dir)  # an architecture transformers lacks fails before tokenizing
     # --quant as it applies to this base (auto: a pre-quantized checkpoint's own type)
     cfg = dataclasses.replace(cfg, quant=model_loading.resolve_quant(config, cfg.quant, log=print0))
-    if cfg.cpu_offload:  # a model that cannot fit in host memory fails now, not after loading half of it
-        model_loading.check_host_memory(model_dir, cfg.quant, ranks=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     tokenizer = model_loading.load_tokenizer(model_dir)
     # the prompt format as it applies to this tokenizer (auto: chat where it has a template)
     cfg = dataclasses.replace(cfg, prompt_format=data.resolve_prompt_format(cfg.prompt_format, tokenizer,
@@ -710,10 +745,20 @@ def open_reporters(cfg: Config, resumed: checkpointing.TrainerState | None) -> r
 
 
 def load_for_training(cfg: Config, model_dir: Path, device: torch.device, rank: int, resume_from: Path | None,
-                      batches: Batches, model_type: str) -> tuple[torch.nn.Module, float]:
-    """build_model, timed, and checked against the model's own objective; the model and its load time in seconds."""
+                      batches: Batches, model_type: str, at_once: int) -> tuple[torch.nn.Module, float]:
+    """build_model, timed, and checked against the model's own objective; the model and its load time in seconds.
+    The ranks of a node build it `at_once` at a time (loaders_at_once), in turns that every rank takes part in."""
     t0 = time.perf_counter()
-    model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
+    local_rank, turns = int(os.environ.get("LOCAL_RANK", 0)), -(-int(os.environ.get("LOCAL_WORLD_SIZE", 1)) // at_once)
+    for turn in range(turns):
+        if turns > 1:
+            first, last = turn * at_once, min((turn + 1) * at_once, int(os.environ["LOCAL_WORLD_SIZE"])) - 1
+            print0(f"loading, turn {turn + 1} of {turns}: local rank {first}"
+                   + (f" to {last}" if last > first else "") + " of each node")
+        if turn == local_rank // at_once:
+            model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
+        if turns > 1:  # the next turn's ranks load once this turn's have sharded theirs, freeing their copies
+            dist.barrier()
     load_s = time.perf_counter() - t0
     print0(f"model loaded, adapted and sharded in {load_s:.1f}s")
     fused.check_loss(model, model_inputs(batches.probe, device), model_type)  # the model's own objective
@@ -774,7 +819,8 @@ def train(cfg: Config) -> list[dict]:
     try:
         warn(None if cfg.use_dora else peft_format.vllm_rank_warning(cfg.lora_rank))
         out_dir, lock = Path(cfg.output_dir), claim_output_dir(cfg)
-        cfg, model_dir, config, tokenizer = resolve_for_base(cfg)
+        cfg, model_dir, config, tokenizer = resolve_for_base(cfg, device)
+        at_once = loaders_at_once(cfg, model_dir, device)  # a model that cannot fit in host memory fails now
         batches = prepare_batches(cfg, tokenizer, config.vocab_size, device)  # a bad dataset fails in seconds
         if cfg.show:
             show_rows(cfg, batches, tokenizer)
@@ -788,7 +834,8 @@ def train(cfg: Config) -> list[dict]:
             return []
         report = open_reporters(cfg, resumed)  # a backend that cannot start fails here, before the model loads
 
-        model, load_s = load_for_training(cfg, model_dir, device, rank, resume_from, batches, config.model_type)
+        model, load_s = load_for_training(cfg, model_dir, device, rank, resume_from, batches, config.model_type,
+                                          at_once)
         optimizer, scheduler = make_optimizer(cfg, model, device, total_steps)
         start = restore(resume_from, resumed, model, optimizer, scheduler)
         print0(f"{batches.rows} rows, {cfg.batch_size * cfg.grad_accum * world} per step, {total_steps} steps on "

@@ -185,3 +185,85 @@ def test_an_adapter_peft_made_applies_without_warnings_about_flags_nobody_gave(c
         mine, peft, base = ours(TOKENS).logits, theirs.eval()(TOKENS).logits, reference_model(path)(TOKENS).logits
     effect = (peft - base).abs().max()
     assert effect > 0.05 and (mine - peft).abs().max() < 0.1 * effect
+
+
+def peft_made(path, out, **config):
+    """An adapter PEFT itself made with LoraConfig(r=4, lora_alpha=8, **config) on transformers' model of `path`, its
+    LoRA weights moved off their init, saved by save_pretrained; and that PEFT model (eval mode)."""
+    from peft import LoraConfig, get_peft_model
+
+    theirs = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=8, **config))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    theirs.save_pretrained(out)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("field, config", [
+    ("lora_bias", dict(target_modules=["q_proj"], lora_bias=True)),
+    ("bias", dict(target_modules=["q_proj"], bias="lora_only")),
+    ("layers_to_transform", dict(target_modules=["q_proj"], layers_to_transform=[1])),
+    ("exclude_modules", dict(target_modules=["q_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"])),
+    ("trainable_token_indices", dict(target_modules=["q_proj"], trainable_token_indices=[5, 7])),
+    ("alora_invocation_tokens", dict(target_modules=["q_proj"], alora_invocation_tokens=[5, 17])),
+    ("layer_replication", dict(target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])),
+    ("init_lora_weights", dict(target_modules=["q_proj"], init_lora_weights="pissa")),
+    ("init_lora_weights", dict(target_modules=["q_proj"], init_lora_weights="olora")),
+])
+def test_a_peft_adapter_we_would_misapply_is_refused_naming_the_field(checkpoints, tmp_path, field, config):
+    """A PEFT adapter whose config changes what it computes in a way apply_adapter and merge.py do not implement
+    (biases, a subset of layers, trainable tokens, aLoRA, replicated layers, an init that rewrites the base weights)
+    is refused from adapter_config.json, in one line naming the field and PEFT's merge as the way out; ignored, each
+    gave other logits than PEFT's, silently (PiSSA, OLoRA, aLoRA) or with words about another base."""
+    path = checkpoints("llama")
+    peft_made(path, tmp_path, **config)
+    with pytest.raises(lora.AdapterError, match=rf"sets {field}: .*merge_and_unload") as refused:
+        peft_format.read_adapter_config(tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_peft_adapter_whose_targets_are_dotted_suffixes_gives_peft_logits(checkpoints, tmp_path):
+    """PEFT matches a target_modules entry as the module's name or a suffix of it after a dot ("self_attn.q_proj");
+    apply_adapter adapts the same layers and computes PEFT's logits."""
+    path = checkpoints("llama")
+    theirs = peft_made(path, tmp_path, target_modules=["self_attn.q_proj", "mlp.down_proj"])
+    ours = load_model(path, quant="none", device=DEVICE, progress=False).eval()
+    peft_format.apply_adapter(ours, tmp_path)
+    assert sorted(lora.lora_modules(ours)) == sorted(n.removeprefix(peft_format.PEFT_PREFIX)
+                                                      for n in theirs.targeted_module_names)
+    with torch.no_grad():
+        mine, peft, base = ours(TOKENS).logits, theirs(TOKENS).logits, reference_model(path)(TOKENS).logits
+    effect = (peft - base).abs().max()
+    assert effect > 0.05 and (mine - peft).abs().max() < 0.1 * effect
+
+
+def test_an_adapter_for_another_shape_of_base_is_refused_saying_what_to_do(checkpoints, tmp_path):
+    """Applied to a base whose linears have other sizes (or another count of layers), an adapter is refused in one
+    line that names the tensor and the base it was trained on, to apply it to instead."""
+    from builtin import write_random_checkpoint
+    from conftest import make_adapter
+    from transformers import LlamaConfig
+
+    path = checkpoints("llama")
+    adapter = make_adapter(path, tmp_path / "adapter")
+    for change in ({"intermediate_size": 192}, {"num_hidden_layers": 3}):
+        other = write_random_checkpoint(LlamaConfig(**{**SHAPE, **change}), tmp_path / str(change))
+        model = load_model(other, quant="none", device=DEVICE, progress=False).eval()
+        with pytest.raises(lora.AdapterError, match=rf"model\.layers\.\d\.\S+_proj.*trained on another base "
+                                                    rf"\('{path}'\); apply it to that one"):
+            peft_format.apply_adapter(model, adapter)
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_a_peft_adapter_holding_more_than_linears_factors_is_refused_naming_the_tensor(checkpoints, tmp_path, target):
+    """PEFT's adapter of an embedding or of lm_head holds other tensors than a linear's lora_A / lora_B (the
+    embedding's factors, the base weight it saves beside them): refused from the header in one line naming the
+    tensor and PEFT as the way out, not blamed on a config of another adapter or on another base."""
+    path = checkpoints("llama")
+    peft_made(path, tmp_path, target_modules=["q_proj", target])
+    with pytest.raises(lora.AdapterError, match=rf"holds base_model\.model\.\S*{target}\S+, which is not a linear "
+                                                r"layer's LoRA factor.*merge_and_unload") as refused:
+        peft_format.read_adapter_config(tmp_path)
+    assert "\n" not in str(refused.value)

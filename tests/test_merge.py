@@ -241,6 +241,28 @@ def test_rank_in_config_other_than_the_tensors(merged, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_targets_in_config_other_than_the_tensors(merged, tmp_path, monkeypatch):
+    """An adapter_config.json whose target_modules leave out layers the tensors adapt (PEFT would load the adapter
+    without them) is refused by merge, also with --no-verify, and by generate, before the model loads, naming the
+    layer and target_modules, not blamed on another base."""
+    import shutil
+
+    import generate
+    import model_loading
+
+    base, adapter, _, _ = merged("llama", "bf16")
+    shutil.copytree(adapter, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj"]}))
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    refusal = r"target_modules \['q_proj'\], but the adapter's tensors adapt model\.layers\.0\.\S+ too"
+    with pytest.raises(ValueError, match=refusal):
+        merge.merge(str(base), tmp_path / "adapter", tmp_path / "out", verify=False, progress=False)
+    with pytest.raises(ValueError, match=refusal):
+        generate.main(["--model", str(base), "--adapter", str(tmp_path / "adapter"), "--prompt", "hi"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_adapter(checkpoints, tmp_path):
     """A folder without adapter files is refused by merge and by generate, before any model loads."""
     import generate

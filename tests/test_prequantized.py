@@ -355,32 +355,3 @@ def test_conflicting_quant_is_refused_before_tokenizing(prequantized, tmp_path, 
     with pytest.raises(ModelFolderError, match=rf"--quant {quant}, but .*config\.json says the checkpoint is "
                                                rf"pre-quantized to {other}.*Leave --quant at auto"):
         refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False, args=("--quant", quant))
-
-
-def test_host_memory_estimate_and_refusal(checkpoints, prequantized):
-    """The estimate from the headers is the bytes the loaded model holds (within the quant_state's few JSON bytes per
-    weight), from a 16-bit and from a pre-quantized checkpoint; --cpu_offload with too little memory names both
-    figures."""
-    for path, quant in [(checkpoints("llama"), "nf4"), (prequantized("nf4", True, torch.uint8), "auto")]:
-        model = load_model(path, quant, "cpu", progress=False)
-        held = sum(p.nbytes for p in model.parameters())
-        for layer in linears_4bit(model).values():
-            state = layer.weight.quant_state
-            held += state.absmax.nbytes + state.code.nbytes + state.state2.absmax.nbytes + state.state2.code.nbytes
-        estimate = model_loading.host_bytes(model_loading.plan_load(path, quant))
-        assert held <= estimate <= held + 14 * 200, (held, estimate)
-    with pytest.raises(ModelFolderError, match=r"--cpu_offload keeps the model in host memory: .* needs about [\d.]+ "
-                                               r"GiB there as loaded .*, and 0\.0 GiB is available"):
-        model_loading.check_host_memory(path, "auto", available=1000)
-
-
-def test_cpu_offload_host_memory_counts_every_rank_of_the_node(checkpoints):
-    """Each rank of a node loads the whole model into host memory before FSDP shards it: memory for one copy is
-    enough for 1 rank and refused for 2, with the figure for both."""
-    path = checkpoints("llama")
-    one = model_loading.host_bytes(model_loading.plan_load(path, "nf4"))
-    assert model_loading.check_host_memory(path, "nf4", available=one + 1) == one
-    with pytest.raises(ModelFolderError, match=r"by each of the 2 ranks on this node, which load it whole before FSDP "
-                                               r"shards it: [\d.]+ GiB in all, and [\d.]+ GiB is available\. Free "
-                                               r"host memory, run fewer ranks on this node"):
-        model_loading.check_host_memory(path, "nf4", available=one + 1, ranks=2)
