@@ -648,9 +648,10 @@ def claim_output_dir(cfg: Config) -> IO[str] | None:
 
 def held_in_host_memory(cfg: Config, device: torch.device) -> str | None:
     """Why this rank's loaded 4-bit model waits in host memory, as a phrase for the host-memory refusal; None where
-    it goes straight to the GPU, and with --show, which loads no model. Sharded over several GPUs, or offloaded, the whole 4-bit model may not fit one GPU (70B:
-    ~38 GB): the loader quantizes on the GPU and keeps the result in host memory, and FSDP moves each unit to the GPU
-    as it shards it (or, offloaded on one GPU, offload.WeightStream keeps the decoder layers there)."""
+    it goes straight to the GPU, and with --show, which loads no model. Sharded over several GPUs, or offloaded, the
+    whole 4-bit model may not fit one GPU (70B: ~38 GB): the loader quantizes on the GPU and keeps the result in host
+    memory, and FSDP moves each unit to the GPU as it shards it (or, offloaded on one GPU, offload.WeightStream keeps
+    the decoder layers there)."""
     if cfg.show:
         return None
     if cfg.cpu_offload:
@@ -664,9 +665,10 @@ def loaders_at_once(cfg: Config, model_dir: Path, device: torch.device) -> int:
     """How many of this node's ranks load the model at once (load_for_training): all of them, unless it waits in
     host memory (held_in_host_memory) and their copies do not all fit there. Sharded with full_shard or
     shard_grad_op, the ranks then load in turn, as many at once as fit: each wraps (shards, and frees the rest of its
-    copy, or all of it where the shards go to the GPU) before the next loads. A collective: every rank takes the smallest count any rank found, since the turns
-    are collectives too. A model that cannot fit even so is refused, on every rank, before anything is loaded.
-    (hybrid_shard's FSDP makes process groups as it wraps, which needs all ranks at once: its ranks never take turns.)"""
+    copy, or all of it where the shards go to the GPU) before the next loads. A collective: every rank takes the
+    smallest count any rank found, since the turns are collectives too. A model that cannot fit even so is refused,
+    on every rank, before anything is loaded. (hybrid_shard's FSDP makes process groups as it wraps, which needs all
+    ranks at once: its ranks never take turns.)"""
     ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     why = held_in_host_memory(cfg, device)
     if why is None:
@@ -749,10 +751,11 @@ def load_for_training(cfg: Config, model_dir: Path, device: torch.device, rank: 
     """build_model, timed, and checked against the model's own objective; the model and its load time in seconds.
     The ranks of a node build it `at_once` at a time (loaders_at_once), in turns that every rank takes part in."""
     t0 = time.perf_counter()
-    local_rank, turns = int(os.environ.get("LOCAL_RANK", 0)), -(-int(os.environ.get("LOCAL_WORLD_SIZE", 1)) // at_once)
+    local_rank, ranks = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    turns = math.ceil(ranks / at_once)
     for turn in range(turns):
         if turns > 1:
-            first, last = turn * at_once, min((turn + 1) * at_once, int(os.environ["LOCAL_WORLD_SIZE"])) - 1
+            first, last = turn * at_once, min((turn + 1) * at_once, ranks) - 1
             print0(f"loading, turn {turn + 1} of {turns}: local rank {first}"
                    + (f" to {last}" if last > first else "") + " of each node")
         if turn == local_rank // at_once:
