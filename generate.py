@@ -5,9 +5,9 @@
     python generate.py --model merged --prompt "Once upon a time" --temperature 0.8 --seed 1
 
 A prompt is rendered as training renders rows (prompt_ids): a JSON {"messages": [...]} through the chat template, with
-the generation prompt; a JSON record shaped like alpaca data, {"instruction": ..., "input": ... (optional)}, as the
-run rendered such rows, in its recorded --prompt_format and --system_prompt (train_config.json); anything else is
-completed as it is. An adapter's run folder holds the tokenizer it trained with, chat template included, and so does
+the generation prompt; a JSON record shaped like alpaca data, {"instruction": ..., "input": ... (optional)}, or like
+prompt_completion data, {"prompt": ...}, as the run rendered such rows, in its recorded --prompt_format and
+--system_prompt (train_config.json); anything else is completed as it is. An adapter's run folder holds the tokenizer it trained with, chat template included, and so does
 a merged folder. Decoding stops at EOS and at the chat template's end of turn (a token, or its text where that is
 several tokens: ChatML on a base model's tokenizer); it is greedy at temperature 0, else sampling from
 softmax(logits / temperature); prompts are left-padded into one batch and decoded with a KV cache.
@@ -61,19 +61,21 @@ import run_folder  # noqa: E402
 
 def prompt_ids(prompt: str, tokenizer, prompt_format: str = "auto", system_prompt: str = "") -> list[int]:
     """The token ids a prompt is completed from: a {"messages": [...]} record through the chat template with the
-    generation prompt; an {"instruction", "input"?} record as data.tokenize renders an alpaca row's prompt in
-    `prompt_format` (auto: chat where the tokenizer has a template) after `system_prompt`; other text as a text row
-    starts, BOS and the text."""
+    generation prompt; an {"instruction", "input"?} record, or a {"prompt"} one, as data.tokenize renders the prompt
+    of an alpaca row, or of a prompt_completion row, in `prompt_format` (auto: chat where the tokenizer has a
+    template) after `system_prompt`; other text as a text row starts, BOS and the text."""
     record = _record(prompt)
+    row = "alpaca" if "instruction" in record else "prompt_completion" if "prompt" in record else None
     if "messages" in record:
         data.check_chat_template(tokenizer, 'a {"messages": [...]} prompt is rendered by a chat template')
         text = tokenizer.apply_chat_template(data.conversation(record, "chat", "chat"), tokenize=False,
                                              add_generation_prompt=True)
-    elif "instruction" in record and "text" not in record:
+    elif row and "text" not in record:
         fmt = data.resolve_prompt_format(prompt_format, tokenizer)
-        messages = data.conversation({**record, "output": ""}, "alpaca", fmt, system_prompt)[:-1]
+        answer = {"output": ""} if row == "alpaca" else {"completion": ""}
+        messages = data.conversation({**record, **answer}, row, fmt, system_prompt)[:-1]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             chat_template=data.row_template("alpaca", fmt, tokenizer))
+                                             chat_template=data.row_template(row, fmt, tokenizer))
     else:
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         return bos + tokenizer.encode(prompt, add_special_tokens=False)

@@ -23,22 +23,26 @@ SAMPLE_TOKENS = 16  # during training; enough to tell models apart
 
 
 def test_prompts_are_rendered_as_training_renders_rows(checkpoints):
-    """An instruction record is the prompt of the row data.tokenize trains on, in the run's format (alpaca, or chat
-    with its system prompt); a {"messages": [...]} prompt is the chat template's rendering with the generation prompt;
-    anything else is BOS and the text, as text rows are trained."""
+    """An instruction record, or a prompt record, is the prompt of the alpaca, or prompt_completion, row data.tokenize
+    trains on, in the run's format (alpaca, or chat with its system prompt); a {"messages": [...]} prompt is the chat
+    template's rendering with the generation prompt; anything else is BOS and the text, as text rows are trained."""
     import data
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoints("llama"))
-    record = {"instruction": "Name the capital.", "input": "Peru"}
+    rows = {"alpaca": ({"instruction": "Name the capital.", "input": "Peru"}, {"output": "Lima"}),
+            "prompt_completion": ({"prompt": "The capital of Peru is"}, {"completion": " Lima"})}
 
-    def training_prompt(**rendering) -> list[int]:  # the row's ids before its first trained token
-        row = data.tokenize({**record, "output": "Lima"}, tokenizer, 128, "alpaca", **rendering)
+    def training_prompt(fmt, **rendering) -> list[int]:  # the row's ids before its first trained token
+        record, answer = rows[fmt]
+        row = data.tokenize({**record, **answer}, tokenizer, 128, fmt, **rendering)
         return row["input_ids"][:next(i for i, label in enumerate(row["labels"]) if label != data.IGNORE)]
 
-    assert generate.prompt_ids(json.dumps(record), tokenizer) == training_prompt(prompt_format="alpaca")
+    for fmt, (record, _) in rows.items():
+        assert generate.prompt_ids(json.dumps(record), tokenizer) == training_prompt(fmt, prompt_format="alpaca")
     tokenizer.chat_template = data.CHATML  # auto: chat from here on
-    assert generate.prompt_ids(json.dumps(record), tokenizer, system_prompt="Be brief.") == training_prompt(
-        prompt_format="chat", system_prompt="Be brief.")
+    for fmt, (record, _) in rows.items():
+        assert generate.prompt_ids(json.dumps(record), tokenizer, system_prompt="Be brief.") == training_prompt(
+            fmt, prompt_format="chat", system_prompt="Be brief.")
     messages = '{"messages": [{"role": "user", "content": "Capital of Peru?"}]}'
     assert tokenizer.decode(generate.prompt_ids(messages, tokenizer)) == ("<|im_start|>user\nCapital of Peru?"
                                                                           "<|im_end|>\n<|im_start|>assistant\n")
