@@ -88,6 +88,9 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"--seq_len must be at least 2: a row's first token is never a target, got {cfg.seq_len}")
     if cfg.eval_split and cfg.eval_fraction:
         raise ValueError("give --eval_split or --eval_fraction, not both")
+    if cfg.eval_every and not (cfg.eval_split or cfg.eval_fraction):  # else it would evaluate nothing, silently
+        raise ValueError(f"--eval_every {cfg.eval_every}: there is no eval data to evaluate; hold some out with "
+                         "--eval_fraction 0.05, or give --eval_split (a split of --dataset, or a file)")
     if cfg.packing and cfg.group_by_length:
         raise ValueError("--packing already fills rows; --group_by_length applies to padded batches only")
     if not 0 <= cfg.lora_dropout < 1:

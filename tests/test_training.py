@@ -139,6 +139,7 @@ def test_packed_training_learns(tmp_path):
     (["--max_steps", "0", "--epochs", "0"], "nothing to train"),
     (["--lora_dropout", "1.5"], "lora_dropout"),
     (["--cpu_offload"], "no GPU"),
+    (["--eval_every", "10"], r"--eval_every 10: there is no eval data to evaluate; hold some out with --eval_fraction"),
     (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),  # NaN passed every check: no clipping
     (["--lr", "inf"], "--lr must be a finite number"),
     (["--lora_alpha", "nan"], "--lora_alpha must be a finite number"),
