@@ -202,6 +202,10 @@ def check_output_dir(out_dir: Path, resume: str, overwrite: bool, dataset: str) 
     if overwrite and resume and not _foreign(resume, out_dir):
         raise ResumeError(f"--resume {resume} continues the run in {out_dir} and --overwrite deletes it: pass one of "
                           "them")
+    if (Path(out_dir) / "config.json").is_file():  # a run folder never holds one: adapter_config.json is the adapter's
+        raise ResumeError(f"--output_dir {out_dir} holds a model (config.json): a run writes its tokenizer and "
+                          "generation files there, replacing the model's own (and --overwrite deletes them): choose "
+                          "another --output_dir")
     data_dir = Path(dataset).expanduser()
     if data_dir.is_dir() and Path(out_dir).resolve().is_relative_to(data_dir.resolve()):
         raise ResumeError(f"--output_dir {out_dir} is inside the --dataset folder {data_dir}: choose an --output_dir "

@@ -711,6 +711,22 @@ def test_output_dir_inside_the_dataset_folder_is_refused(checkpoints, small_run,
     assert sorted(p.name for p in folder.iterdir()) == ["d.jsonl"]
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_dir_holding_a_model_is_refused_and_left_as_it_was(checkpoints, tmp_path, monkeypatch, overwrite):
+    """An --output_dir that holds a model (config.json), such as the --model folder itself, is refused before the
+    data is tokenized: a run would write its tokenizer files over the model's, and --overwrite would delete them.
+    Every file of the folder is as it was."""
+    model = tmp_path / "model"
+    shutil.copytree(checkpoints("llama"), model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert any(name.startswith("tokenizer") for name in before)
+    with pytest.raises(ResumeError, match=rf"--output_dir {model} holds a model \(config\.json\): a run writes its "
+                                          r"tokenizer .* choose another --output_dir"):
+        refused_before_loading(monkeypatch, tmp_path, model, tokenizes=False,
+                               args=("--output_dir", str(model), *["--overwrite"] * overwrite))
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
 def test_resume_names_the_run_folder_itself_as_such(small_run, saved_run, monkeypatch):
     """(6) --resume OUTPUT_DIR (the run folder, not a checkpoint of it) is refused before the data is tokenized,
     saying it is the run folder and naming --resume auto and its newest checkpoint."""
