@@ -756,12 +756,14 @@ def load_for_training(cfg: Config, model_dir: Path, device: torch.device, rank: 
     t0 = time.perf_counter()
     local_rank, ranks = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     turns = math.ceil(ranks / at_once)
+    # a launcher that sets no LOCAL_WORLD_SIZE (init_distributed takes one) counts 1 rank a node: one turn, for all
+    mine = min(local_rank // at_once, turns - 1)
     for turn in range(turns):
         if turns > 1:
             first, last = turn * at_once, min((turn + 1) * at_once, ranks) - 1
             print0(f"loading, turn {turn + 1} of {turns}: local rank {first}"
                    + (f" to {last}" if last > first else "") + " of each node")
-        if turn == local_rank // at_once:
+        if turn == mine:
             model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
         if turns > 1:  # the next turn's ranks load once this turn's have sharded theirs, freeing their copies
             dist.barrier()

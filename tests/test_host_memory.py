@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,31 @@ def test_two_ranks_that_cannot_both_hold_the_model_load_in_turn_and_train_the_sa
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], **same)
+
+
+@pytest.mark.parametrize("local_world, at_once", [(None, 1), ("2", 2), ("2", 1), ("3", 2)])
+def test_every_rank_of_a_node_builds_once_and_passes_the_same_barriers(monkeypatch, local_world, at_once):
+    """Whatever the launcher's environment (LOCAL_WORLD_SIZE unset: a launcher other than torchrun, which
+    init_distributed takes) and however many load at once, each local rank builds its model exactly once, and all of
+    them pass the same number of barriers."""
+    ranks = int(local_world or 2)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    monkeypatch.setattr(train, "model_inputs", lambda *a: None)
+    monkeypatch.setattr(train.fused, "check_loss", lambda *a: None)
+    seen = []
+    for local_rank in range(ranks):
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        calls = {"builds": 0, "barriers": 0}
+        monkeypatch.setattr(train, "build_model", lambda *a, **k: calls.__setitem__("builds", calls["builds"] + 1))
+        monkeypatch.setattr(train.dist, "barrier", lambda: calls.__setitem__("barriers", calls["barriers"] + 1))
+        train.load_for_training(train.parse_config([]), Path("."), torch.device("cpu"), local_rank, None,
+                                types.SimpleNamespace(probe=None), "llama", at_once)
+        seen.append(calls)
+    assert all(c["builds"] == 1 for c in seen), seen
+    assert len({c["barriers"] for c in seen}) == 1, seen
 
 
 def rank_in_turn(log: str, args: list[str]) -> None:
