@@ -231,7 +231,6 @@ def _check_targets(adapter_dir: Path, config: dict) -> None:
     holds nothing for need the model: load_adapter names those.)"""
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)  # PEFT allows one regex string
-    experts = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():
             path, _, factor = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
@@ -241,8 +240,7 @@ def _check_targets(adapter_dir: Path, config: dict) -> None:
                                    "adapted embedding or lm_head): only adapters of linears are supported; use it with "
                                    "PEFT itself, or merge it into its base with PEFT's merge_and_unload")
             path = path.replace(".base_layer", "")  # PEFT nests a module's second adapted tensor (peft_keys)
-            if any(path == e or path.endswith(f".{e}") for e in experts) or any(lora.matches(t, path)
-                                                                               for t in targets):
+            if _adapts_experts(path, config) or any(lora.matches(t, path) for t in targets):
                 continue
             raise AdapterError(f"{adapter_dir / 'adapter_config.json'} says target_modules {targets}, but the "
                                f"adapter's tensors adapt {path} too ({key}): the config belongs to another adapter. "
@@ -250,16 +248,26 @@ def _check_targets(adapter_dir: Path, config: dict) -> None:
                                "target_modules")
 
 
+def _adapts_experts(path: str, config: dict) -> bool:
+    """Whether the module at `path` in the adapter file is one whose tensors target_parameters adapt, as PEFT matches
+    them: "experts.gate_up_proj" names the module ("experts", or a suffix of its path after a dot); a tensor named
+    alone ("gate_up_proj", as PEFT writes them for all-linear) any module's, so any that target_modules leaves out."""
+    modules = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
+    if "" in modules:
+        targets = config.get("target_modules") or []
+        return not any(lora.matches(t, path) for t in ([targets] if isinstance(targets, str) else targets))
+    return any(path == m or path.endswith(f".{m}") for m in modules)
+
+
 def _check_rank(adapter_dir: Path, config: dict) -> None:
     """Every linear's lora_A has adapter_config.json's r rows, from the file's header: a config beside another
     adapter's weights is named as such, before a model loads. (An experts tensor's A has r rows per expert, a count
     only the base knows: merge.py and load_adapter check those shapes.)"""
-    experts = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]  # "experts.gate_up_proj": experts
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():
             path, _, factor = key.rpartition(".lora_")
             path = path.replace(".base_layer", "")  # PEFT nests a module's second adapted tensor (peft_keys)
-            if factor != "A.weight" or any(path == e or path.endswith(f".{e}") for e in experts):
+            if factor != "A.weight" or _adapts_experts(path, config):
                 continue
             shape = f.get_slice(key).get_shape()
             if shape[0] != config["r"]:

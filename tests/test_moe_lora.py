@@ -197,6 +197,25 @@ def test_expert_lora_alone_equals_peft(checkpoints, tmp_path):
         torch.testing.assert_close(ours(TOKENS).logits, peft(TOKENS).logits, rtol=2e-2, atol=2e-2)
 
 
+def test_target_parameters_named_bare_apply_as_in_peft(checkpoints, tmp_path):
+    """target_parameters may name a tensor alone ("down_proj", as PEFT writes them for all-linear on a mixture of
+    experts): generate.py applies such an adapter to PEFT's logits, as it does the "experts.down_proj" form."""
+    from peft import PeftModel
+
+    path = checkpoints("qwen3_moe", "single")
+    ours, _ = adapted(path, targets=EXPERT_TARGETS)
+    randomize_b(ours)
+    peft_format.save_adapter(lora.adapter_weights(lora.lora_modules(ours)), tmp_path, r=4, alpha=8.0, dropout=0.0,
+                             base_model=str(path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["target_parameters"] = [t.rpartition(".")[2] for t in config["target_parameters"]]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    peft = PeftModel.from_pretrained(reference_model(path), tmp_path).eval()
+    as_generated, _ = generate.load(str(path), str(tmp_path), "none", DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(as_generated(TOKENS).logits, peft(TOKENS).logits, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_expert_lora_trains_on_nf4_experts(checkpoints, tmp_path, arch):
     """train.py --lora_targets all-linear,experts on a 4-bit MoE base: 2 steps move every expert LoRA B off zero,
