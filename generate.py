@@ -7,10 +7,11 @@
 A prompt is rendered as training renders rows (prompt_ids): a JSON {"messages": [...]} through the chat template, with
 the generation prompt; a JSON record shaped like alpaca data, {"instruction": ..., "input": ... (optional)}, or like
 prompt_completion data, {"prompt": ...}, as the run rendered such rows, in its recorded --prompt_format and
---system_prompt (train_config.json); anything else is completed as it is. An adapter's run folder holds the tokenizer it trained with, chat template included, and so does
-a merged folder. Decoding stops at EOS and at the chat template's end of turn (a token, or its text where that is
-several tokens: ChatML on a base model's tokenizer); it is greedy at temperature 0, else sampling from
-softmax(logits / temperature); prompts are left-padded into one batch and decoded with a KV cache.
+--system_prompt (train_config.json); anything else is completed as it is. An adapter's run folder holds the tokenizer
+it trained with, chat template included, and so does a merged folder. Decoding stops at EOS and at the chat
+template's end of turn (a token, or its text where that is several tokens: ChatML on a base model's tokenizer); it is
+greedy at temperature 0, else sampling from softmax(logits / temperature); prompts are left-padded into one batch and
+decoded with a KV cache.
 """
 import argparse
 import inspect
