@@ -101,7 +101,7 @@ def test_the_model_is_checked_against_host_memory_exactly_where_the_loader_keeps
                                                    "available"):
             train.loaders_at_once(cfg, path, torch.device(device))
         return
-    assert train.loaders_at_once(cfg, path, torch.device(device)) == at_once
+    assert train.loaders_at_once(cfg, path, torch.device(device)).at_once == at_once
 
 
 def test_two_ranks_that_cannot_both_hold_the_model_load_in_turn_and_train_the_same(checkpoints, tmp_path):
@@ -131,11 +131,14 @@ def test_two_ranks_that_cannot_both_hold_the_model_load_in_turn_and_train_the_sa
         torch.testing.assert_close(a[k], b[k], **same)
 
 
-@pytest.mark.parametrize("local_world, at_once", [(None, 1), ("2", 2), ("2", 1), ("3", 2)])
-def test_every_rank_of_a_node_builds_once_and_passes_the_same_barriers(monkeypatch, local_world, at_once):
-    """Whatever the launcher's environment (LOCAL_WORLD_SIZE unset: a launcher other than torchrun, which
-    init_distributed takes) and however many load at once, each local rank builds its model exactly once, and all of
-    them pass the same number of barriers."""
+@pytest.mark.parametrize("local_world, turns", [
+    (None, train.Turns(1, 1)),  # no LOCAL_WORLD_SIZE (a launcher other than torchrun, which init_distributed takes)
+    ("2", train.Turns(2, 1)), ("2", train.Turns(1, 2)), ("3", train.Turns(2, 2)),
+    ("3", train.Turns(1, 4)),  # a node of 3 ranks beside one of 4: the turns are counted from the larger
+])
+def test_every_rank_of_a_node_builds_once_and_passes_the_same_collectives(monkeypatch, local_world, turns):
+    """Whatever the launcher's environment and however many load at once, each local rank builds its model exactly
+    once, and every rank of every node ends the same number of turns (each a collective)."""
     ranks = int(local_world or 2)
     if local_world is None:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -146,24 +149,46 @@ def test_every_rank_of_a_node_builds_once_and_passes_the_same_barriers(monkeypat
     seen = []
     for local_rank in range(ranks):
         monkeypatch.setenv("LOCAL_RANK", str(local_rank))
-        calls = {"builds": 0, "barriers": 0}
+        calls = {"builds": 0, "turns": 0}
         monkeypatch.setattr(train, "build_model", lambda *a, **k: calls.__setitem__("builds", calls["builds"] + 1))
-        monkeypatch.setattr(train.dist, "barrier", lambda: calls.__setitem__("barriers", calls["barriers"] + 1))
+        monkeypatch.setattr(train, "stop_if_any_failed", lambda *a: calls.__setitem__("turns", calls["turns"] + 1))
         train.load_for_training(train.parse_config([]), Path("."), torch.device("cpu"), local_rank, None,
-                                types.SimpleNamespace(probe=None), "llama", at_once)
+                                types.SimpleNamespace(probe=None), "llama", turns)
         seen.append(calls)
     assert all(c["builds"] == 1 for c in seen), seen
-    assert len({c["barriers"] for c in seen}) == 1, seen
+    assert {c["turns"] for c in seen} == {0 if turns.count == 1 else turns.count}, seen
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_refusal_in_one_ranks_turn_is_said_once_by_every_rank_without_a_traceback(checkpoints, tmp_path, failing):
+    """Rank 0 (the first turn) or rank 1 (the second) refuses while loading, as on a damaged shard: every rank stops
+    with that refusal, said once, the root cause in torchrun's summary, with no traceback of ours and no rank losing
+    contact with the other."""
+    line = "error: the shard model-00001.safetensors is damaged"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           str(tmp_path / "builds.jsonl"), *common(checkpoints("llama"), tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FAIL_RANK": str(failing), "OMP_NUM_THREADS": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.splitlines().count(line) == 1, out[-3000:]
+    assert f"traceback : {line}" in out.split("Root Cause (first observed failure):")[1]
+    assert f'File "{ROOT}' not in out and "lost contact" not in out
 
 
 def rank_in_turn(log: str, args: list[str]) -> None:
-    """One rank of the test above: train.py with host memory for 1.75 copies, its build_model timed into `log`."""
+    """One rank of the tests above: train.py with host memory for 1.75 copies, its build_model timed into `log`;
+    with FAIL_RANK=r, rank r refuses in its build."""
+    import cli
+
     real, build = model_loading.copies_at_once, train.build_model
 
     def tight(model_dir, quant, ranks=1, kept=1.0, available=None):
         return real(model_dir, quant, ranks, kept, available=int(1.75 * one_copy(model_dir, quant)))
 
     def timed(*a, **k):
+        if os.environ.get("FAIL_RANK") == str(train.dist.get_rank()):
+            raise cli.Refusal("the shard model-00001.safetensors is damaged")
         start = time.time()
         model = build(*a, **k)
         with open(log, "a") as f:
@@ -171,11 +196,13 @@ def rank_in_turn(log: str, args: list[str]) -> None:
         return model
 
     model_loading.copies_at_once, train.build_model = tight, timed
-    train.train(train.parse_config(args))
+    sys.argv[1:] = args
+    return cli.main(train.parse_config, train.train)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    rank_in_turn(sys.argv[1], sys.argv[2:])
+    status = rank_in_turn(sys.argv[1], sys.argv[2:])
     sys.stdout.flush()
-    os._exit(0)  # gloo's threads and the interpreter's teardown (train.py says why)
+    sys.stderr.flush()
+    os._exit(status)  # gloo's threads and the interpreter's teardown (train.py says why)
