@@ -289,6 +289,12 @@ def _check_fits(model: nn.Module, layer_cls: type[nn.Module], targets: list[str]
     if config.get("target_parameters") and not moe_lora.expert_tensors(model, layer_cls):
         raise AdapterError(f"the adapter in {adapter_dir} adapts MoE experts (target_parameters "
                            f"{config['target_parameters']}), and this model has none: {another}")
+    kinds = {name for _, name, _ in moe_lora.expert_tensors(model, layer_cls).values()}
+    named = {t.rpartition(".")[2] for t in config.get("target_parameters") or []}
+    if named and kinds - named:  # inject_experts_lora adapts all of them, as train.py does
+        raise AdapterError(f"the adapter in {adapter_dir} adapts the MoE experts' {sorted(named & kinds)} only "
+                           f"(target_parameters), not {sorted(kinds - named)}, which this loader does not do: use it "
+                           "with PEFT itself, or merge it into its base with PEFT's merge_and_unload")
     if targets and not lora.matching_modules(model, targets, layer_cls):
         raise AdapterError(f"the adapter in {adapter_dir} adapts {targets} (target_modules), which match no linear "
                            f"layer of this model: {another}")

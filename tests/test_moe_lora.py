@@ -216,6 +216,21 @@ def test_target_parameters_named_bare_apply_as_in_peft(checkpoints, tmp_path):
         torch.testing.assert_close(as_generated(TOKENS).logits, peft(TOKENS).logits, rtol=2e-2, atol=2e-2)
 
 
+def test_an_adapter_of_some_of_the_experts_tensors_is_refused_naming_them(checkpoints, tmp_path):
+    """A PEFT adapter of the experts' gate_up_proj alone: generate.py (which adapts all of the experts' tensors, as
+    train.py does) refuses it naming the tensors and PEFT, not as made for another base."""
+    from peft import LoraConfig, get_peft_model
+
+    path = checkpoints("qwen3_moe", "single")
+    peft = get_peft_model(reference_model(path), LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                                                            target_parameters=["experts.gate_up_proj"]))
+    peft.save_pretrained(tmp_path)
+    with pytest.raises(lora.AdapterError, match=r"adapts the MoE experts' \['gate_up_proj'\] only \(target_parameters"
+                                                r"\), not \['down_proj'\], which this loader does not do: use it "
+                                                "with PEFT itself"):
+        generate.load(str(path), str(tmp_path), "none", DEVICE)
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_expert_lora_trains_on_nf4_experts(checkpoints, tmp_path, arch):
     """train.py --lora_targets all-linear,experts on a 4-bit MoE base: 2 steps move every expert LoRA B off zero,
