@@ -27,6 +27,7 @@ import io
 import json
 import lzma
 import math
+import os
 import random
 import statistics
 import threading
@@ -456,12 +457,19 @@ def segments(messages: list[dict], tokenizer, template: str) -> list[tuple[str, 
         return tokenizer.apply_chat_template(messages[:upto], tokenize=False, chat_template=template,
                                              add_generation_prompt=add_generation_prompt)
 
+    def opening() -> int:
+        """Where the first message's content begins: transformers renders no empty conversation, so this is what two
+        renders of that message alone, with different contents, share (a default system turn, the turn's header)."""
+        a, b = (tokenizer.apply_chat_template([{**messages[0], "content": c}], tokenize=False, chat_template=template)
+                for c in ("a", "b"))
+        return len(os.path.commonprefix([a, b]))
+
     full = text(len(messages))
     pieces, done = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start, end = len(text(i, add_generation_prompt=True)), len(text(i + 1))
+        start, end = len(text(i, add_generation_prompt=True)) if i else opening(), len(text(i + 1))
         if not full.startswith(text(i + 1)) or start < done:
             raise DataError("the chat template does not render a conversation's turns as prefixes of the whole, so "
                             "assistant turns cannot be located; use --chat_template chatml")

@@ -598,3 +598,23 @@ def test_a_template_that_never_marks_the_assistants_turn_is_refused(tmp_path, to
     assert str(refusal.value) == (f"--chat_template {template} never marks the assistant's turn: it renders an "
                                   "assistant message as it renders a user's, so responses cannot be told from prompts; "
                                   "pass a template that writes each message's role, such as --chat_template chatml")
+
+
+# A ChatML template that opens with a default system turn where the conversation has none, as SmolLM2's does
+DEFAULT_SYSTEM = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+                  "{{ '<|im_start|>system\nBe helpful.<|im_end|>\n' }}{% endif %}"
+                  "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [data.CHATML, DEFAULT_SYSTEM], ids=["chatml", "default_system"])
+def test_a_conversation_opening_with_the_assistant_trains_its_turns(tokenizer, template):
+    """A conversation whose first message is the assistant's (a greeting) renders as the template renders it, and
+    trains on exactly its assistant turns: transformers renders no empty conversation to find where the first
+    one begins."""
+    tokenizer.chat_template = template
+    messages = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of Peru?"},
+                {"role": "assistant", "content": "Lima"}]
+    row = data.tokenize({"messages": messages}, tokenizer, 256, "chat", "chat")
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
+    assert trained_text(tokenizer, row) == "Hello!<|im_end|>\nLima<|im_end|>\n"
