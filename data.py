@@ -436,6 +436,11 @@ def _checked_messages(messages) -> list[dict]:
             has = sorted(k for k, v in message.items() if v is not None)
             raise DataError(f"message {j} has no {' and no '.join(map(repr, missing))} (it has {has}); every message "
                             "needs a role and a content")
+        # a list of parts ([{type, text}], OpenAI's form) or a number: the template would fail on it with a traceback
+        if not isinstance(content := message["content"], str):
+            kind = {list: "a list", dict: "an object"}.get(type(content), f"a {type(content).__name__}")
+            raise DataError(f"message {j}'s content is {kind} ({content!r:.60}), not text; give each message's content "
+                            "as one string")
     return messages
 
 

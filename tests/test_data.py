@@ -280,9 +280,14 @@ def test_bad_file_names_itself_and_its_line(tmp_path, tokenizer, name, content, 
     (CHAT * 2 + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}],
      r"row 2 \(counting from 0\): message 1 has no 'content'"),
     ([{"messages": "Capital of Peru?"}], r"row 0 \(counting from 0\): 'messages' must be a list of \{role, content\}"),
+    ([{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant",
+                                                                                   "content": "Lima"}]}],
+     r"row 0 \(counting from 0\): message 0's content is a list \(\[\{'type': 'text', 'text': 'hi'\}\]\), not text; "
+     r"give each message's content as one string$"),
 ])
 def test_bad_chat_message_names_its_row(tmp_path, tokenizer, rows, message):
-    """A chat message without role or content, or messages that are no list: the error names file, row and fault."""
+    """A chat message without role or content, or with content that is not text (OpenAI's list of parts, which the
+    template would fail on with a traceback), or messages that are no list: the error names file, row and fault."""
     with pytest.raises(data.DataError, match=rf"c\.jsonl, {message}"):
         data.prepare(cfg(write(tmp_path / "c.jsonl", rows)), tokenizer, log=lambda *_: None)
 
