@@ -644,6 +644,9 @@ def _examples(raw, source: str, cfg: DataConfig, tokenizer, log):
         log(f"dataset format: {fmt} (detected from columns {raw.column_names})")
     check_text_columns(raw, fmt, source)
     if fmt == "chat":
+        if cfg.system_prompt:  # conversation leaves chat rows as they are: the run would train without it
+            raise DataError(f"--system_prompt: {source} holds chat rows, whose system turn is among their messages; "
+                            "leave --system_prompt out, or give the rows a system message")
         check_chat_template(tokenizer, f"{source} holds chat rows (messages), which a chat template renders",
                             cfg.chat_template)
     return raw, fmt

@@ -56,7 +56,7 @@ class DataConfig:
     system_prompt: str = field(default="", metadata={
         "rows": True,
         "help": "a system turn before each alpaca and prompt_completion row (in the alpaca format, its first "
-                "paragraph); chat rows keep their own"})
+                "paragraph); refused with chat rows, which carry theirs in their messages"})
     seq_len: int = field(default=512, metadata={
         "rows": True, "help": "longest row in tokens; longer prompts are cut first"})
     train_on_prompt: bool = field(default=False, metadata={"rows": True, "help": "also train on prompt tokens"})

@@ -623,3 +623,13 @@ def test_a_conversation_opening_with_the_assistant_trains_its_turns(tokenizer, t
     row = data.tokenize({"messages": messages}, tokenizer, 256, "chat", "chat")
     assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
     assert trained_text(tokenizer, row) == "Hello!<|im_end|>\nLima<|im_end|>\n"
+
+
+def test_system_prompt_on_chat_rows_is_refused(tmp_path, tokenizer):
+    """--system_prompt is a system turn for alpaca and prompt_completion rows; chat rows carry theirs in their
+    messages, and a run on them would train without the one asked for (SmolLM2's default instead): refused, named."""
+    path = write(tmp_path / "c.jsonl", CHAT)
+    with pytest.raises(data.DataError) as refusal:
+        data.prepare(cfg(path, system_prompt="Be kind."), tokenizer, log=lambda *_: None)
+    assert str(refusal.value) == (f"--system_prompt: {path} holds chat rows, whose system turn is among their "
+                                  "messages; leave --system_prompt out, or give the rows a system message")
