@@ -242,7 +242,17 @@ def fingerprint(model_dir: Path) -> str:
 
 def packed_weights(entries: dict[str, TensorEntry], quant: str | None) -> dict[str, list[str]]:
     """The 4-bit weights of a model folder pre-quantized to `quant` (None: 16-bit weights, none of them 4-bit):
-    each weight's name -> the names of its entries, the packed bytes first (quantization.prequantized_weights)."""
+    each weight's name -> the names of its entries, the packed bytes first (quantization.prequantized_weights).
+    config.json's word against the weights' own quant_state entries: without any, the folder holds 16-bit weights
+    (which would load as they are, all while 'pre-quantized')."""
+    if quant is not None and entries:
+        states = sorted(name for name in entries if quantization.STATE_KEY in name)
+        config = next(iter(entries.values())).file.parent / "config.json"
+        says = f"{config} says the weights are bitsandbytes {quant}"
+        if not states:
+            raise ModelFolderError(f"{says}, but none of them has quant_state entries: they are 16-bit weights. "
+                                   "remove quantization_config from config.json to load them as such, or download "
+                                   "the pre-quantized checkpoint again")
     try:
         return quantization.prequantized_weights(entries, quant)
     except ValueError as e:

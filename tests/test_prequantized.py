@@ -355,3 +355,18 @@ def test_conflicting_quant_is_refused_before_tokenizing(prequantized, tmp_path, 
     with pytest.raises(ModelFolderError, match=rf"--quant {quant}, but .*config\.json says the checkpoint is "
                                                rf"pre-quantized to {other}.*Leave --quant at auto"):
         refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False, args=("--quant", quant))
+
+
+def test_quantization_config_on_16bit_weights_is_refused(checkpoints, prequantized, tmp_path):
+    """config.json saying bitsandbytes 4-bit over a folder of 16-bit weights (no quant_state entries at all) is
+    refused naming config.json, where it loaded and trained a 16-bit base while saying 'pre-quantized to nf4'
+    (transformers builds 4-bit layers that hold the 16-bit weights as they are)."""
+    path = tmp_path / "ckpt"
+    editable_copy(checkpoints("llama"), path)
+    quantized = json.loads((prequantized("nf4", True, torch.uint8) / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantized["quantization_config"]}))
+    with pytest.raises(ModelFolderError, match=r"config\.json says the weights are bitsandbytes nf4, but none of "
+                                               r"them has quant_state entries.*remove quantization_config"):
+        load_model(path, progress=False)
+
