@@ -244,7 +244,7 @@ def packed_weights(entries: dict[str, TensorEntry], quant: str | None) -> dict[s
     """The 4-bit weights of a model folder pre-quantized to `quant` (None: 16-bit weights, none of them 4-bit):
     each weight's name -> the names of its entries, the packed bytes first (quantization.prequantized_weights).
     config.json's word against the weights' own quant_state entries: without any, the folder holds 16-bit weights
-    (which would load as they are, all while 'pre-quantized')."""
+    (which would load as they are, all while 'pre-quantized'); with another type's, config.json is what is wrong."""
     if quant is not None and entries:
         states = sorted(name for name in entries if quantization.STATE_KEY in name)
         config = next(iter(entries.values())).file.parent / "config.json"
@@ -253,6 +253,9 @@ def packed_weights(entries: dict[str, TensorEntry], quant: str | None) -> dict[s
             raise ModelFolderError(f"{says}, but none of them has quant_state entries: they are 16-bit weights. "
                                    "remove quantization_config from config.json to load them as such, or download "
                                    "the pre-quantized checkpoint again")
+        if not any(name.endswith(quantization.STATE_KEY + quant) for name in states):
+            raise ModelFolderError(f"{says}, but their quant_state entries are of another type ({states[0]}): "
+                                   "correct quantization_config.bnb_4bit_quant_type in config.json")
     try:
         return quantization.prequantized_weights(entries, quant)
     except ValueError as e:

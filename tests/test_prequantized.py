@@ -370,3 +370,15 @@ def test_quantization_config_on_16bit_weights_is_refused(checkpoints, prequantiz
                                                r"them has quant_state entries.*remove quantization_config"):
         load_model(path, progress=False)
 
+
+def test_quant_type_in_config_json_that_the_weights_contradict_is_named(damaged):
+    """config.json saying fp4 over nf4 weights is refused naming config.json and the type the weights' quant_state
+    says, not as a missing entry to download again."""
+    path, _ = damaged
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_quant_type"] = "fp4"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"config\.json says the weights are bitsandbytes fp4, but their "
+                                               r"quant_state entries .*bitsandbytes__nf4.*bnb_4bit_quant_type") as e:
+        load_model(path, progress=False)
+    assert "download it again" not in str(e.value)
