@@ -382,3 +382,21 @@ def test_quant_type_in_config_json_that_the_weights_contradict_is_named(damaged)
                                                r"quant_state entries .*bitsandbytes__nf4.*bnb_4bit_quant_type") as e:
         load_model(path, progress=False)
     assert "download it again" not in str(e.value)
+
+
+def test_adapter_of_an_nf4_base_on_an_fp4_copy_is_refused_before_merging(checkpoints, tmp_path, monkeypatch):
+    """quantize.py's nf4 and fp4 copies of one model share its fingerprint, but an adapter trained on the nf4 one
+    learned on other weights than the fp4 one holds: generate.py and merge.py refuse it before loading or writing,
+    naming the two types, where they asked to 'Leave --quant at auto' (flags neither was given; merge.py has no
+    --quant) and merge.py did so only after writing the whole merge."""
+    src = checkpoints("llama")
+    for quant in ("nf4", "fp4"):
+        quantize.main(["--model", str(src), "--out", str(tmp_path / quant), "--quant", quant])
+    adapter = make_adapter(tmp_path / "nf4", tmp_path / "adapter", quant="nf4")
+    refusal = rf"adapter in {adapter} was trained on an nf4 base.*{tmp_path / 'fp4'} is pre-quantized to fp4"
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=refusal):
+        generate.main(["--model", str(tmp_path / "fp4"), "--adapter", str(adapter), "--prompt", "Hi"])
+    monkeypatch.setattr(merge, "write_weights", lambda *a, **k: pytest.fail("merged before refusing"))
+    with pytest.raises(merge.MergeError, match=refusal):
+        merge.merge(str(tmp_path / "fp4"), adapter, tmp_path / "merged", progress=False)
