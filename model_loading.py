@@ -293,6 +293,11 @@ def check_weights(entries: dict[str, TensorEntry], model: nn.Module, packed: dic
                 f"but the config's {list(expected[name])} weight packs into "
                 f"({quantization.packed_bytes(expected[name])}, 1) bytes: the shard does not belong to this "
                 "config.json")
+        if name not in owner and packed and quantization.holds_packed(entry.shape, entry.nbytes, expected[name]):
+            raise ModelFolderError(  # a 4-bit weight that lost all its quant_state entries, not another model's
+                f"tensor {name} in {entry.file.name} holds the packed 4-bit codes of the config's "
+                f"{list(expected[name])} weight, but the checkpoint has none of its quant_state entries: the file is "
+                "damaged or incomplete; download it again")
         if name not in owner and entry.shape != expected[name]:
             raise ModelFolderError(
                 f"tensor {name} in {entry.file.name} has shape {list(entry.shape)}, "

@@ -400,3 +400,16 @@ def test_adapter_of_an_nf4_base_on_an_fp4_copy_is_refused_before_merging(checkpo
     monkeypatch.setattr(merge, "write_weights", lambda *a, **k: pytest.fail("merged before refusing"))
     with pytest.raises(merge.MergeError, match=refusal):
         merge.merge(str(tmp_path / "fp4"), adapter, tmp_path / "merged", progress=False)
+
+
+def test_packed_weight_without_any_quant_state_entry_is_named(damaged):
+    """A 4-bit weight whose quant_state entries are all gone is named as such (damage), where it was called a
+    misshapen 16-bit weight of a shard that 'does not belong to this config.json'."""
+    path, edit = damaged
+    name = "model.layers.1.mlp.up_proj.weight"
+    for entry in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"):
+        edit(f"{name}.{entry}", lambda tensor: None)
+    with pytest.raises(ModelFolderError, match=rf"tensor {name} in .* holds the packed 4-bit codes of the config's "
+                                               r"\[128, 64\] weight, but the checkpoint has none of its quant_state "
+                                               r"entries.*download it again"):
+        load_model(path, progress=False)
