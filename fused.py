@@ -276,8 +276,9 @@ def _tiled(forward, tile_tokens: int, x: torch.Tensor) -> torch.Tensor:
     tokens = x.flatten(0, -2)  # (batch x seq, hidden): tiles may cross rows, the MLP does not see rows
     if len(tokens) <= tile_tokens:
         return forward(x)
-    tiles = [checkpoint(forward, tile, use_reentrant=False) for tile in tokens.split(tile_tokens)]
+    # Each tile as one row (1, tile, hidden): a mixture of experts' block takes (batch, seq, hidden) inputs only
+    tiles = [checkpoint(forward, tile[None], use_reentrant=False) for tile in tokens.split(tile_tokens)]
     if not isinstance(tiles[0], torch.Tensor):
         raise ValueError(f"--tiled_mlp: this model's MLP returns {type(tiles[0]).__name__}, not a tensor of hidden "
                          "states; leave --tiled_mlp at 0")
-    return torch.cat(tiles).view(*x.shape[:-1], tiles[0].shape[-1])
+    return torch.cat(tiles, dim=1).view(*x.shape[:-1], tiles[0].shape[-1])

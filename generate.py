@@ -290,7 +290,7 @@ def load(model: str, adapter: str | None, quant: str | None, device: torch.devic
         peft_format.read_adapter_config(Path(adapter))
         run_folder.check_base(Path(adapter), model, model_dir, allow_other_base)
     if quant is None:  # as trained with an adapter; a merged or plain model as it is stored (16 or 4 bits)
-        quant = run_folder.trained_quant(Path(adapter)) if adapter else model_loading.resolve_quant(
+        quant = run_folder.trained_quant(Path(adapter), model_dir) if adapter else model_loading.resolve_quant(
             model_loading.read_config(model_dir), quantization.AUTO, default="none")
     net = model_loading.load_model(model_dir, quant, device).eval()
     if adapter:

@@ -113,7 +113,7 @@ def merge(model: str, adapter: str | Path, out: str | Path, dtype: str = "bf16",
     adapter_config = peft_format.read_adapter_config(adapter_dir)
     run_folder.check_base(adapter_dir, model, base_dir, allow_other_base, MergeError)
     train_config = run_folder.read_run_config(adapter_dir)  # the base as trained, and for the model card
-    quant = run_folder.trained_quant(adapter_dir)
+    quant = run_folder.trained_quant(adapter_dir, base_dir, MergeError)
     if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
         raise MergeError(f"--out {out_dir} is the base model or adapter folder; write the merge somewhere else")
     checked = out_folder.check_out_folder(out_dir, overwrite, MergeError)

@@ -242,7 +242,20 @@ def fingerprint(model_dir: Path) -> str:
 
 def packed_weights(entries: dict[str, TensorEntry], quant: str | None) -> dict[str, list[str]]:
     """The 4-bit weights of a model folder pre-quantized to `quant` (None: 16-bit weights, none of them 4-bit):
-    each weight's name -> the names of its entries, the packed bytes first (quantization.prequantized_weights)."""
+    each weight's name -> the names of its entries, the packed bytes first (quantization.prequantized_weights).
+    config.json's word against the weights' own quant_state entries: without any, the folder holds 16-bit weights
+    (which would load as they are, all while 'pre-quantized'); with another type's, config.json is what is wrong."""
+    if quant is not None and entries:
+        states = sorted(name for name in entries if quantization.STATE_KEY in name)
+        config = next(iter(entries.values())).file.parent / "config.json"
+        says = f"{config} says the weights are bitsandbytes {quant}"
+        if not states:
+            raise ModelFolderError(f"{says}, but none of them has quant_state entries: they are 16-bit weights. "
+                                   "remove quantization_config from config.json to load them as such, or download "
+                                   "the pre-quantized checkpoint again")
+        if not any(name.endswith(quantization.STATE_KEY + quant) for name in states):
+            raise ModelFolderError(f"{says}, but their quant_state entries are of another type ({states[0]}): "
+                                   "correct quantization_config.bnb_4bit_quant_type in config.json")
     try:
         return quantization.prequantized_weights(entries, quant)
     except ValueError as e:
@@ -280,6 +293,11 @@ def check_weights(entries: dict[str, TensorEntry], model: nn.Module, packed: dic
                 f"but the config's {list(expected[name])} weight packs into "
                 f"({quantization.packed_bytes(expected[name])}, 1) bytes: the shard does not belong to this "
                 "config.json")
+        if name not in owner and packed and quantization.holds_packed(entry.shape, entry.nbytes, expected[name]):
+            raise ModelFolderError(  # a 4-bit weight that lost all its quant_state entries, not another model's
+                f"tensor {name} in {entry.file.name} holds the packed 4-bit codes of the config's "
+                f"{list(expected[name])} weight, but the checkpoint has none of its quant_state entries: the file is "
+                "damaged or incomplete; download it again")
         if name not in owner and entry.shape != expected[name]:
             raise ModelFolderError(
                 f"tensor {name} in {entry.file.name} has shape {list(entry.shape)}, "

@@ -89,6 +89,8 @@ def quantize_checkpoint(model: str, out: str | Path, quant: str = "nf4", device:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = model_loading.plan_load(model_dir, quant)  # the source checked against its config before a byte is written
     shells = stored_4bit(plan.model, quantize_experts)
+    if quantize_experts and not quantization.packed_shells(plan.model):
+        raise QuantizeError(f"--quantize_experts: {model_dir} has no MoE experts (a dense model); drop the flag")
     # A checkpoint tensor read under another name (an expert stored alone, Mixtral's block_sparse_moe) goes where the
     # model tensor it fuses into goes
     target_of = model_loading.fused_into(plan)

@@ -157,13 +157,20 @@ def read_run_config(folder: Path) -> dict:
     return {}
 
 
-def trained_quant(folder: Path) -> str:
-    """The base quantization an adapter was trained against; the default for an adapter from elsewhere."""
+def trained_quant(folder: Path, base_dir: Path, error: type[cli.Refusal] = FolderError) -> str:
+    """The base quantization an adapter was trained against; the default for an adapter from elsewhere. A base
+    pre-quantized to another 4-bit type is refused: quantize.py's copies of one model share its fingerprint
+    (check_base), but not the weights the adapter learned on."""
     config = read_run_config(folder)
     if "quant" not in config:
         tqdm.write(f"{folder} does not say how its base was quantized (no {TRAIN_CONFIG}): assuming "
                    f"{quantization.DEFAULT}")
-    return config.get("quant", quantization.DEFAULT)
+    quant = config.get("quant", quantization.DEFAULT)
+    stored = model_loading.weights_quant(model_loading.read_config(base_dir))
+    if "quant" in config and stored is not None and quant not in (stored, "none"):
+        raise error(f"the adapter in {folder} was trained on an {quant} base ({TRAIN_CONFIG}), and {base_dir} is "
+                    f"pre-quantized to {stored}: not the weights it learned on. Pass the base it was trained on")
+    return quant
 
 
 def check_base(adapter_dir: Path, model: str, model_dir: Path, allow_other_base: bool,

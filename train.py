@@ -863,6 +863,7 @@ def train(cfg: Config) -> list[dict]:
         warn(None if cfg.use_dora else peft_format.vllm_rank_warning(cfg.lora_rank))
         out_dir, lock = Path(cfg.output_dir), claim_output_dir(cfg)
         cfg, model_dir, config, tokenizer = resolve_for_base(cfg, device)
+        moe_lora.check_targets(config, cfg.lora_targets)  # targets that select nothing fail before tokenizing
         turns = loaders_at_once(cfg, model_dir, device)  # a model that cannot fit in host memory fails now
         batches = prepare_batches(cfg, tokenizer, config.vocab_size, device)  # a bad dataset fails in seconds
         if cfg.show:

@@ -353,6 +353,16 @@ def test_damaged_packed_experts_are_named(damaged_experts, name, change, message
         load_model(path, progress=False)
 
 
+def test_quantize_experts_on_a_dense_model_is_refused(checkpoints, tmp_path):
+    """--quantize_experts on a model without MoE experts is refused, as train.py refuses --lora_targets experts on
+    one, where it wrote the plain 4-bit checkpoint and said '0 of them experts tensors'; no folder is written."""
+    path = checkpoints("llama", "single")
+    assert not quantization.packed_shells(model_loading.build_skeleton(model_loading.read_config(path), "nf4"))
+    with pytest.raises(quantize.QuantizeError, match=r"--quantize_experts: .* has no MoE experts.*drop the flag"):
+        quantize.quantize_checkpoint(str(path), tmp_path / "q", progress=False, quantize_experts=True)
+    assert not (tmp_path / "q").exists()
+
+
 def test_quantize_experts_needs_them_fused(checkpoints, tmp_path):
     """write_4bit(quantize_experts=True) given the experts one per expert, as save_pretrained writes them, refuses
     rather than leave them in bf16 unsaid, and writes no folder."""

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 from conftest import (CHECKED_MOE, DEVICE, MOE, SHAPE, TOKENS, adapted, common, experts_modules, inject,
-                      losses, make_adapter, randomize_b, reference_model, run_inprocess)
+                      losses, make_adapter, randomize_b, reference_model, refused_before_loading,
+                      run_inprocess)
 from safetensors.torch import load_file, save_file
 
 import fused
@@ -252,6 +253,19 @@ def test_expert_lora_refuses_dropout(checkpoints):
     model = load_model(path, quant="none", device=DEVICE, progress=False)
     with pytest.raises(ValueError, match="lora_dropout 0"):
         inject(model, list(EXPERT_TARGETS), dropout=0.1)
+
+
+@pytest.mark.parametrize("arch, targets", [("llama", "all-linear,experts"), ("llama", "experts"),
+                                           ("mixtral", "q_porj")])
+def test_targets_that_select_nothing_are_refused_before_tokenizing(checkpoints, tmp_path, monkeypatch, arch, targets):
+    """'experts' on a dense model, or a linear no decoder layer has, is refused before the data is tokenized and the
+    model loaded (minutes for a large one), with the refusal the injection into the loaded model gives."""
+    path = checkpoints(arch)
+    with pytest.raises(ValueError) as injected:
+        inject(load_model(path, quant="none", device=DEVICE, progress=False), targets.split(","))
+    with pytest.raises(ValueError) as refused:
+        refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False, args=("--lora_targets", targets))
+    assert str(refused.value) == str(injected.value)
 
 
 def test_expert_lora_resumes_bit_for_bit(checkpoints, tmp_path):

@@ -355,3 +355,61 @@ def test_conflicting_quant_is_refused_before_tokenizing(prequantized, tmp_path, 
     with pytest.raises(ModelFolderError, match=rf"--quant {quant}, but .*config\.json says the checkpoint is "
                                                rf"pre-quantized to {other}.*Leave --quant at auto"):
         refused_before_loading(monkeypatch, tmp_path, path, tokenizes=False, args=("--quant", quant))
+
+
+def test_quantization_config_on_16bit_weights_is_refused(checkpoints, prequantized, tmp_path):
+    """config.json saying bitsandbytes 4-bit over a folder of 16-bit weights (no quant_state entries at all) is
+    refused naming config.json, where it loaded and trained a 16-bit base while saying 'pre-quantized to nf4'
+    (transformers builds 4-bit layers that hold the 16-bit weights as they are)."""
+    path = tmp_path / "ckpt"
+    editable_copy(checkpoints("llama"), path)
+    quantized = json.loads((prequantized("nf4", True, torch.uint8) / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantized["quantization_config"]}))
+    with pytest.raises(ModelFolderError, match=r"config\.json says the weights are bitsandbytes nf4, but none of "
+                                               r"them has quant_state entries.*remove quantization_config"):
+        load_model(path, progress=False)
+
+
+def test_quant_type_in_config_json_that_the_weights_contradict_is_named(damaged):
+    """config.json saying fp4 over nf4 weights is refused naming config.json and the type the weights' quant_state
+    says, not as a missing entry to download again."""
+    path, _ = damaged
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["bnb_4bit_quant_type"] = "fp4"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"config\.json says the weights are bitsandbytes fp4, but their "
+                                               r"quant_state entries .*bitsandbytes__nf4.*bnb_4bit_quant_type") as e:
+        load_model(path, progress=False)
+    assert "download it again" not in str(e.value)
+
+
+def test_adapter_of_an_nf4_base_on_an_fp4_copy_is_refused_before_merging(checkpoints, tmp_path, monkeypatch):
+    """quantize.py's nf4 and fp4 copies of one model share its fingerprint, but an adapter trained on the nf4 one
+    learned on other weights than the fp4 one holds: generate.py and merge.py refuse it before loading or writing,
+    naming the two types, where they asked to 'Leave --quant at auto' (flags neither was given; merge.py has no
+    --quant) and merge.py did so only after writing the whole merge."""
+    src = checkpoints("llama")
+    for quant in ("nf4", "fp4"):
+        quantize.main(["--model", str(src), "--out", str(tmp_path / quant), "--quant", quant])
+    adapter = make_adapter(tmp_path / "nf4", tmp_path / "adapter", quant="nf4")
+    refusal = rf"adapter in {adapter} was trained on an nf4 base.*{tmp_path / 'fp4'} is pre-quantized to fp4"
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=refusal):
+        generate.main(["--model", str(tmp_path / "fp4"), "--adapter", str(adapter), "--prompt", "Hi"])
+    monkeypatch.setattr(merge, "write_weights", lambda *a, **k: pytest.fail("merged before refusing"))
+    with pytest.raises(merge.MergeError, match=refusal):
+        merge.merge(str(tmp_path / "fp4"), adapter, tmp_path / "merged", progress=False)
+
+
+def test_packed_weight_without_any_quant_state_entry_is_named(damaged):
+    """A 4-bit weight whose quant_state entries are all gone is named as such (damage), where it was called a
+    misshapen 16-bit weight of a shard that 'does not belong to this config.json'."""
+    path, edit = damaged
+    name = "model.layers.1.mlp.up_proj.weight"
+    for entry in ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4"):
+        edit(f"{name}.{entry}", lambda tensor: None)
+    with pytest.raises(ModelFolderError, match=rf"tensor {name} in .* holds the packed 4-bit codes of the config's "
+                                               r"\[128, 64\] weight, but the checkpoint has none of its quant_state "
+                                               r"entries.*download it again"):
+        load_model(path, progress=False)
