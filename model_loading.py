@@ -10,8 +10,8 @@ The path, top to bottom:
   build_skeleton      the transformers model on the meta device (no memory), its decoder-layer linears swapped
                       for Linear4bit shells and MoE experts for Packed4bit ones (in a pre-quantized model
                       folder: those it stores in 4 bits)
-  copies_at_once      where the loaded model waits in host memory (--cpu_offload, several ranks, the CPU): its
-                      size there, from the headers, against what the machine has: how many ranks load at once
+  host_bytes          the loaded model's size in host memory, from the headers (host_memory.py sets it against
+                      what the node has)
   load_model          streams every tensor with safe_open, quantizes it on the rank's device, puts it in place;
                       threads copy the next tensors to the GPU meanwhile (shard_reader). A pre-quantized weight
                       arrives with its quant_state entries and goes in as its packed bytes are (dequantized only
@@ -455,45 +455,6 @@ def host_bytes(plan: LoadPlan) -> int:
         else:
             total += 2 * math.prod(shape)
     return total
-
-
-def copies_at_once(model_dir: Path, quant: str, ranks: int = 1, kept: float = 1.0,
-                   available: int | None = None) -> tuple[int, int, int]:
-    """How many of a node's `ranks` can hold the loaded model in host memory at once: (that count, the bytes of one
-    copy as estimated from the headers, the bytes available). 0: not even one copy fits.
-
-    Each rank loads the whole model there, then wraps it, after which it keeps the share `kept` of it there: 1
-    unsharded, 1/ranks-in-all sharded with the shards in host memory (--cpu_offload, the CPU), 0 sharded onto the
-    GPU. Below 1 the ranks can load in turn, k at a time, while the others hold their shares: the largest k with
-    k copies and the others' shares within `available` (the kernel's MemAvailable by default; where the system has
-    no /proc/meminfo, all fit). The estimate is a floor: loading and optimizer state add to it.
-    """
-    one = host_bytes(plan_load(model_dir, quant))
-    if available is None:
-        meminfo = Path("/proc/meminfo")
-        found = re.search(r"MemAvailable:\s+(\d+) kB", meminfo.read_text()) if meminfo.exists() else None
-        available = int(found.group(1)) * 1024 if found else ranks * one
-    if ranks * one <= available:
-        return ranks, one, available
-    if kept >= 1:
-        return 0, one, available
-    at_once = (available - ranks * one * kept) // (one * (1 - kept))
-    return int(max(0, min(ranks, at_once))), one, available
-
-
-def host_memory_refusal(model_dir: Path, why: str, one: int, available: int, ranks: int = 1,
-                        in_turn: bool = False) -> ModelFolderError:
-    """The refusal of a model whose copies cannot fit in host memory where it is held there (`why`: --cpu_offload,
-    several ranks, the CPU), with the figures; `in_turn`: not even one rank at a time, beside the others' shards."""
-    each = ""
-    if ranks > 1:
-        each = (f"; its {ranks} ranks load it one at a time, beside each other's shards" if in_turn else
-                f", by each of the {ranks} ranks on this node: {ranks * one / 2**30:,.1f} GiB in all")
-    fewer = ", run fewer ranks on this node (--nnodes spreads them over several)" if ranks > 1 else ""
-    return ModelFolderError(f"{why}: {model_dir} needs about {one / 2**30:,.1f} GiB there as loaded (estimated from "
-                            f"its safetensors headers){each}, and {available / 2**30:,.1f} GiB is available. Free host "
-                            f"memory{fewer}, or use a machine with more"
-                            + (", or train without --cpu_offload" if "--cpu_offload" in why else ""))
 
 
 def load_model(model_dir: Path, quant: str = quantization.AUTO, device: torch.device | str = "cpu",

@@ -136,6 +136,7 @@ import data  # noqa: E402
 import dora  # noqa: E402
 import fsdp_wrap  # noqa: E402
 import fused  # noqa: E402
+import host_memory  # noqa: E402
 import generate  # noqa: E402
 import lora  # noqa: E402
 import model_loading  # noqa: E402
@@ -197,7 +198,7 @@ def build_model(cfg: Config, model_dir: Path, device: torch.device, rank: int,
     """Stream the 4-bit base onto the device, add LoRA (identically on every rank, or loaded from `adapter_dir`),
     then shard and checkpoint."""
     attention = data.packed_attention(device) if cfg.packing else None
-    keep_on = torch.device("cpu") if held_in_host_memory(cfg, device) else device
+    keep_on = torch.device("cpu") if host_memory.held_in_host_memory(cfg, device) else device
     model = model_loading.load_model(model_dir, cfg.quant, device, progress=rank == 0, attn_implementation=attention,
                                      keep_on=keep_on)
     quantized, experts = model_loading.quantized_weights(model), quantization.packed_shells(model)
@@ -649,60 +650,6 @@ def claim_output_dir(cfg: Config) -> IO[str] | None:
     return lock
 
 
-def held_in_host_memory(cfg: Config, device: torch.device) -> str | None:
-    """Why this rank's loaded 4-bit model waits in host memory, as a phrase for the host-memory refusal; None where
-    it goes straight to the GPU, and with --show, which loads no model. Sharded over several GPUs, or offloaded, the
-    whole 4-bit model may not fit one GPU (70B: ~38 GB): the loader quantizes on the GPU and keeps the result in host
-    memory, and FSDP moves each unit to the GPU as it shards it (or, offloaded on one GPU, offload.WeightStream keeps
-    the decoder layers there)."""
-    if cfg.show:
-        return None
-    if cfg.cpu_offload:
-        return "--cpu_offload keeps the model in host memory"
-    if dist.get_world_size() > 1 and cfg.sharding != "no_shard":
-        return "every rank loads the whole model into host memory before FSDP shards it"
-    return "on the CPU the model lives in host memory" if device.type == "cpu" else None
-
-
-class Turns(NamedTuple):
-    """How the ranks of each node load the model (loaders_at_once): `at_once` at a time, in `count` turns."""
-    at_once: int
-    count: int
-
-
-def on_every_rank(value: int, op: dist.ReduceOp, device: torch.device) -> int:
-    """`value` reduced over all ranks with `op` (MIN, MAX): the same answer on every rank."""
-    reduced = torch.tensor(value, device=device if dist.get_backend() == "nccl" else "cpu")  # gloo reduces on the CPU
-    dist.all_reduce(reduced, op=op)
-    return int(reduced.item())
-
-
-def loaders_at_once(cfg: Config, model_dir: Path, device: torch.device) -> Turns:
-    """How many of this node's ranks load the model at once (load_for_training): all of them, unless it waits in
-    host memory (held_in_host_memory) and their copies do not all fit there. Sharded with full_shard or
-    shard_grad_op, the ranks then load in turn, as many at once as fit: each wraps (shards, and frees the rest of its
-    copy, or all of it where the shards go to the GPU) before the next loads. A collective: every rank takes the
-    smallest count any rank found, since the turns are collectives too. A model that cannot fit even so is refused,
-    on every rank, before anything is loaded. (hybrid_shard's FSDP makes process groups as it wraps, which needs all
-    ranks at once: its ranks never take turns.) The turns are counted from the node with the most ranks, so that
-    every rank passes the same number of them."""
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    why = held_in_host_memory(cfg, device)
-    if why is None:
-        return Turns(ranks, 1)
-    in_turn = dist.get_world_size() > 1 and cfg.sharding in ("full_shard", "shard_grad_op")
-    # what a rank keeps in host memory once it has wrapped: all of it, its shard, or nothing (on the GPU)
-    kept = 1 / dist.get_world_size() if cfg.cpu_offload or device.type == "cpu" else 0.0
-    fit, one, available = model_loading.copies_at_once(model_dir, cfg.quant, ranks, kept if in_turn else 1.0)
-    at_once = on_every_rank(fit, dist.ReduceOp.MIN, device)
-    if at_once == 0:
-        raise model_loading.host_memory_refusal(model_dir, why, one, available, ranks, in_turn)
-    if at_once < ranks:
-        print0(f"the {ranks} ranks of each node load the model {at_once} at a time: {available / 2**30:,.1f} GiB of "
-               f"host memory is available, and each rank's copy takes {one / 2**30:,.1f} GiB until it is sharded")
-    return Turns(at_once, math.ceil(on_every_rank(ranks, dist.ReduceOp.MAX, device) / at_once))
-
-
 def resolve_for_base(cfg: Config, device: torch.device) -> tuple[Config, Path, PretrainedConfig,
                                                                  PreTrainedTokenizerBase]:
     """The base's folder, config and tokenizer, and `cfg` with --quant and --prompt_format as they apply to them,
@@ -762,12 +709,12 @@ def open_reporters(cfg: Config, resumed: checkpointing.TrainerState | None) -> r
 
 
 def load_for_training(cfg: Config, model_dir: Path, device: torch.device, rank: int, resume_from: Path | None,
-                      batches: Batches, model_type: str, turns: Turns) -> tuple[torch.nn.Module, float]:
+                      batches: Batches, model_type: str, turns: host_memory.Turns) -> tuple[torch.nn.Module, float]:
     """build_model, timed, and checked against the model's own objective; the model and its load time in seconds.
 
-    The ranks of a node build it turns.at_once at a time, in turns that every rank takes part in (loaders_at_once).
-    A turn ends with the ranks agreeing whether one of them failed (stop_if_any_failed), not at a bare barrier,
-    where the others would only lose contact with it."""
+    The ranks of a node build it turns.at_once at a time, in turns that every rank takes part in
+    (host_memory.loaders_at_once). A turn ends with the ranks agreeing whether one of them failed
+    (host_memory.stop_if_any_failed), not at a bare barrier, where the others would only lose contact with it."""
     t0 = time.perf_counter()
     local_rank, ranks = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     # a launcher that sets no LOCAL_WORLD_SIZE (init_distributed takes one) counts 1 rank a node: one turn, for all
@@ -785,27 +732,11 @@ def load_for_training(cfg: Config, model_dir: Path, device: torch.device, rank: 
                 model = build_model(cfg, model_dir, device, rank, adapter_dir=resume_from)
             except Exception as e:  # raised below, once every rank knows
                 failed = e
-        stop_if_any_failed(failed, rank, device)
+        host_memory.stop_if_any_failed(failed, rank, device)
     load_s = time.perf_counter() - t0
     print0(f"model loaded, adapted and sharded in {load_s:.1f}s")
     fused.check_loss(model, model_inputs(batches.probe, device), model_type)  # the model's own objective
     return model, load_s
-
-
-def stop_if_any_failed(failed: Exception | None, rank: int, device: torch.device) -> None:
-    """A collective: if any rank passes the error it met, every rank raises: that rank its own error, the others the
-    first failing rank's, as a refusal where it was one (said once, as every refusal: cli.refuse), else as an
-    error that names that rank."""
-    world = dist.get_world_size()
-    first = on_every_rank(rank if failed is not None else world, dist.ReduceOp.MIN, device)
-    if first == world:
-        return
-    said = [str(failed), isinstance(failed, cli.Refusal)]
-    dist.broadcast_object_list(said, src=first)
-    if failed is not None and rank == first:
-        raise failed
-    message, refused = said
-    raise cli.Refusal(message) if refused else RuntimeError(f"rank {first} failed to load the model: {message}")
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device,
@@ -864,7 +795,7 @@ def train(cfg: Config) -> list[dict]:
         out_dir, lock = Path(cfg.output_dir), claim_output_dir(cfg)
         cfg, model_dir, config, tokenizer = resolve_for_base(cfg, device)
         moe_lora.check_targets(config, cfg.lora_targets)  # targets that select nothing fail before tokenizing
-        turns = loaders_at_once(cfg, model_dir, device)  # a model that cannot fit in host memory fails now
+        turns = host_memory.loaders_at_once(cfg, model_dir, device, log=print0)  # too big for host memory: now
         batches = prepare_batches(cfg, tokenizer, config.vocab_size, device)  # a bad dataset fails in seconds
         if cfg.show:
             show_rows(cfg, batches, tokenizer)

@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, common, losses, run_torchrun
 from safetensors.torch import load_file
 
+import host_memory
 import model_loading
 import train
 from model_loading import ModelFolderError, load_model
@@ -49,22 +50,22 @@ def test_ranks_load_as_many_at_once_as_their_copies_and_the_others_shares_fit(ch
                                                                                at_once):
     path = checkpoints("llama")
     one = one_copy(path)
-    assert model_loading.copies_at_once(path, "nf4", ranks, kept, available=int(copies * one)) == (
+    assert host_memory.copies_at_once(path, "nf4", ranks, kept, available=int(copies * one)) == (
         at_once, one, int(copies * one))
 
 
 def test_the_refusals_name_why_and_both_figures(checkpoints, monkeypatch):
     path = checkpoints("llama")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past "--cpu_offload needs a GPU"
-    why = train.held_in_host_memory(train.parse_config(["--cpu_offload"]), torch.device("cuda"))
-    refusal = str(model_loading.host_memory_refusal(path, why, 3 * 2**30, 2**30))
+    why = host_memory.held_in_host_memory(train.parse_config(["--cpu_offload"]), torch.device("cuda"))
+    refusal = str(host_memory.host_memory_refusal(path, why, 3 * 2**30, 2**30))
     assert refusal == (f"--cpu_offload keeps the model in host memory: {path} needs about 3.0 GiB there as loaded "
                        "(estimated from its safetensors headers), and 1.0 GiB is available. Free host memory, or use a "
                        "machine with more, or train without --cpu_offload")
     why = "every rank loads the whole model into host memory before FSDP shards it"
     for in_turn, each in [(False, ", by each of the 2 ranks on this node: 6.0 GiB in all"),
                           (True, "; its 2 ranks load it one at a time, beside each other's shards")]:
-        assert str(model_loading.host_memory_refusal(path, why, 3 * 2**30, 2**30, 2, in_turn)) == (
+        assert str(host_memory.host_memory_refusal(path, why, 3 * 2**30, 2**30, 2, in_turn)) == (
             f"{why}: {path} needs about 3.0 GiB there as loaded (estimated from its safetensors headers){each}, and "
             "1.0 GiB is available. Free host memory, run fewer ranks on this node (--nnodes spreads them over "
             "several), or use a machine with more")
@@ -91,17 +92,17 @@ def test_the_model_is_checked_against_host_memory_exactly_where_the_loader_keeps
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past "--cpu_offload needs a GPU"
     cfg = train.parse_config(["--model", str(path), *flags])
-    reason = train.held_in_host_memory(cfg, torch.device(device))
+    reason = host_memory.held_in_host_memory(cfg, torch.device(device))
     assert (reason is None) == (held is None) and (held is None or reason.startswith(held))
-    real = model_loading.copies_at_once
-    monkeypatch.setattr(model_loading, "copies_at_once",
+    real = host_memory.copies_at_once
+    monkeypatch.setattr(host_memory, "copies_at_once",
                         lambda *a, **k: real(*a, **k, available=int(1.25 * one_copy(path))))
     if not at_once:
         with pytest.raises(ModelFolderError, match=rf"^{reason}: .* needs about {GIB} there as loaded .* and {GIB} is "
                                                    "available"):
-            train.loaders_at_once(cfg, path, torch.device(device))
+            host_memory.loaders_at_once(cfg, path, torch.device(device))
         return
-    assert train.loaders_at_once(cfg, path, torch.device(device)).at_once == at_once
+    assert host_memory.loaders_at_once(cfg, path, torch.device(device)).at_once == at_once
 
 
 def test_two_ranks_that_cannot_both_hold_the_model_load_in_turn_and_train_the_same(checkpoints, tmp_path):
@@ -132,9 +133,9 @@ def test_two_ranks_that_cannot_both_hold_the_model_load_in_turn_and_train_the_sa
 
 
 @pytest.mark.parametrize("local_world, turns", [
-    (None, train.Turns(1, 1)),  # no LOCAL_WORLD_SIZE (a launcher other than torchrun, which init_distributed takes)
-    ("2", train.Turns(2, 1)), ("2", train.Turns(1, 2)), ("3", train.Turns(2, 2)),
-    ("3", train.Turns(1, 4)),  # a node of 3 ranks beside one of 4: the turns are counted from the larger
+    (None, host_memory.Turns(1, 1)),  # no LOCAL_WORLD_SIZE (a launcher other than torchrun, which init_distributed takes)
+    ("2", host_memory.Turns(2, 1)), ("2", host_memory.Turns(1, 2)), ("3", host_memory.Turns(2, 2)),
+    ("3", host_memory.Turns(1, 4)),  # a node of 3 ranks beside one of 4: the turns are counted from the larger
 ])
 def test_every_rank_of_a_node_builds_once_and_passes_the_same_collectives(monkeypatch, local_world, turns):
     """Whatever the launcher's environment and however many load at once, each local rank builds its model exactly
@@ -151,7 +152,7 @@ def test_every_rank_of_a_node_builds_once_and_passes_the_same_collectives(monkey
         monkeypatch.setenv("LOCAL_RANK", str(local_rank))
         calls = {"builds": 0, "turns": 0}
         monkeypatch.setattr(train, "build_model", lambda *a, **k: calls.__setitem__("builds", calls["builds"] + 1))
-        monkeypatch.setattr(train, "stop_if_any_failed", lambda *a: calls.__setitem__("turns", calls["turns"] + 1))
+        monkeypatch.setattr(host_memory, "stop_if_any_failed", lambda *a: calls.__setitem__("turns", calls["turns"] + 1))
         train.load_for_training(train.parse_config([]), Path("."), torch.device("cpu"), local_rank, None,
                                 types.SimpleNamespace(probe=None), "llama", turns)
         seen.append(calls)
@@ -181,7 +182,7 @@ def rank_in_turn(log: str, args: list[str]) -> None:
     with FAIL_RANK=r, rank r refuses in its build."""
     import cli
 
-    real, build = model_loading.copies_at_once, train.build_model
+    real, build = host_memory.copies_at_once, train.build_model
 
     def tight(model_dir, quant, ranks=1, kept=1.0, available=None):
         return real(model_dir, quant, ranks, kept, available=int(1.75 * one_copy(model_dir, quant)))
@@ -195,7 +196,7 @@ def rank_in_turn(log: str, args: list[str]) -> None:
             f.write(json.dumps({"rank": train.dist.get_rank(), "start": start, "end": time.time()}) + "\n")
         return model
 
-    model_loading.copies_at_once, train.build_model = tight, timed
+    host_memory.copies_at_once, train.build_model = tight, timed
     sys.argv[1:] = args
     return cli.main(train.parse_config, train.train)
 
