@@ -196,8 +196,7 @@ def targets_on(config, targets: str | list[str]) -> dict[str, nn.Module]:
     """What `targets` select in the model `config` describes, linears and (with "experts") experts tensors, found on a
     skeleton on the meta device (no memory, no weights): targets compared before the model loads (a resume), or
     handed to PEFT (benchmark.py)."""
-    skeleton = model_loading.build_skeleton(config, "none")
-    layer_cls = model_loading.decoder_layer_class(skeleton)
+    skeleton, layer_cls = _skeleton(config)
     linears, experts = lora.split_targets(targets)
     found = expert_tensors(skeleton, layer_cls) if experts else {}
     return lora.matching_modules(skeleton, linears, layer_cls) | {name: m for name, (m, _, _) in found.items()}
@@ -207,10 +206,15 @@ def check_targets(config, targets: str | list[str]) -> None:
     """`targets` injected as train.py injects them, into a skeleton of the model `config` describes (meta device: no
     memory, no weights): targets that select nothing ('experts' on a dense model, a linear the layers lack) are
     refused with the injection's own error before the data is tokenized and the model loads."""
-    skeleton = model_loading.build_skeleton(config, "none")
-    layer_cls = model_loading.decoder_layer_class(skeleton)
+    skeleton, layer_cls = _skeleton(config)
     linears, experts = lora.split_targets(targets)
     if linears:  # the warnings of targets missing from some layers come once, at the real injection
         lora.inject_lora(skeleton, linears, layer_cls, 1, 1.0, 0.0, "meta", warn=False)
     if experts:
         inject_experts_lora(skeleton, layer_cls, 1, 1.0, 0.0, "meta")
+
+
+def _skeleton(config) -> tuple[nn.Module, type[nn.Module]]:
+    """The model `config` describes, on the meta device (no memory, no weights), and its decoder-layer class."""
+    skeleton = model_loading.build_skeleton(config, "none")
+    return skeleton, model_loading.decoder_layer_class(skeleton)
